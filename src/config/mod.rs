@@ -1,0 +1,421 @@
+//! Configuration: the TOML file plus `EHRSYNC__…` environment overrides, validated into a
+//! resolved plan ([`Config`]) in which vendor presets are applied and secrets already read.
+//!
+//! Loading either yields a complete, valid [`Config`] (with warnings) or a [`ConfigError`]
+//! listing every problem found, each naming its key path and the fix. Nothing here performs
+//! network I/O or touches the database; the only reads are the config file, the environment and
+//! secret files.
+
+mod problems;
+mod raw;
+mod resolve;
+pub mod secret;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use url::Url;
+
+pub use problems::{ConfigError, Problem};
+pub use secret::{Secret, SecretOrigin};
+
+use crate::vendor::{ClientAuth, Grant, Vendor};
+
+/// Prefix of environment variables that override config keys: `EHRSYNC__AGENT__DATABASE`
+/// overrides `agent.database`, `EHRSYNC__ACCOUNTS__NIKO__DOMAIN` overrides `accounts.niko.domain`.
+pub const ENV_PREFIX: &str = "EHRSYNC";
+/// Separator between the prefix and key levels in override variable names.
+pub const ENV_SEPARATOR: &str = "__";
+/// Default metrics listener: loopback only, since `/metrics` has no authentication.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9870";
+
+/// A validated configuration: what the agent will do.
+#[derive(Debug)]
+pub struct Config {
+    /// The file this was loaded from.
+    pub path: PathBuf,
+    /// Names of the `EHRSYNC__…` variables that overrode file keys.
+    pub env_overrides: Vec<String>,
+    pub agent: Agent,
+    /// Sorted by name.
+    pub accounts: Vec<Account>,
+}
+
+impl Config {
+    pub fn account(&self, name: &str) -> Option<&Account> {
+        self.accounts.iter().find(|a| a.name.as_str() == name)
+    }
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    pub database: PathBuf,
+    pub metrics_listen: SocketAddr,
+}
+
+/// An account name: 1–64 of `a-z 0-9 - _`, starting with a letter or digit. It is a metric
+/// label, a CLI argument and part of `EHRSYNC__ACCOUNTS__NAME__…` (which the environment source
+/// lower-cases), hence the strict alphabet.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AccountName(String);
+
+/// A job name, with the same alphabet as [`AccountName`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct JobName(String);
+
+macro_rules! name_type {
+    ($t:ident) => {
+        impl $t {
+            pub fn parse(s: &str) -> Result<Self, String> {
+                let ok = (1..=64).contains(&s.len())
+                    && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+                    && !s.contains("__");
+                if ok {
+                    Ok($t(s.to_owned()))
+                } else {
+                    Err(format!(
+                        "`{s}` is not a valid name: use 1–64 characters of a-z, 0-9, `-` and `_`, \
+                         starting with a letter or digit, without `__`"
+                    ))
+                }
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+name_type!(AccountName);
+name_type!(JobName);
+
+/// One vendor account with its preset applied.
+#[derive(Debug)]
+pub struct Account {
+    pub name: AccountName,
+    pub vendor: Vendor,
+    pub token_endpoint: TokenEndpoint,
+    pub grant: Grant,
+    /// `None`: chosen from OpenID discovery's supported methods, else `basic`.
+    pub client_auth: Option<ClientAuth>,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// `resource` form field, if any is sent.
+    pub resource: Option<String>,
+    /// `scope` form field, if any is sent.
+    pub scope: Option<String>,
+    pub lifetimes: Lifetimes,
+    pub api_base: Option<Url>,
+    /// Headers on every API call (besides `Authorization`), preset ones included.
+    pub headers: Vec<Header>,
+    pub jobs: Vec<Job>,
+}
+
+/// Where an account's token endpoint is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenEndpoint {
+    Url(Url),
+    /// Read from `{issuer}/.well-known/openid-configuration`.
+    Discovery { issuer: Url },
+}
+
+impl fmt::Display for TokenEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenEndpoint::Url(url) => write!(f, "{url}"),
+            TokenEndpoint::Discovery { issuer } => {
+                write!(f, "discovered from {}", discovery_url(issuer))
+            }
+        }
+    }
+}
+
+/// The OpenID discovery document's URL for `issuer` (OpenID Connect Discovery 1.0 §4).
+pub fn discovery_url(issuer: &Url) -> String {
+    format!("{}/.well-known/openid-configuration", issuer.as_str().trim_end_matches('/'))
+}
+
+/// Timing settings of one account's token lifecycle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lifetimes {
+    /// Assumed when a token response states no lifetime.
+    pub access_token: Option<Duration>,
+    /// Assumed when a refresh token arrives without `refresh_token_expires_in`.
+    pub refresh_token: Option<Duration>,
+    pub refresh_ratio: f64,
+    pub min_lead: Duration,
+}
+
+#[derive(Debug)]
+pub struct Header {
+    pub name: String,
+    pub value: HeaderValue,
+}
+
+#[derive(Debug)]
+pub enum HeaderValue {
+    Public(String),
+    Secret(Secret),
+}
+
+impl fmt::Display for HeaderValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeaderValue::Public(v) => f.write_str(v),
+            HeaderValue::Secret(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+/// One scheduled pull.
+#[derive(Debug)]
+pub struct Job {
+    pub name: JobName,
+    pub kind: JobKind,
+    pub schedule: Schedule,
+    pub page_size: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobKind {
+    /// FHIR R4 search of one resource type.
+    Fhir { resource: String },
+    /// NikoHealth's paged patient list.
+    NikohealthPatients,
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JobKind::Fhir { resource } => write!(f, "fhir {resource}"),
+            JobKind::NikohealthPatients => f.write_str("nikohealth_patients"),
+        }
+    }
+}
+
+/// A validated cron schedule (six fields, seconds first, UTC), parsed exactly as
+/// tokio-cron-scheduler parses it.
+#[derive(Clone)]
+pub struct Schedule {
+    text: String,
+    cron: croner::Cron,
+}
+
+impl Schedule {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cron = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Required)
+            .build()
+            .parse(text)
+            .map_err(|e| e.to_string())?;
+        // A pattern can be well-formed yet never fire (`0 0 0 30 2 *`): that is a mistake too.
+        if cron.find_next_occurrence(&Utc::now(), false).is_err() {
+            return Err("never fires".to_owned());
+        }
+        Ok(Schedule { text: text.to_owned(), cron })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The first time strictly after `after` that the schedule fires.
+    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.cron.find_next_occurrence(&after, false).ok()
+    }
+}
+
+impl fmt::Debug for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Schedule({:?})", self.text)
+    }
+}
+
+/// A loaded config and what is worth telling the operator about it.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<Problem>,
+}
+
+/// The process environment, captured once so that overrides and `{ env = … }` secrets see the
+/// same values, and so tests can supply their own.
+#[derive(Clone, Default)]
+pub struct Env(BTreeMap<String, String>);
+
+impl Env {
+    /// The current process environment (variables that are not UTF-8 are skipped).
+    pub fn from_process() -> Self {
+        Env(std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect())
+    }
+
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Env {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        Env(iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    }
+}
+
+// Variable names only: values may be secrets.
+impl fmt::Debug for Env {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+/// Loads and validates the config at `path` against the process environment.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    load_with_env(path, &Env::from_process())
+}
+
+/// Loads and validates the config at `path` against `env`.
+pub fn load_with_env(path: &Path, env: &Env) -> Result<Loaded, ConfigError> {
+    let fail = |problems| ConfigError { path: path.to_owned(), problems };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        fail(vec![Problem::new("", format!("cannot read the config file: {e}"))])
+    })?;
+    let syntax = toml_syntax_problems(&text);
+    if !syntax.is_empty() {
+        return Err(fail(syntax));
+    }
+    let overrides = env_overrides(env);
+    let layered = ::config::Config::builder()
+        .add_source(::config::File::from_str(&text, ::config::FileFormat::Toml))
+        .add_source(
+            ::config::Environment::with_prefix(ENV_PREFIX)
+                .separator(ENV_SEPARATOR)
+                .source(Some(overrides.iter().cloned().collect())),
+        )
+        .build()
+        .map_err(|e| fail(vec![Problem::new("", format!("cannot merge environment overrides: {e}"))]))?;
+
+    let base_dir = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let base_dir = if base_dir.as_os_str().is_empty() { PathBuf::from(".") } else { base_dir };
+    let mut ctx = resolve::Ctx::new(&base_dir, env);
+    let resolved = resolve::root(layered.cache, &mut ctx);
+    let (mut problems, mut warnings) = (ctx.problems, ctx.warnings);
+    match resolved {
+        Some((agent, accounts)) if problems.is_empty() => {
+            warnings.sort_by(|a, b| a.key.cmp(&b.key));
+            let config = Config {
+                path: path.to_owned(),
+                env_overrides: overrides.into_iter().map(|(k, _)| k).collect(),
+                agent,
+                accounts,
+            };
+            Ok(Loaded { config, warnings })
+        }
+        _ => {
+            problems.sort_by(|a, b| a.key.cmp(&b.key));
+            problems.dedup();
+            Err(fail(problems))
+        }
+    }
+}
+
+/// The `EHRSYNC__…` variables, by the same case-insensitive prefix rule the `config` crate applies.
+fn env_overrides(env: &Env) -> Vec<(String, String)> {
+    let prefix = format!("{ENV_PREFIX}{ENV_SEPARATOR}").to_lowercase();
+    env.0
+        .iter()
+        .filter(|(k, _)| k.to_lowercase().starts_with(&prefix))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// TOML syntax errors as "line L, column C: message", without the source line the parser
+/// would quote (it may hold a secret).
+fn toml_syntax_problems(text: &str) -> Vec<Problem> {
+    let (_, errors) = toml::de::DeTable::parse_recoverable(text);
+    errors
+        .iter()
+        .map(|e| {
+            let at = e.span().map(|s| line_col(text, s.start));
+            let message = e.message().trim_end_matches('\n');
+            match at {
+                Some((line, col)) => Problem::new("", format!("TOML syntax error at line {line}, column {col}: {message}")),
+                None => Problem::new("", format!("TOML syntax error: {message}")),
+            }
+        })
+        .collect()
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Where the database lives when `agent.database` is not set.
+pub fn default_database(env: &Env) -> PathBuf {
+    // systemd's StateDirectory= sets this (a colon-separated list when several are declared).
+    if let Some(dirs) = env.get("STATE_DIRECTORY") {
+        if let Some(first) = dirs.split(':').find(|d| !d.is_empty()) {
+            return Path::new(first).join("ehrsync.db");
+        }
+    }
+    if cfg!(windows) {
+        let data = env.get("ProgramData").unwrap_or_else(|| r"C:\ProgramData".to_owned());
+        Path::new(&data).join("ehrsync").join("ehrsync.db")
+    } else {
+        PathBuf::from("/var/lib/ehrsync/ehrsync.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syntax_errors_give_position_without_quoting_the_line() {
+        let problems = toml_syntax_problems("[agent]\npassword = \"hunter2\n");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let text = problems[0].to_string();
+        assert!(text.contains("line 2"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn names_are_strict() {
+        for ok in ["a", "nextech-main", "niko_2", "0abc"] {
+            assert!(AccountName::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Nextech", "-a", "a b", "a__b", "é", &"a".repeat(65)] {
+            assert!(AccountName::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn schedules_are_six_field_and_must_fire() {
+        assert!(Schedule::parse("0 */15 * * * *").is_ok());
+        assert!(Schedule::parse("*/15 * * * *").is_err(), "five fields lack seconds");
+        assert!(Schedule::parse("0 0 0 30 2 *").is_err(), "30 February never comes");
+        let s = Schedule::parse("0 0 * * * *").unwrap();
+        let t = DateTime::parse_from_rfc3339("2026-11-22T05:30:00Z").unwrap().with_timezone(&Utc);
+        assert_eq!(s.next_after(t).unwrap().to_rfc3339(), "2026-11-22T06:00:00+00:00");
+    }
+
+    #[test]
+    fn state_directory_wins_for_the_default_database() {
+        let env: Env = [("STATE_DIRECTORY", "/var/lib/ehrsync:/var/lib/other")].into_iter().collect();
+        assert_eq!(default_database(&env), PathBuf::from("/var/lib/ehrsync/ehrsync.db"));
+    }
+}

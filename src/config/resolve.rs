@@ -1,0 +1,612 @@
+//! From the raw config tree to a resolved [`Config`](super::Config): presets applied, secrets
+//! read, every rule checked. Each check records a [`Problem`] and carries on, so one run reports
+//! everything that is wrong.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use url::{Host, Url};
+
+use super::problems::{Problem, join, list, parse_section, suggest};
+use super::raw::{RawAccount, RawAgent, RawJob, RawJobKind};
+use super::secret::{self, Secret, SecretSpec};
+use super::{
+    Account, AccountName, Agent, DEFAULT_METRICS_LISTEN, Env, Header, HeaderValue, Job, JobKind,
+    JobName, Lifetimes, Schedule, TokenEndpoint, default_database,
+};
+use crate::vendor::{ClientAuth, Grant, TokenEndpointDefault, Vendor};
+
+const DEFAULT_REFRESH_RATIO: f64 = 0.75;
+const REFRESH_RATIO_RANGE: std::ops::RangeInclusive<f64> = 0.05..=0.95;
+const DEFAULT_MIN_LEAD: Duration = Duration::from_secs(60);
+const DEFAULT_PAGE_SIZE: u32 = 100;
+const MAX_PAGE_SIZE: u32 = 1000;
+const DEFAULT_FHIR_RESOURCE: &str = "Patient";
+
+/// What resolution needs and what it finds.
+pub struct Ctx<'a> {
+    base_dir: &'a Path,
+    env: &'a Env,
+    pub problems: Vec<Problem>,
+    pub warnings: Vec<Problem>,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(base_dir: &'a Path, env: &'a Env) -> Self {
+        Ctx { base_dir, env, problems: Vec::new(), warnings: Vec::new() }
+    }
+
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(Problem::new(key, message));
+    }
+
+    fn warn(&mut self, key: &str, message: impl Into<String>) {
+        self.warnings.push(Problem::new(key, message));
+    }
+
+    /// Reads a secret; on failure records the problem at `key`.
+    fn secret(&mut self, key: &str, spec: SecretSpec) -> Option<Secret> {
+        let env = self.env;
+        match secret::resolve(spec, self.base_dir, &|name| env.get(name)) {
+            Ok((secret, warnings)) => {
+                for w in warnings {
+                    self.warn(key, w);
+                }
+                Some(secret)
+            }
+            Err(e) => {
+                self.problem(key, e.0);
+                None
+            }
+        }
+    }
+
+    fn path(&self, p: PathBuf) -> PathBuf {
+        if p.is_relative() { self.base_dir.join(p) } else { p }
+    }
+}
+
+const TOP_LEVEL_KEYS: [&str; 2] = ["agent", "accounts"];
+
+/// Resolves the whole tree; `None` (with problems recorded) when it cannot be used.
+pub fn root(tree: config::Value, ctx: &mut Ctx) -> Option<(Agent, Vec<Account>)> {
+    let table = match tree.into_table() {
+        Ok(t) => t,
+        Err(_) => {
+            ctx.problem("", "the config must be a TOML table");
+            return None;
+        }
+    };
+    let mut agent = None;
+    let mut accounts = Vec::new();
+    for (key, value) in table {
+        match key.as_str() {
+            "agent" => {
+                agent = parse_section::<RawAgent>("agent", value, &mut ctx.problems)
+                    .and_then(|raw| resolve_agent(raw, ctx));
+            }
+            "accounts" => accounts = resolve_accounts(value, ctx),
+            other => {
+                let hint = match suggest(other, &TOP_LEVEL_KEYS) {
+                    Some(s) => format!("unknown section; did you mean `{s}`?"),
+                    None => format!("unknown section; the config has {}", list(&TOP_LEVEL_KEYS)),
+                };
+                ctx.problem(other, hint);
+            }
+        }
+    }
+    let agent = match agent {
+        Some(a) => a,
+        None => resolve_agent(RawAgent { database: None, metrics_listen: None }, ctx)?,
+    };
+    if accounts.is_empty() && ctx.problems.is_empty() {
+        ctx.warn("accounts", "no accounts are configured; the agent has nothing to do");
+    }
+    Some((agent, accounts))
+}
+
+fn resolve_agent(raw: RawAgent, ctx: &mut Ctx) -> Option<Agent> {
+    let database = match raw.database {
+        Some(p) if p.as_os_str().is_empty() => {
+            ctx.problem("agent.database", "is empty; give a file path or remove the key for the default");
+            return None;
+        }
+        Some(p) => ctx.path(p),
+        None => default_database(ctx.env),
+    };
+    let listen = raw.metrics_listen.unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_owned());
+    let metrics_listen = match listen.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => {
+            ctx.problem(
+                "agent.metrics_listen",
+                format!("`{listen}` is not an IP address and port; write e.g. \"127.0.0.1:9870\""),
+            );
+            return None;
+        }
+    };
+    if !metrics_listen.ip().is_loopback() {
+        ctx.warn(
+            "agent.metrics_listen",
+            "is reachable from other hosts and /metrics has no authentication; limit it with a firewall",
+        );
+    }
+    Some(Agent { database, metrics_listen })
+}
+
+fn resolve_accounts(value: config::Value, ctx: &mut Ctx) -> Vec<Account> {
+    let table = match value.into_table() {
+        Ok(t) => t,
+        Err(_) => {
+            ctx.problem("accounts", "must be a table of accounts: [accounts.NAME]");
+            return Vec::new();
+        }
+    };
+    let mut accounts: Vec<Account> = table
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let key = format!("accounts.{name}");
+            let name = match AccountName::parse(&name) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    ctx.problem(&key, e);
+                    None
+                }
+            };
+            let raw = parse_section::<RawAccount>(&key, value, &mut ctx.problems)?;
+            resolve_account(name?, &key, raw, ctx)
+        })
+        .collect();
+    accounts.sort_by(|a, b| a.name.cmp(&b.name));
+    accounts
+}
+
+/// Checks an `http(s)` endpoint: https, or http only to loopback (tests, sandboxes); no
+/// credentials or fragment in the URL (URLs are printed in plans and logs).
+fn endpoint_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text).map_err(|e| format!("`{text}` is not a valid URL ({e})"))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback(&url) => {}
+        "http" => {
+            return Err(format!(
+                "`{text}` uses http:// to a host that is not loopback; use https:// \
+                 (plain http is allowed only to 127.0.0.1, ::1 or localhost)"
+            ));
+        }
+        other => return Err(format!("`{text}` has scheme `{other}`; use https://")),
+    }
+    if url.host().is_none() {
+        return Err(format!("`{text}` has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry credentials; use client_id and client_secret".to_owned());
+    }
+    if url.fragment().is_some() {
+        return Err(format!("`{text}` must not have a #fragment"));
+    }
+    Ok(url)
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// The template variables a preset URL can use, with the account's values.
+struct TemplateVars<'a> {
+    tenant: Option<&'a str>,
+    domain: Option<&'a str>,
+}
+
+/// Fills `{tenant}`/`{domain}` in `template`; `Err(var)` names the variable that has no value.
+fn fill(template: &str, vars: &TemplateVars) -> Result<String, &'static str> {
+    let mut out = template.to_owned();
+    for (var, value) in [("tenant", vars.tenant), ("domain", vars.domain)] {
+        let placeholder = format!("{{{var}}}");
+        if out.contains(&placeholder) {
+            out = out.replace(&placeholder, value.ok_or(var)?);
+        }
+    }
+    Ok(out)
+}
+
+fn uses_var(template: Option<&str>, var: &str) -> bool {
+    template.is_some_and(|t| t.contains(&format!("{{{var}}}")))
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+/// A preset field's value: unset → the preset's, `""` → none at all, else the given one.
+fn overridable(value: Option<String>, preset: Option<&str>) -> Option<String> {
+    match value {
+        None => preset.map(str::to_owned),
+        Some(v) if v.is_empty() => None,
+        Some(v) => Some(v),
+    }
+}
+
+fn resolve_account(name: AccountName, key: &str, raw: RawAccount, ctx: &mut Ctx) -> Option<Account> {
+    let k = |field: &str| join(key, field);
+    let before = ctx.problems.len();
+
+    let Some(vendor) = raw.vendor else {
+        let vendors: Vec<&str> = Vendor::ALL.iter().map(|v| v.as_str()).collect();
+        ctx.problem(&k("vendor"), format!("missing; choose one of {}", list(&vendors)));
+        return None;
+    };
+    let preset = vendor.preset();
+
+    // Template variables: the domain is a DNS label, the tenant a domain name or GUID.
+    if let Some(domain) = &raw.domain {
+        let label = !domain.is_empty()
+            && domain.len() <= 63
+            && domain.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !domain.starts_with('-')
+            && !domain.ends_with('-');
+        if !label {
+            ctx.problem(&k("domain"), format!("`{domain}` is not a sub-domain name (a-z, 0-9, `-`): for https://acme.nikohealth.com write \"acme\""));
+        }
+    }
+    if let Some(tenant) = &raw.tenant {
+        if tenant.is_empty() || !tenant.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
+            ctx.problem(&k("tenant"), format!("`{tenant}` is not a tenant name or id"));
+        }
+    }
+    let vars = TemplateVars {
+        tenant: raw.tenant.as_deref().or(preset.tenant),
+        domain: raw.domain.as_deref(),
+    };
+
+    // Token endpoint: token_url, then issuer (discovery), then the preset.
+    let template = match preset.token_endpoint {
+        TokenEndpointDefault::Template(t) => Some(t),
+        _ => None,
+    };
+    let issuer = raw.issuer.as_deref().and_then(|text| match endpoint_url(text) {
+        Ok(url) => Some(url),
+        Err(e) => {
+            ctx.problem(&k("issuer"), e);
+            None
+        }
+    });
+    let token_endpoint = if let Some(text) = &raw.token_url {
+        endpoint_url(text).map(TokenEndpoint::Url).map_err(|e| ctx.problem(&k("token_url"), e)).ok()
+    } else if let Some(issuer) = issuer {
+        Some(TokenEndpoint::Discovery { issuer })
+    } else if raw.issuer.is_some() {
+        None // already reported
+    } else {
+        match preset.token_endpoint {
+            TokenEndpointDefault::Template(t) => match fill(t, &vars) {
+                Ok(url) => endpoint_url(&url).map(TokenEndpoint::Url).map_err(|e| ctx.problem(&k("token_url"), e)).ok(),
+                Err(var) => {
+                    ctx.problem(
+                        &k(var),
+                        format!("missing; the {vendor} token URL {t} needs it (or set token_url)"),
+                    );
+                    None
+                }
+            },
+            TokenEndpointDefault::Discovery => {
+                ctx.problem(
+                    &k("issuer"),
+                    format!("missing; {vendor} accounts find their token endpoint by OpenID discovery from the issuer URL (or set token_url)"),
+                );
+                None
+            }
+            TokenEndpointDefault::None => {
+                ctx.problem(&k("token_url"), format!("missing; {vendor} accounts need token_url (or issuer, for OpenID discovery)"));
+                None
+            }
+        }
+    };
+    let template_used = raw.token_url.is_none() && raw.issuer.is_none();
+    if raw.tenant.is_some() && !(template_used && uses_var(template, "tenant")) {
+        ctx.warn(&k("tenant"), "is not used: the token endpoint does not come from a URL with {tenant}");
+    }
+
+    // Grant and client authentication.
+    let grant = raw.grant.or(preset.grant);
+    let Some(grant) = grant else {
+        let grants = [Grant::Password, Grant::ClientCredentials, Grant::AuthorizationCode].map(Grant::as_str);
+        ctx.problem(&k("grant"), format!("missing; {vendor} accounts choose one of {}", list(&grants)));
+        return None;
+    };
+    let client_auth = raw.client_auth.or(preset.client_auth);
+
+    let client_id = match raw.client_id {
+        Some(id) if !id.0.is_empty() => Some(id.0),
+        Some(_) => {
+            ctx.problem(&k("client_id"), "is empty; give the application (client) id the vendor issued");
+            None
+        }
+        None => {
+            ctx.problem(&k("client_id"), "missing; give the application (client) id the vendor issued");
+            None
+        }
+    };
+    let client_secret = raw.client_secret.and_then(|s| ctx.secret(&k("client_secret"), s));
+    let secret_given = ctx.problems.iter().any(|p| p.key == k("client_secret"));
+    if client_secret.is_none() && !secret_given {
+        let why = if grant == Grant::ClientCredentials {
+            Some("the client_credentials grant authenticates with it".to_owned())
+        } else if preset.client_secret_required {
+            Some(format!("{vendor} requires it (see {})", preset.documented_in))
+        } else if client_auth == Some(ClientAuth::Basic) {
+            Some("basic client authentication sends client_id:client_secret".to_owned())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            ctx.problem(&k("client_secret"), format!("missing; {why}"));
+        }
+    }
+
+    let username = non_empty(raw.username);
+    let password = raw.password.and_then(|s| ctx.secret(&k("password"), s));
+    if grant == Grant::Password {
+        if username.is_none() {
+            ctx.problem(&k("username"), "missing; the password grant logs in with username and password");
+        }
+        if password.is_none() && !ctx.problems.iter().any(|p| p.key == k("password")) {
+            ctx.problem(&k("password"), "missing; the password grant logs in with username and password");
+        }
+    } else {
+        for (field, set) in [("username", username.is_some()), ("password", password.is_some())] {
+            if set {
+                ctx.warn(&k(field), format!("is not used by the {grant} grant"));
+            }
+        }
+    }
+
+    // Lifetimes.
+    let positive = |ctx: &mut Ctx, field: &str, d: Option<Duration>| match d {
+        Some(d) if d.is_zero() => {
+            ctx.problem(&k(field), "must be longer than zero");
+            None
+        }
+        other => other,
+    };
+    let access_token = positive(ctx, "access_token_lifetime", raw.access_token_lifetime.map(|d| d.0))
+        .or(preset.access_token_lifetime);
+    let refresh_token = positive(ctx, "refresh_token_lifetime", raw.refresh_token_lifetime.map(|d| d.0))
+        .or(preset.refresh_token_lifetime);
+    let refresh_ratio = raw.refresh_ratio.unwrap_or(DEFAULT_REFRESH_RATIO);
+    if !REFRESH_RATIO_RANGE.contains(&refresh_ratio) {
+        ctx.problem(
+            &k("refresh_ratio"),
+            format!(
+                "{refresh_ratio} is outside {}–{}; it is the fraction of a token's lifetime after which to refresh (default {DEFAULT_REFRESH_RATIO})",
+                REFRESH_RATIO_RANGE.start(),
+                REFRESH_RATIO_RANGE.end()
+            ),
+        );
+    }
+    let min_lead = raw.min_lead.map_or(DEFAULT_MIN_LEAD, |d| d.0);
+
+    // API base, headers and jobs.
+    let api_template = preset.api_base;
+    let api_base = match (&raw.api_base, api_template) {
+        (Some(text), _) => endpoint_url(text).map_err(|e| ctx.problem(&k("api_base"), e)).ok(),
+        (None, Some(t)) => match fill(t, &vars) {
+            Ok(url) => endpoint_url(&url).map_err(|e| ctx.problem(&k("api_base"), e)).ok(),
+            Err(_) => None, // reported below if a job needs it
+        },
+        (None, None) => None,
+    };
+    let domain_used = (template_used && uses_var(template, "domain"))
+        || (raw.api_base.is_none() && uses_var(api_template, "domain"));
+    if raw.domain.is_some() && !domain_used {
+        ctx.warn(&k("domain"), "is not used: neither the token URL nor api_base comes from a URL with {domain}");
+    }
+
+    let practice_id = raw.practice_id.map(|p| p.0);
+    let headers = resolve_headers(key, preset.practice_id_header, practice_id, raw.headers, ctx);
+
+    let jobs = resolve_jobs(key, raw.jobs, ctx);
+    if !jobs.is_empty() && api_base.is_none() && !ctx.problems.iter().any(|p| p.key == k("api_base")) {
+        let hint = if uses_var(api_template, "domain") { " (or domain)" } else { "" };
+        ctx.problem(&k("api_base"), format!("missing; jobs call the vendor API below this URL — set api_base{hint}"));
+    }
+
+    if ctx.problems.len() > before {
+        return None;
+    }
+    Some(Account {
+        name,
+        vendor,
+        token_endpoint: token_endpoint?,
+        grant,
+        client_auth,
+        client_id: client_id?,
+        client_secret,
+        username,
+        password,
+        resource: overridable(raw.resource, preset.resource),
+        scope: overridable(raw.scope, preset.scope),
+        lifetimes: Lifetimes { access_token, refresh_token, refresh_ratio, min_lead },
+        api_base,
+        headers,
+        jobs,
+    })
+}
+
+/// RFC 9110 `tchar`: what a header name may contain.
+fn is_token(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn resolve_headers(
+    key: &str,
+    practice_header: Option<&'static str>,
+    practice_id: Option<String>,
+    raw: Option<BTreeMap<String, SecretSpec>>,
+    ctx: &mut Ctx,
+) -> Vec<Header> {
+    let mut headers = Vec::new();
+    for (name, spec) in raw.unwrap_or_default() {
+        let hkey = format!("{key}.headers.{name}");
+        if !is_token(&name) {
+            ctx.problem(&hkey, format!("`{name}` is not a valid HTTP header name"));
+            continue;
+        }
+        if name.eq_ignore_ascii_case("authorization") {
+            ctx.problem(&hkey, "is set by ehrsync from the account's token; remove it");
+            continue;
+        }
+        let value = match spec {
+            // A plain string in `headers` is an ordinary header value, not a secret written inline.
+            SecretSpec::Inline(v) => HeaderValue::Public(secrecy::ExposeSecret::expose_secret(&v).to_owned()),
+            other => match ctx.secret(&hkey, other) {
+                Some(s) => HeaderValue::Secret(s),
+                None => continue,
+            },
+        };
+        let text = match &value {
+            HeaderValue::Public(v) => v.as_str(),
+            HeaderValue::Secret(s) => s.expose(),
+        };
+        if text.chars().any(|c| c.is_control() && c != '\t') {
+            ctx.problem(&hkey, "contains a control character (such as a newline); a header value is one line");
+            continue;
+        }
+        headers.push(Header { name, value });
+    }
+    let practice_key = join(key, "practice_id");
+    match (practice_header, practice_id) {
+        (Some(h), _) if headers.iter().any(|x| x.name.eq_ignore_ascii_case(h)) => {}
+        (Some(h), Some(id)) => {
+            if id.is_empty() || id.chars().any(char::is_control) {
+                ctx.problem(&practice_key, "must be a non-empty, single-line id");
+            } else {
+                headers.insert(0, Header { name: h.to_owned(), value: HeaderValue::Public(id) });
+            }
+        }
+        (Some(h), None) => {
+            ctx.problem(&practice_key, format!("missing; every API call carries it as the {h} header"));
+        }
+        (None, Some(_)) => {
+            ctx.warn(&practice_key, "is not used by this vendor; send custom headers with `headers`");
+        }
+        (None, None) => {}
+    }
+    headers
+}
+
+fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<Job> {
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, value) in raw_jobs.into_iter().enumerate() {
+        let jkey = format!("{key}.jobs[{i}]");
+        let k = |field: &str| join(&jkey, field);
+        let Some(raw) = parse_section::<RawJob>(&jkey, value, &mut ctx.problems) else {
+            continue;
+        };
+        let before = ctx.problems.len();
+        let name = match raw.name.as_deref().map(JobName::parse) {
+            None => {
+                ctx.problem(&k("name"), "missing; every job needs a name (used in metrics and `ehrsync sync`)");
+                None
+            }
+            Some(Err(e)) => {
+                ctx.problem(&k("name"), e);
+                None
+            }
+            Some(Ok(name)) => {
+                if let Some(first) = seen.insert(name.as_str().to_owned(), i) {
+                    ctx.problem(
+                        &k("name"),
+                        format!("duplicate job name `{name}` (also jobs[{first}]); job names must be unique within an account"),
+                    );
+                }
+                Some(name)
+            }
+        };
+        let kind = match raw.kind {
+            None => {
+                ctx.problem(&k("kind"), "missing; choose `fhir` or `nikohealth_patients`");
+                None
+            }
+            Some(RawJobKind::Fhir) => {
+                let resource = raw.resource.unwrap_or_else(|| DEFAULT_FHIR_RESOURCE.to_owned());
+                let valid = resource.len() <= 64
+                    && resource.starts_with(|c: char| c.is_ascii_uppercase())
+                    && resource.chars().all(|c| c.is_ascii_alphabetic());
+                if !valid {
+                    ctx.problem(&k("resource"), format!("`{resource}` is not a FHIR resource type (such as Patient or Encounter)"));
+                }
+                Some(JobKind::Fhir { resource })
+            }
+            Some(RawJobKind::NikohealthPatients) => {
+                if raw.resource.is_some() {
+                    ctx.problem(&k("resource"), "applies only to kind = \"fhir\"; remove it");
+                }
+                Some(JobKind::NikohealthPatients)
+            }
+        };
+        let schedule = match raw.schedule.as_deref().map(Schedule::parse) {
+            None => {
+                ctx.problem(&k("schedule"), "missing; give a cron schedule with seconds first, e.g. \"0 */15 * * * *\"");
+                None
+            }
+            Some(Err(e)) => {
+                let text = raw.schedule.as_deref().unwrap_or_default();
+                ctx.problem(
+                    &k("schedule"),
+                    format!("`{text}` is not a valid schedule ({e}); write six fields, seconds first, in UTC, e.g. \"0 */15 * * * *\""),
+                );
+                None
+            }
+            Some(Ok(s)) => Some(s),
+        };
+        let page_size = raw.page_size.unwrap_or(DEFAULT_PAGE_SIZE);
+        if !(1..=MAX_PAGE_SIZE).contains(&page_size) {
+            ctx.problem(&k("page_size"), format!("{page_size} is outside 1–{MAX_PAGE_SIZE}"));
+        }
+        if ctx.problems.len() == before {
+            if let (Some(name), Some(kind), Some(schedule)) = (name, kind, schedule) {
+                jobs.push(Job { name, kind, schedule, page_size });
+            }
+        }
+    }
+    jobs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_must_be_https_unless_loopback() {
+        assert!(endpoint_url("https://login.example/token").is_ok());
+        for ok in ["http://127.0.0.1:8080/t", "http://localhost/t", "http://[::1]:1/t", "http://127.9.9.9/t"] {
+            assert!(endpoint_url(ok).is_ok(), "{ok}");
+        }
+        for bad in ["http://login.example/t", "http://10.0.0.1/t", "ftp://x/t", "not a url", "https://u:p@x/t", "https://x/t#f"] {
+            assert!(endpoint_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn templates_fill_and_name_the_missing_variable() {
+        let vars = TemplateVars { tenant: Some("t.example"), domain: None };
+        assert_eq!(fill("https://h/{tenant}/x", &vars), Ok("https://h/t.example/x".to_owned()));
+        assert_eq!(fill("https://{domain}.h/x", &vars), Err("domain"));
+    }
+
+    #[test]
+    fn header_names_are_tokens() {
+        assert!(is_token("nx-practice-id"));
+        assert!(!is_token("bad header"));
+        assert!(!is_token(""));
+    }
+}
