@@ -1,2 +1,11 @@
+//! ehrsync: keeps EHR vendors' OAuth2 access tokens alive, pulls records from their APIs into
+//! SQLite on a schedule, and reports its health to Prometheus.
+//!
+//! The crate is a library with a thin binary (`src/main.rs`) on top; `ARCHITECTURE.md` maps the
+//! modules and the invariants they keep.
+
+pub mod cli;
 pub mod config;
+pub mod logging;
+pub mod store;
 pub mod vendor;

@@ -261,14 +261,19 @@ mod tests {
         let p = Vendor::Nextech.preset();
         assert_eq!(
             p.token_endpoint,
-            TokenEndpointDefault::Template("https://login.microsoftonline.com/{tenant}/oauth2/token")
+            TokenEndpointDefault::Template(
+                "https://login.microsoftonline.com/{tenant}/oauth2/token"
+            )
         );
         assert_eq!(p.tenant, Some("nextech-api.com"));
         assert_eq!(p.grant, Some(Grant::Password));
         // seeds/000 "Client Authentication: Send client credentials in body".
         assert_eq!(p.client_auth, Some(ClientAuth::Post));
         assert_eq!(p.access_token_lifetime, Some(Duration::from_secs(3600)));
-        assert_eq!(p.refresh_token_lifetime, Some(Duration::from_secs(14 * 86400)));
+        assert_eq!(
+            p.refresh_token_lifetime,
+            Some(Duration::from_secs(14 * 86400))
+        );
         assert_eq!(p.practice_id_header, Some("nx-practice-id"));
         // seeds/000 Auth URL: resource=https%3A%2F%2Fselect.nextech-api.com%2Fapi
         assert_eq!(p.resource, Some("https://select.nextech-api.com/api"));
@@ -298,7 +303,9 @@ mod tests {
         let p = Vendor::NikoHealth.preset();
         assert_eq!(
             p.token_endpoint,
-            TokenEndpointDefault::Template("https://{domain}.nikohealth.com/api/identity/connect/token")
+            TokenEndpointDefault::Template(
+                "https://{domain}.nikohealth.com/api/identity/connect/token"
+            )
         );
         assert_eq!(p.grant, Some(Grant::ClientCredentials));
         assert_eq!(p.client_auth, Some(ClientAuth::Basic));
@@ -314,7 +321,10 @@ mod tests {
         assert_eq!(p.token_endpoint, TokenEndpointDefault::Discovery);
         assert_eq!(p.grant, Some(Grant::AuthorizationCode));
         assert!(p.grant.is_some_and(Grant::needs_person));
-        assert!(p.scope.is_some_and(|s| s.split(' ').any(|s| s == "offline_access")));
+        assert!(
+            p.scope
+                .is_some_and(|s| s.split(' ').any(|s| s == "offline_access"))
+        );
     }
 
     #[test]

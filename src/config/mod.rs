@@ -73,7 +73,9 @@ macro_rules! name_type {
             pub fn parse(s: &str) -> Result<Self, String> {
                 let ok = (1..=64).contains(&s.len())
                     && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-                    && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+                    && s.chars().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_'
+                    })
                     && !s.contains("__");
                 if ok {
                     Ok($t(s.to_owned()))
@@ -127,7 +129,9 @@ pub struct Account {
 pub enum TokenEndpoint {
     Url(Url),
     /// Read from `{issuer}/.well-known/openid-configuration`.
-    Discovery { issuer: Url },
+    Discovery {
+        issuer: Url,
+    },
 }
 
 impl fmt::Display for TokenEndpoint {
@@ -143,7 +147,10 @@ impl fmt::Display for TokenEndpoint {
 
 /// The OpenID discovery document's URL for `issuer` (OpenID Connect Discovery 1.0 §4).
 pub fn discovery_url(issuer: &Url) -> String {
-    format!("{}/.well-known/openid-configuration", issuer.as_str().trim_end_matches('/'))
+    format!(
+        "{}/.well-known/openid-configuration",
+        issuer.as_str().trim_end_matches('/')
+    )
 }
 
 /// Timing settings of one account's token lifecycle.
@@ -223,7 +230,10 @@ impl Schedule {
         if cron.find_next_occurrence(&Utc::now(), false).is_err() {
             return Err("never fires".to_owned());
         }
-        Ok(Schedule { text: text.to_owned(), cron })
+        Ok(Schedule {
+            text: text.to_owned(),
+            cron,
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -269,7 +279,10 @@ impl Env {
 
 impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Env {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        Env(iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+        Env(iter
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect())
     }
 }
 
@@ -287,9 +300,15 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 
 /// Loads and validates the config at `path` against `env`.
 pub fn load_with_env(path: &Path, env: &Env) -> Result<Loaded, ConfigError> {
-    let fail = |problems| ConfigError { path: path.to_owned(), problems };
+    let fail = |problems| ConfigError {
+        path: path.to_owned(),
+        problems,
+    };
     let text = std::fs::read_to_string(path).map_err(|e| {
-        fail(vec![Problem::new("", format!("cannot read the config file: {e}"))])
+        fail(vec![Problem::new(
+            "",
+            format!("cannot read the config file: {e}"),
+        )])
     })?;
     let syntax = toml_syntax_problems(&text);
     if !syntax.is_empty() {
@@ -304,10 +323,21 @@ pub fn load_with_env(path: &Path, env: &Env) -> Result<Loaded, ConfigError> {
                 .source(Some(overrides.iter().cloned().collect())),
         )
         .build()
-        .map_err(|e| fail(vec![Problem::new("", format!("cannot merge environment overrides: {e}"))]))?;
+        .map_err(|e| {
+            fail(vec![Problem::new(
+                "",
+                format!("cannot merge environment overrides: {e}"),
+            )])
+        })?;
 
-    let base_dir = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let base_dir = if base_dir.as_os_str().is_empty() { PathBuf::from(".") } else { base_dir };
+    let base_dir = path
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let base_dir = if base_dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base_dir
+    };
     let mut ctx = resolve::Ctx::new(&base_dir, env);
     let resolved = resolve::root(layered.cache, &mut ctx);
     let (mut problems, mut warnings) = (ctx.problems, ctx.warnings);
@@ -350,7 +380,10 @@ fn toml_syntax_problems(text: &str) -> Vec<Problem> {
             let at = e.span().map(|s| line_col(text, s.start));
             let message = e.message().trim_end_matches('\n');
             match at {
-                Some((line, col)) => Problem::new("", format!("TOML syntax error at line {line}, column {col}: {message}")),
+                Some((line, col)) => Problem::new(
+                    "",
+                    format!("TOML syntax error at line {line}, column {col}: {message}"),
+                ),
                 None => Problem::new("", format!("TOML syntax error: {message}")),
             }
         })
@@ -373,7 +406,9 @@ pub fn default_database(env: &Env) -> PathBuf {
         }
     }
     if cfg!(windows) {
-        let data = env.get("ProgramData").unwrap_or_else(|| r"C:\ProgramData".to_owned());
+        let data = env
+            .get("ProgramData")
+            .unwrap_or_else(|| r"C:\ProgramData".to_owned());
         Path::new(&data).join("ehrsync").join("ehrsync.db")
     } else {
         PathBuf::from("/var/lib/ehrsync/ehrsync.db")
@@ -406,16 +441,32 @@ mod tests {
     #[test]
     fn schedules_are_six_field_and_must_fire() {
         assert!(Schedule::parse("0 */15 * * * *").is_ok());
-        assert!(Schedule::parse("*/15 * * * *").is_err(), "five fields lack seconds");
-        assert!(Schedule::parse("0 0 0 30 2 *").is_err(), "30 February never comes");
+        assert!(
+            Schedule::parse("*/15 * * * *").is_err(),
+            "five fields lack seconds"
+        );
+        assert!(
+            Schedule::parse("0 0 0 30 2 *").is_err(),
+            "30 February never comes"
+        );
         let s = Schedule::parse("0 0 * * * *").unwrap();
-        let t = DateTime::parse_from_rfc3339("2026-11-22T05:30:00Z").unwrap().with_timezone(&Utc);
-        assert_eq!(s.next_after(t).unwrap().to_rfc3339(), "2026-11-22T06:00:00+00:00");
+        let t = DateTime::parse_from_rfc3339("2026-11-22T05:30:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            s.next_after(t).unwrap().to_rfc3339(),
+            "2026-11-22T06:00:00+00:00"
+        );
     }
 
     #[test]
     fn state_directory_wins_for_the_default_database() {
-        let env: Env = [("STATE_DIRECTORY", "/var/lib/ehrsync:/var/lib/other")].into_iter().collect();
-        assert_eq!(default_database(&env), PathBuf::from("/var/lib/ehrsync/ehrsync.db"));
+        let env: Env = [("STATE_DIRECTORY", "/var/lib/ehrsync:/var/lib/other")]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            default_database(&env),
+            PathBuf::from("/var/lib/ehrsync/ehrsync.db")
+        );
     }
 }

@@ -21,7 +21,10 @@ pub struct Problem {
 
 impl Problem {
     pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Problem { key: key.into(), message: message.into() }
+        Problem {
+            key: key.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -108,7 +111,11 @@ pub fn parse_section<T: DeserializeOwned>(
 /// origin and key again ("for key `x` in y"), which the problem's own key path already says.
 fn describe(e: &config::ConfigError) -> String {
     let text = match e {
-        config::ConfigError::Type { unexpected, expected, .. } => {
+        config::ConfigError::Type {
+            unexpected,
+            expected,
+            ..
+        } => {
             format!("expected {expected}, found {}", shape(unexpected))
         }
         config::ConfigError::At { error, .. } => return describe(error),
@@ -234,15 +241,24 @@ mod tests {
     #[test]
     fn every_unknown_key_is_reported_with_a_suggestion() {
         let mut problems = Vec::new();
-        let parsed: Option<Sample> =
-            parse_section("accounts.a", value("client_secert = 'x'\nbogus = 1\n"), &mut problems);
+        let parsed: Option<Sample> = parse_section(
+            "accounts.a",
+            value("client_secert = 'x'\nbogus = 1\n"),
+            &mut problems,
+        );
         assert!(parsed.is_some());
         problems.sort_by(|a, b| a.key.cmp(&b.key));
         assert_eq!(
             problems,
             vec![
-                Problem::new("accounts.a.bogus", "unknown key; known keys here are `client_secret` or `page_size`"),
-                Problem::new("accounts.a.client_secert", "unknown key; did you mean `client_secret`?"),
+                Problem::new(
+                    "accounts.a.bogus",
+                    "unknown key; known keys here are `client_secret` or `page_size`"
+                ),
+                Problem::new(
+                    "accounts.a.client_secert",
+                    "unknown key; did you mean `client_secret`?"
+                ),
             ]
         );
     }
@@ -250,12 +266,19 @@ mod tests {
     #[test]
     fn type_errors_name_the_key_and_not_the_value() {
         let mut problems = Vec::new();
-        let parsed: Option<Sample> =
-            parse_section("accounts.a", value("page_size = 'lots-of-secret'\n"), &mut problems);
+        let parsed: Option<Sample> = parse_section(
+            "accounts.a",
+            value("page_size = 'lots-of-secret'\n"),
+            &mut problems,
+        );
         assert!(parsed.is_none());
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].key, "accounts.a.page_size");
-        assert!(!problems[0].message.contains("lots-of-secret"), "{}", problems[0].message);
+        assert!(
+            !problems[0].message.contains("lots-of-secret"),
+            "{}",
+            problems[0].message
+        );
     }
 
     #[test]

@@ -35,7 +35,12 @@ pub struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     pub fn new(base_dir: &'a Path, env: &'a Env) -> Self {
-        Ctx { base_dir, env, problems: Vec::new(), warnings: Vec::new() }
+        Ctx {
+            base_dir,
+            env,
+            problems: Vec::new(),
+            warnings: Vec::new(),
+        }
     }
 
     fn problem(&mut self, key: &str, message: impl Into<String>) {
@@ -64,7 +69,11 @@ impl<'a> Ctx<'a> {
     }
 
     fn path(&self, p: PathBuf) -> PathBuf {
-        if p.is_relative() { self.base_dir.join(p) } else { p }
+        if p.is_relative() {
+            self.base_dir.join(p)
+        } else {
+            p
+        }
     }
 }
 
@@ -99,10 +108,19 @@ pub fn root(tree: config::Value, ctx: &mut Ctx) -> Option<(Agent, Vec<Account>)>
     }
     let agent = match agent {
         Some(a) => a,
-        None => resolve_agent(RawAgent { database: None, metrics_listen: None }, ctx)?,
+        None => resolve_agent(
+            RawAgent {
+                database: None,
+                metrics_listen: None,
+            },
+            ctx,
+        )?,
     };
     if accounts.is_empty() && ctx.problems.is_empty() {
-        ctx.warn("accounts", "no accounts are configured; the agent has nothing to do");
+        ctx.warn(
+            "accounts",
+            "no accounts are configured; the agent has nothing to do",
+        );
     }
     Some((agent, accounts))
 }
@@ -110,13 +128,18 @@ pub fn root(tree: config::Value, ctx: &mut Ctx) -> Option<(Agent, Vec<Account>)>
 fn resolve_agent(raw: RawAgent, ctx: &mut Ctx) -> Option<Agent> {
     let database = match raw.database {
         Some(p) if p.as_os_str().is_empty() => {
-            ctx.problem("agent.database", "is empty; give a file path or remove the key for the default");
+            ctx.problem(
+                "agent.database",
+                "is empty; give a file path or remove the key for the default",
+            );
             return None;
         }
         Some(p) => ctx.path(p),
         None => default_database(ctx.env),
     };
-    let listen = raw.metrics_listen.unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_owned());
+    let listen = raw
+        .metrics_listen
+        .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_owned());
     let metrics_listen = match listen.parse::<SocketAddr>() {
         Ok(addr) => addr,
         Err(_) => {
@@ -133,7 +156,10 @@ fn resolve_agent(raw: RawAgent, ctx: &mut Ctx) -> Option<Agent> {
             "is reachable from other hosts and /metrics has no authentication; limit it with a firewall",
         );
     }
-    Some(Agent { database, metrics_listen })
+    Some(Agent {
+        database,
+        metrics_listen,
+    })
 }
 
 fn resolve_accounts(value: config::Value, ctx: &mut Ctx) -> Vec<Account> {
@@ -234,13 +260,21 @@ fn overridable(value: Option<String>, preset: Option<&str>) -> Option<String> {
     }
 }
 
-fn resolve_account(name: AccountName, key: &str, raw: RawAccount, ctx: &mut Ctx) -> Option<Account> {
+fn resolve_account(
+    name: AccountName,
+    key: &str,
+    raw: RawAccount,
+    ctx: &mut Ctx,
+) -> Option<Account> {
     let k = |field: &str| join(key, field);
     let before = ctx.problems.len();
 
     let Some(vendor) = raw.vendor else {
         let vendors: Vec<&str> = Vendor::ALL.iter().map(|v| v.as_str()).collect();
-        ctx.problem(&k("vendor"), format!("missing; choose one of {}", list(&vendors)));
+        ctx.problem(
+            &k("vendor"),
+            format!("missing; choose one of {}", list(&vendors)),
+        );
         return None;
     };
     let preset = vendor.preset();
@@ -249,7 +283,9 @@ fn resolve_account(name: AccountName, key: &str, raw: RawAccount, ctx: &mut Ctx)
     if let Some(domain) = &raw.domain {
         let label = !domain.is_empty()
             && domain.len() <= 63
-            && domain.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && domain
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             && !domain.starts_with('-')
             && !domain.ends_with('-');
         if !label {
@@ -257,8 +293,15 @@ fn resolve_account(name: AccountName, key: &str, raw: RawAccount, ctx: &mut Ctx)
         }
     }
     if let Some(tenant) = &raw.tenant {
-        if tenant.is_empty() || !tenant.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
-            ctx.problem(&k("tenant"), format!("`{tenant}` is not a tenant name or id"));
+        if tenant.is_empty()
+            || !tenant
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        {
+            ctx.problem(
+                &k("tenant"),
+                format!("`{tenant}` is not a tenant name or id"),
+            );
         }
     }
     let vars = TemplateVars {
@@ -271,15 +314,21 @@ fn resolve_account(name: AccountName, key: &str, raw: RawAccount, ctx: &mut Ctx)
         TokenEndpointDefault::Template(t) => Some(t),
         _ => None,
     };
-    let issuer = raw.issuer.as_deref().and_then(|text| match endpoint_url(text) {
-        Ok(url) => Some(url),
-        Err(e) => {
-            ctx.problem(&k("issuer"), e);
-            None
-        }
-    });
+    let issuer = raw
+        .issuer
+        .as_deref()
+        .and_then(|text| match endpoint_url(text) {
+            Ok(url) => Some(url),
+            Err(e) => {
+                ctx.problem(&k("issuer"), e);
+                None
+            }
+        });
     let token_endpoint = if let Some(text) = &raw.token_url {
-        endpoint_url(text).map(TokenEndpoint::Url).map_err(|e| ctx.problem(&k("token_url"), e)).ok()
+        endpoint_url(text)
+            .map(TokenEndpoint::Url)
+            .map_err(|e| ctx.problem(&k("token_url"), e))
+            .ok()
     } else if let Some(issuer) = issuer {
         Some(TokenEndpoint::Discovery { issuer })
     } else if raw.issuer.is_some() {
@@ -287,7 +336,10 @@ fn resolve_account(name: AccountName, key: &str, raw: RawAccount, ctx: &mut Ctx)
     } else {
         match preset.token_endpoint {
             TokenEndpointDefault::Template(t) => match fill(t, &vars) {
-                Ok(url) => endpoint_url(&url).map(TokenEndpoint::Url).map_err(|e| ctx.problem(&k("token_url"), e)).ok(),
+                Ok(url) => endpoint_url(&url)
+                    .map(TokenEndpoint::Url)
+                    .map_err(|e| ctx.problem(&k("token_url"), e))
+                    .ok(),
                 Err(var) => {
                     ctx.problem(
                         &k(var),
@@ -311,14 +363,25 @@ fn resolve_account(name: AccountName, key: &str, raw: RawAccount, ctx: &mut Ctx)
     };
     let template_used = raw.token_url.is_none() && raw.issuer.is_none();
     if raw.tenant.is_some() && !(template_used && uses_var(template, "tenant")) {
-        ctx.warn(&k("tenant"), "is not used: the token endpoint does not come from a URL with {tenant}");
+        ctx.warn(
+            &k("tenant"),
+            "is not used: the token endpoint does not come from a URL with {tenant}",
+        );
     }
 
     // Grant and client authentication.
     let grant = raw.grant.or(preset.grant);
     let Some(grant) = grant else {
-        let grants = [Grant::Password, Grant::ClientCredentials, Grant::AuthorizationCode].map(Grant::as_str);
-        ctx.problem(&k("grant"), format!("missing; {vendor} accounts choose one of {}", list(&grants)));
+        let grants = [
+            Grant::Password,
+            Grant::ClientCredentials,
+            Grant::AuthorizationCode,
+        ]
+        .map(Grant::as_str);
+        ctx.problem(
+            &k("grant"),
+            format!("missing; {vendor} accounts choose one of {}", list(&grants)),
+        );
         return None;
     };
     let client_auth = raw.client_auth.or(preset.client_auth);
@@ -326,21 +389,32 @@ fn resolve_account(name: AccountName, key: &str, raw: RawAccount, ctx: &mut Ctx)
     let client_id = match raw.client_id {
         Some(id) if !id.0.is_empty() => Some(id.0),
         Some(_) => {
-            ctx.problem(&k("client_id"), "is empty; give the application (client) id the vendor issued");
+            ctx.problem(
+                &k("client_id"),
+                "is empty; give the application (client) id the vendor issued",
+            );
             None
         }
         None => {
-            ctx.problem(&k("client_id"), "missing; give the application (client) id the vendor issued");
+            ctx.problem(
+                &k("client_id"),
+                "missing; give the application (client) id the vendor issued",
+            );
             None
         }
     };
-    let client_secret = raw.client_secret.and_then(|s| ctx.secret(&k("client_secret"), s));
+    let client_secret = raw
+        .client_secret
+        .and_then(|s| ctx.secret(&k("client_secret"), s));
     let secret_given = ctx.problems.iter().any(|p| p.key == k("client_secret"));
     if client_secret.is_none() && !secret_given {
         let why = if grant == Grant::ClientCredentials {
             Some("the client_credentials grant authenticates with it".to_owned())
         } else if preset.client_secret_required {
-            Some(format!("{vendor} requires it (see {})", preset.documented_in))
+            Some(format!(
+                "{vendor} requires it (see {})",
+                preset.documented_in
+            ))
         } else if client_auth == Some(ClientAuth::Basic) {
             Some("basic client authentication sends client_id:client_secret".to_owned())
         } else {
@@ -355,13 +429,22 @@ fn resolve_account(name: AccountName, key: &str, raw: RawAccount, ctx: &mut Ctx)
     let password = raw.password.and_then(|s| ctx.secret(&k("password"), s));
     if grant == Grant::Password {
         if username.is_none() {
-            ctx.problem(&k("username"), "missing; the password grant logs in with username and password");
+            ctx.problem(
+                &k("username"),
+                "missing; the password grant logs in with username and password",
+            );
         }
         if password.is_none() && !ctx.problems.iter().any(|p| p.key == k("password")) {
-            ctx.problem(&k("password"), "missing; the password grant logs in with username and password");
+            ctx.problem(
+                &k("password"),
+                "missing; the password grant logs in with username and password",
+            );
         }
     } else {
-        for (field, set) in [("username", username.is_some()), ("password", password.is_some())] {
+        for (field, set) in [
+            ("username", username.is_some()),
+            ("password", password.is_some()),
+        ] {
             if set {
                 ctx.warn(&k(field), format!("is not used by the {grant} grant"));
             }
@@ -376,10 +459,18 @@ fn resolve_account(name: AccountName, key: &str, raw: RawAccount, ctx: &mut Ctx)
         }
         other => other,
     };
-    let access_token = positive(ctx, "access_token_lifetime", raw.access_token_lifetime.map(|d| d.0))
-        .or(preset.access_token_lifetime);
-    let refresh_token = positive(ctx, "refresh_token_lifetime", raw.refresh_token_lifetime.map(|d| d.0))
-        .or(preset.refresh_token_lifetime);
+    let access_token = positive(
+        ctx,
+        "access_token_lifetime",
+        raw.access_token_lifetime.map(|d| d.0),
+    )
+    .or(preset.access_token_lifetime);
+    let refresh_token = positive(
+        ctx,
+        "refresh_token_lifetime",
+        raw.refresh_token_lifetime.map(|d| d.0),
+    )
+    .or(preset.refresh_token_lifetime);
     let refresh_ratio = raw.refresh_ratio.unwrap_or(DEFAULT_REFRESH_RATIO);
     if !REFRESH_RATIO_RANGE.contains(&refresh_ratio) {
         ctx.problem(
@@ -396,9 +487,13 @@ fn resolve_account(name: AccountName, key: &str, raw: RawAccount, ctx: &mut Ctx)
     // API base, headers and jobs.
     let api_template = preset.api_base;
     let api_base = match (&raw.api_base, api_template) {
-        (Some(text), _) => endpoint_url(text).map_err(|e| ctx.problem(&k("api_base"), e)).ok(),
+        (Some(text), _) => endpoint_url(text)
+            .map_err(|e| ctx.problem(&k("api_base"), e))
+            .ok(),
         (None, Some(t)) => match fill(t, &vars) {
-            Ok(url) => endpoint_url(&url).map_err(|e| ctx.problem(&k("api_base"), e)).ok(),
+            Ok(url) => endpoint_url(&url)
+                .map_err(|e| ctx.problem(&k("api_base"), e))
+                .ok(),
             Err(_) => None, // reported below if a job needs it
         },
         (None, None) => None,
@@ -406,16 +501,35 @@ fn resolve_account(name: AccountName, key: &str, raw: RawAccount, ctx: &mut Ctx)
     let domain_used = (template_used && uses_var(template, "domain"))
         || (raw.api_base.is_none() && uses_var(api_template, "domain"));
     if raw.domain.is_some() && !domain_used {
-        ctx.warn(&k("domain"), "is not used: neither the token URL nor api_base comes from a URL with {domain}");
+        ctx.warn(
+            &k("domain"),
+            "is not used: neither the token URL nor api_base comes from a URL with {domain}",
+        );
     }
 
     let practice_id = raw.practice_id.map(|p| p.0);
-    let headers = resolve_headers(key, preset.practice_id_header, practice_id, raw.headers, ctx);
+    let headers = resolve_headers(
+        key,
+        preset.practice_id_header,
+        practice_id,
+        raw.headers,
+        ctx,
+    );
 
     let jobs = resolve_jobs(key, raw.jobs, ctx);
-    if !jobs.is_empty() && api_base.is_none() && !ctx.problems.iter().any(|p| p.key == k("api_base")) {
-        let hint = if uses_var(api_template, "domain") { " (or domain)" } else { "" };
-        ctx.problem(&k("api_base"), format!("missing; jobs call the vendor API below this URL — set api_base{hint}"));
+    if !jobs.is_empty()
+        && api_base.is_none()
+        && !ctx.problems.iter().any(|p| p.key == k("api_base"))
+    {
+        let hint = if uses_var(api_template, "domain") {
+            " (or domain)"
+        } else {
+            ""
+        };
+        ctx.problem(
+            &k("api_base"),
+            format!("missing; jobs call the vendor API below this URL — set api_base{hint}"),
+        );
     }
 
     if ctx.problems.len() > before {
@@ -433,7 +547,12 @@ fn resolve_account(name: AccountName, key: &str, raw: RawAccount, ctx: &mut Ctx)
         password,
         resource: overridable(raw.resource, preset.resource),
         scope: overridable(raw.scope, preset.scope),
-        lifetimes: Lifetimes { access_token, refresh_token, refresh_ratio, min_lead },
+        lifetimes: Lifetimes {
+            access_token,
+            refresh_token,
+            refresh_ratio,
+            min_lead,
+        },
         api_base,
         headers,
         jobs,
@@ -442,7 +561,10 @@ fn resolve_account(name: AccountName, key: &str, raw: RawAccount, ctx: &mut Ctx)
 
 /// RFC 9110 `tchar`: what a header name may contain.
 fn is_token(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn resolve_headers(
@@ -460,12 +582,17 @@ fn resolve_headers(
             continue;
         }
         if name.eq_ignore_ascii_case("authorization") {
-            ctx.problem(&hkey, "is set by ehrsync from the account's token; remove it");
+            ctx.problem(
+                &hkey,
+                "is set by ehrsync from the account's token; remove it",
+            );
             continue;
         }
         let value = match spec {
             // A plain string in `headers` is an ordinary header value, not a secret written inline.
-            SecretSpec::Inline(v) => HeaderValue::Public(secrecy::ExposeSecret::expose_secret(&v).to_owned()),
+            SecretSpec::Inline(v) => {
+                HeaderValue::Public(secrecy::ExposeSecret::expose_secret(&v).to_owned())
+            }
             other => match ctx.secret(&hkey, other) {
                 Some(s) => HeaderValue::Secret(s),
                 None => continue,
@@ -476,7 +603,10 @@ fn resolve_headers(
             HeaderValue::Secret(s) => s.expose(),
         };
         if text.chars().any(|c| c.is_control() && c != '\t') {
-            ctx.problem(&hkey, "contains a control character (such as a newline); a header value is one line");
+            ctx.problem(
+                &hkey,
+                "contains a control character (such as a newline); a header value is one line",
+            );
             continue;
         }
         headers.push(Header { name, value });
@@ -488,14 +618,26 @@ fn resolve_headers(
             if id.is_empty() || id.chars().any(char::is_control) {
                 ctx.problem(&practice_key, "must be a non-empty, single-line id");
             } else {
-                headers.insert(0, Header { name: h.to_owned(), value: HeaderValue::Public(id) });
+                headers.insert(
+                    0,
+                    Header {
+                        name: h.to_owned(),
+                        value: HeaderValue::Public(id),
+                    },
+                );
             }
         }
         (Some(h), None) => {
-            ctx.problem(&practice_key, format!("missing; every API call carries it as the {h} header"));
+            ctx.problem(
+                &practice_key,
+                format!("missing; every API call carries it as the {h} header"),
+            );
         }
         (None, Some(_)) => {
-            ctx.warn(&practice_key, "is not used by this vendor; send custom headers with `headers`");
+            ctx.warn(
+                &practice_key,
+                "is not used by this vendor; send custom headers with `headers`",
+            );
         }
         (None, None) => {}
     }
@@ -514,7 +656,10 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
         let before = ctx.problems.len();
         let name = match raw.name.as_deref().map(JobName::parse) {
             None => {
-                ctx.problem(&k("name"), "missing; every job needs a name (used in metrics and `ehrsync sync`)");
+                ctx.problem(
+                    &k("name"),
+                    "missing; every job needs a name (used in metrics and `ehrsync sync`)",
+                );
                 None
             }
             Some(Err(e)) => {
@@ -533,11 +678,16 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
         };
         let kind = match raw.kind {
             None => {
-                ctx.problem(&k("kind"), "missing; choose `fhir` or `nikohealth_patients`");
+                ctx.problem(
+                    &k("kind"),
+                    "missing; choose `fhir` or `nikohealth_patients`",
+                );
                 None
             }
             Some(RawJobKind::Fhir) => {
-                let resource = raw.resource.unwrap_or_else(|| DEFAULT_FHIR_RESOURCE.to_owned());
+                let resource = raw
+                    .resource
+                    .unwrap_or_else(|| DEFAULT_FHIR_RESOURCE.to_owned());
                 let valid = resource.len() <= 64
                     && resource.starts_with(|c: char| c.is_ascii_uppercase())
                     && resource.chars().all(|c| c.is_ascii_alphabetic());
@@ -555,7 +705,10 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
         };
         let schedule = match raw.schedule.as_deref().map(Schedule::parse) {
             None => {
-                ctx.problem(&k("schedule"), "missing; give a cron schedule with seconds first, e.g. \"0 */15 * * * *\"");
+                ctx.problem(
+                    &k("schedule"),
+                    "missing; give a cron schedule with seconds first, e.g. \"0 */15 * * * *\"",
+                );
                 None
             }
             Some(Err(e)) => {
@@ -570,11 +723,19 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
         };
         let page_size = raw.page_size.unwrap_or(DEFAULT_PAGE_SIZE);
         if !(1..=MAX_PAGE_SIZE).contains(&page_size) {
-            ctx.problem(&k("page_size"), format!("{page_size} is outside 1–{MAX_PAGE_SIZE}"));
+            ctx.problem(
+                &k("page_size"),
+                format!("{page_size} is outside 1–{MAX_PAGE_SIZE}"),
+            );
         }
         if ctx.problems.len() == before {
             if let (Some(name), Some(kind), Some(schedule)) = (name, kind, schedule) {
-                jobs.push(Job { name, kind, schedule, page_size });
+                jobs.push(Job {
+                    name,
+                    kind,
+                    schedule,
+                    page_size,
+                });
             }
         }
     }
@@ -588,18 +749,36 @@ mod tests {
     #[test]
     fn endpoints_must_be_https_unless_loopback() {
         assert!(endpoint_url("https://login.example/token").is_ok());
-        for ok in ["http://127.0.0.1:8080/t", "http://localhost/t", "http://[::1]:1/t", "http://127.9.9.9/t"] {
+        for ok in [
+            "http://127.0.0.1:8080/t",
+            "http://localhost/t",
+            "http://[::1]:1/t",
+            "http://127.9.9.9/t",
+        ] {
             assert!(endpoint_url(ok).is_ok(), "{ok}");
         }
-        for bad in ["http://login.example/t", "http://10.0.0.1/t", "ftp://x/t", "not a url", "https://u:p@x/t", "https://x/t#f"] {
+        for bad in [
+            "http://login.example/t",
+            "http://10.0.0.1/t",
+            "ftp://x/t",
+            "not a url",
+            "https://u:p@x/t",
+            "https://x/t#f",
+        ] {
             assert!(endpoint_url(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn templates_fill_and_name_the_missing_variable() {
-        let vars = TemplateVars { tenant: Some("t.example"), domain: None };
-        assert_eq!(fill("https://h/{tenant}/x", &vars), Ok("https://h/t.example/x".to_owned()));
+        let vars = TemplateVars {
+            tenant: Some("t.example"),
+            domain: None,
+        };
+        assert_eq!(
+            fill("https://h/{tenant}/x", &vars),
+            Ok("https://h/t.example/x".to_owned())
+        );
         assert_eq!(fill("https://{domain}.h/x", &vars), Err("domain"));
     }
 

@@ -87,7 +87,9 @@ impl<'de> Visitor<'de> for SpecVisitor {
                 ));
             }
         }
-        found.ok_or_else(|| de::Error::custom(format!("expected {SPEC_EXPECTED}, found an empty table")))
+        found.ok_or_else(|| {
+            de::Error::custom(format!("expected {SPEC_EXPECTED}, found an empty table"))
+        })
     }
 
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<SecretSpec, E> {
@@ -205,7 +207,11 @@ pub fn resolve(
             }
         }
         SecretSpec::File(path) => {
-            let path = if path.is_relative() { base_dir.join(path) } else { path };
+            let path = if path.is_relative() {
+                base_dir.join(path)
+            } else {
+                path
+            };
             let value = read_secret_file(&path, &mut warnings)?;
             (value, SecretOrigin::File(path))
         }
@@ -233,13 +239,19 @@ pub fn resolve(
     Ok((Secret { value, origin }, warnings))
 }
 
-fn read_secret_file(path: &Path, warnings: &mut Vec<String>) -> Result<SecretString, SecretProblem> {
+fn read_secret_file(
+    path: &Path,
+    warnings: &mut Vec<String>,
+) -> Result<SecretString, SecretProblem> {
     let unreadable = |e: std::io::Error| {
         SecretProblem(format!("cannot read secret file {}: {e}", path.display()))
     };
     let meta = std::fs::metadata(path).map_err(unreadable)?;
     if !meta.is_file() {
-        return Err(SecretProblem(format!("secret file {} is not a regular file", path.display())));
+        return Err(SecretProblem(format!(
+            "secret file {} is not a regular file",
+            path.display()
+        )));
     }
     if meta.len() > MAX_SECRET_FILE_BYTES {
         return Err(SecretProblem(format!(
@@ -261,9 +273,8 @@ fn read_secret_file(path: &Path, warnings: &mut Vec<String>) -> Result<SecretStr
     #[cfg(not(unix))]
     let _ = warnings;
     let bytes = std::fs::read(path).map_err(unreadable)?;
-    let mut text = String::from_utf8(bytes).map_err(|_| {
-        SecretProblem(format!("secret file {} is not UTF-8 text", path.display()))
-    })?;
+    let mut text = String::from_utf8(bytes)
+        .map_err(|_| SecretProblem(format!("secret file {} is not UTF-8 text", path.display())))?;
     // Editors and `echo` end files with a newline that is not part of the secret.
     let trimmed = text.trim_end_matches(['\n', '\r']).len();
     text.truncate(trimmed);
@@ -287,7 +298,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(secret.expose(), "hunter2-value");
-        for shown in [format!("{secret:?}"), format!("{secret}"), format!("{secret:#?}")] {
+        for shown in [
+            format!("{secret:?}"),
+            format!("{secret}"),
+            format!("{secret:#?}"),
+        ] {
             assert!(!shown.contains("hunter2"), "{shown}");
             assert!(shown.contains("[redacted]"), "{shown}");
         }
@@ -320,7 +335,8 @@ mod tests {
     fn credential_names_cannot_escape_the_directory() {
         let env = |k: &str| (k == CREDENTIALS_DIRECTORY).then(|| "/tmp".to_owned());
         for name in ["../etc/passwd", "a/b", "..", ""] {
-            let err = resolve(SecretSpec::Credential(name.into()), Path::new("."), &env).unwrap_err();
+            let err =
+                resolve(SecretSpec::Credential(name.into()), Path::new("."), &env).unwrap_err();
             assert!(err.0.contains("plain file name"), "{name}: {}", err.0);
         }
     }

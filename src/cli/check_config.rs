@@ -1,0 +1,149 @@
+//! `ehrsync check-config`: validate, then print the resolved plan with secrets redacted.
+
+use std::fmt;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chrono::Utc;
+
+use crate::config::{Account, Config, Loaded, Problem, TokenEndpoint};
+
+pub fn run(path: &Path) -> ExitCode {
+    match super::load_config(path) {
+        Ok(loaded) => {
+            print!("{}", Plan(&loaded));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn human(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// The plan as text. Secrets appear only through their `Display`, which is `[redacted] (origin)`.
+pub struct Plan<'a>(pub &'a Loaded);
+
+impl fmt::Display for Plan<'_> {
+    fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Config {
+            path,
+            env_overrides,
+            agent,
+            accounts,
+        } = &self.0.config;
+        writeln!(out, "config: {}", path.display())?;
+        if !env_overrides.is_empty() {
+            writeln!(out, "environment overrides: {}", env_overrides.join(", "))?;
+        }
+        writeln!(out, "\n[agent]")?;
+        writeln!(out, "  database        {}", agent.database.display())?;
+        writeln!(
+            out,
+            "  metrics_listen  {} (/metrics, /healthz, /readyz)",
+            agent.metrics_listen
+        )?;
+        for account in accounts {
+            render_account(out, account)?;
+        }
+        if !self.0.warnings.is_empty() {
+            writeln!(out, "\nwarnings:")?;
+            for Problem { key, message } in &self.0.warnings {
+                writeln!(out, "  {key}: {message}")?;
+            }
+        }
+        let jobs: usize = accounts.iter().map(|a| a.jobs.len()).sum();
+        writeln!(
+            out,
+            "\nOK: {} account{}, {jobs} job{}",
+            accounts.len(),
+            if accounts.len() == 1 { "" } else { "s" },
+            if jobs == 1 { "" } else { "s" }
+        )
+    }
+}
+
+fn render_account(out: &mut fmt::Formatter<'_>, a: &Account) -> fmt::Result {
+    writeln!(out, "\n[accounts.{}]  vendor {}", a.name, a.vendor)?;
+    let endpoint = match &a.token_endpoint {
+        TokenEndpoint::Url(u) => u.to_string(),
+        other => other.to_string(),
+    };
+    writeln!(out, "  token endpoint  {endpoint}")?;
+    let login = if a.grant.needs_person() {
+        format!(" (once, by a person: `ehrsync login {}`)", a.name)
+    } else {
+        String::new()
+    };
+    writeln!(
+        out,
+        "  grant           {}{login}, then refresh_token while the server issues refresh tokens",
+        a.grant
+    )?;
+    let auth = match a.client_auth {
+        Some(auth) => auth.to_string(),
+        None => "from OpenID discovery (basic if it names none)".to_owned(),
+    };
+    writeln!(out, "  client auth     {auth}")?;
+    writeln!(out, "  client_id       {}", a.client_id)?;
+    if let Some(s) = &a.client_secret {
+        writeln!(out, "  client_secret   {s}")?;
+    }
+    if let Some(u) = &a.username {
+        writeln!(out, "  username        {u}")?;
+    }
+    if let Some(p) = &a.password {
+        writeln!(out, "  password        {p}")?;
+    }
+    if let Some(r) = &a.resource {
+        writeln!(out, "  resource        {r}")?;
+    }
+    if let Some(s) = &a.scope {
+        writeln!(out, "  scope           {s}")?;
+    }
+    let l = &a.lifetimes;
+    let assumed = |d: Option<Duration>| match d {
+        Some(d) => format!("{} unless the server states one", human(d)),
+        None => "as the server states".to_owned(),
+    };
+    writeln!(
+        out,
+        "  access token    lifetime {}",
+        assumed(l.access_token)
+    )?;
+    writeln!(
+        out,
+        "  refresh         at {:.0}% of the lifetime ±5%, at least {} before expiry",
+        l.refresh_ratio * 100.0,
+        human(l.min_lead)
+    )?;
+    writeln!(
+        out,
+        "  refresh token   lifetime {}",
+        assumed(l.refresh_token)
+    )?;
+    if let Some(api) = &a.api_base {
+        writeln!(out, "  api_base        {api}")?;
+    }
+    for h in &a.headers {
+        writeln!(out, "  header          {}: {}", h.name, h.value)?;
+    }
+    let now = Utc::now();
+    for j in &a.jobs {
+        let next = j.schedule.next_after(now).map_or_else(
+            || "never".to_owned(),
+            |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        );
+        writeln!(
+            out,
+            "  job {:<11} {}, {} per page, schedule \"{}\" (next {next})",
+            j.name,
+            j.kind,
+            j.page_size,
+            j.schedule.as_str()
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,375 @@
+//! `ehrsync status [--json]`: each configured account's token state and each job's last and next
+//! run, read from the database without creating or changing it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::process::ExitCode;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::{Account, Config};
+use crate::store::{Store, StoreError, SyncRunRow, TokenStateRow};
+
+pub async fn run(config_path: &Path, json: bool) -> ExitCode {
+    let loaded = match super::load_config(config_path) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let config = &loaded.config;
+    let report = match build(config, Utc::now()).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(super::EXIT_FAILURE);
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: cannot encode the status as JSON: {e}");
+                return ExitCode::from(super::EXIT_FAILURE);
+            }
+        }
+    } else {
+        print!("{report}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// What `status` reports; its JSON form is a stable interface for scripts.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub database: String,
+    pub database_exists: bool,
+    pub schema_version: Option<i64>,
+    pub generated_at: String,
+    #[serde(skip)]
+    now: DateTime<Utc>,
+    pub accounts: Vec<AccountReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AccountReport {
+    pub name: String,
+    /// `None` for an account that has stored state but is no longer in the config.
+    pub vendor: Option<String>,
+    pub configured: bool,
+    /// A lifecycle state (`no_token` when nothing is stored yet).
+    pub state: String,
+    pub stored: bool,
+    pub token_expires_at: Option<String>,
+    pub next_refresh_at: Option<String>,
+    pub refresh_token_expires_at: Option<String>,
+    pub last_error: Option<String>,
+    pub updated_at: Option<String>,
+    pub note: Option<String>,
+    pub jobs: Vec<JobReport>,
+    #[serde(skip)]
+    times: [Option<DateTime<Utc>>; 3],
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobReport {
+    pub name: String,
+    pub kind: String,
+    pub schedule: String,
+    pub next_run: Option<String>,
+    pub last_run: Option<RunReport>,
+    #[serde(skip)]
+    next: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub outcome: String,
+    pub full: bool,
+    pub pages: i64,
+    pub records: i64,
+    pub error: Option<String>,
+    #[serde(skip)]
+    started: Option<DateTime<Utc>>,
+}
+
+fn at(secs: Option<i64>) -> Option<DateTime<Utc>> {
+    secs.and_then(|s| DateTime::from_timestamp(s, 0))
+}
+
+fn rfc3339(t: Option<DateTime<Utc>>) -> Option<String> {
+    t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+/// Gathers the report for `config` at `now`.
+pub async fn build(config: &Config, now: DateTime<Utc>) -> Result<Report, StoreError> {
+    let store = Store::open_read_only(&config.agent.database).await?;
+    let (schema_version, mut tokens, mut runs) = match &store {
+        Some(s) => {
+            let tokens: BTreeMap<String, TokenStateRow> = s
+                .token_states()
+                .await?
+                .into_iter()
+                .map(|t| (t.account.clone(), t))
+                .collect();
+            let runs: BTreeMap<(String, String), SyncRunRow> = s
+                .latest_runs()
+                .await?
+                .into_iter()
+                .map(|r| ((r.account.clone(), r.job.clone()), r))
+                .collect();
+            (Some(s.schema_version().await?), tokens, runs)
+        }
+        None => (None, BTreeMap::new(), BTreeMap::new()),
+    };
+    if let Some(s) = store {
+        s.close().await;
+    }
+    let exists = schema_version.is_some();
+    let mut accounts: Vec<AccountReport> = config
+        .accounts
+        .iter()
+        .map(|a| {
+            account_report(
+                Some(a),
+                a.name.as_str(),
+                tokens.remove(a.name.as_str()),
+                &mut runs,
+                exists,
+                now,
+            )
+        })
+        .collect();
+    // Accounts removed from the config keep their rows; show them so nothing is silently stale.
+    for (name, row) in std::mem::take(&mut tokens) {
+        accounts.push(account_report(
+            None,
+            &name,
+            Some(row),
+            &mut runs,
+            exists,
+            now,
+        ));
+    }
+    Ok(Report {
+        database: config.agent.database.display().to_string(),
+        database_exists: exists,
+        schema_version,
+        generated_at: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        now,
+        accounts,
+    })
+}
+
+fn account_report(
+    account: Option<&Account>,
+    name: &str,
+    row: Option<TokenStateRow>,
+    runs: &mut BTreeMap<(String, String), SyncRunRow>,
+    db_exists: bool,
+    now: DateTime<Utc>,
+) -> AccountReport {
+    let jobs = account
+        .map(|a| {
+            a.jobs
+                .iter()
+                .map(|j| {
+                    let last = runs.remove(&(name.to_owned(), j.name.as_str().to_owned()));
+                    let next = j.schedule.next_after(now);
+                    JobReport {
+                        name: j.name.to_string(),
+                        kind: j.kind.to_string(),
+                        schedule: j.schedule.as_str().to_owned(),
+                        next_run: rfc3339(next),
+                        last_run: last.map(|r| RunReport {
+                            started_at: rfc3339(at(Some(r.started_at))),
+                            finished_at: rfc3339(at(r.finished_at)),
+                            outcome: r.outcome,
+                            full: r.full,
+                            pages: r.pages,
+                            records: r.records,
+                            error: r.error,
+                            started: at(Some(r.started_at)),
+                        }),
+                        next,
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let note = match (&row, account, db_exists) {
+        (_, None, _) => Some("not in the config any more; its stored state is kept".to_owned()),
+        (None, _, false) => {
+            Some("no database yet: the agent has not run with this config".to_owned())
+        }
+        (None, _, true) => {
+            Some("no token stored yet: the agent has not logged in to this account".to_owned())
+        }
+        (Some(_), _, _) => None,
+    };
+    let times = row.as_ref().map_or([None; 3], |r| {
+        [
+            at(r.access_token_expires_at),
+            at(r.next_refresh_at),
+            at(r.refresh_token_expires_at),
+        ]
+    });
+    AccountReport {
+        name: name.to_owned(),
+        vendor: account.map(|a| a.vendor.to_string()),
+        configured: account.is_some(),
+        state: row
+            .as_ref()
+            .map_or_else(|| "no_token".to_owned(), |r| r.state.clone()),
+        stored: row.is_some(),
+        token_expires_at: rfc3339(times[0]),
+        next_refresh_at: rfc3339(times[1]),
+        refresh_token_expires_at: rfc3339(times[2]),
+        last_error: row.as_ref().and_then(|r| r.last_error.clone()),
+        updated_at: rfc3339(row.as_ref().and_then(|r| at(Some(r.updated_at)))),
+        note,
+        jobs,
+        times,
+    }
+}
+
+/// `2026-11-22 06:01:00Z (in 45m)`, or `-`.
+fn when(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+    let Some(t) = t else { return "-".to_owned() };
+    let secs = (t - now).num_seconds();
+    let (n, unit) = match secs.unsigned_abs() {
+        s if s < 120 => (s, "s"),
+        s if s < 120 * 60 => (s / 60, "m"),
+        s if s < 48 * 3600 => (s / 3600, "h"),
+        s => (s / 86400, "d"),
+    };
+    let rel = if secs >= 0 {
+        format!("in {n}{unit}")
+    } else {
+        format!("{n}{unit} ago")
+    };
+    format!("{} ({rel})", t.format("%Y-%m-%d %H:%M:%SZ"))
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table(f: &mut fmt::Formatter<'_>, rows: &[Vec<String>]) -> fmt::Result {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+            }
+        }
+        writeln!(f, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.schema_version {
+            Some(v) => writeln!(f, "database: {} (schema {v})", self.database)?,
+            None => writeln!(f, "database: {} does not exist yet", self.database)?,
+        }
+        if self.accounts.is_empty() {
+            return writeln!(f, "\nno accounts are configured");
+        }
+        let header = [
+            "ACCOUNT",
+            "VENDOR",
+            "STATE",
+            "TOKEN EXPIRES",
+            "NEXT REFRESH",
+            "REFRESH TOKEN EXPIRES",
+        ];
+        let mut rows = vec![header.map(str::to_owned).to_vec()];
+        for a in &self.accounts {
+            rows.push(vec![
+                a.name.clone(),
+                a.vendor.clone().unwrap_or_else(|| "-".to_owned()),
+                a.state.clone(),
+                when(a.times[0], self.now),
+                when(a.times[1], self.now),
+                when(a.times[2], self.now),
+            ]);
+        }
+        writeln!(f)?;
+        table(f, &rows)?;
+        for a in &self.accounts {
+            if let Some(note) = &a.note {
+                writeln!(f, "  {}: {note}", a.name)?;
+            }
+            if let Some(err) = &a.last_error {
+                writeln!(f, "  {}: last error: {err}", a.name)?;
+            }
+        }
+        let header = [
+            "JOB", "SCHEDULE", "LAST RUN", "OUTCOME", "RECORDS", "NEXT RUN",
+        ];
+        let mut rows = vec![header.map(str::to_owned).to_vec()];
+        let mut errors = Vec::new();
+        for a in &self.accounts {
+            for j in &a.jobs {
+                let (last, outcome, records) = match &j.last_run {
+                    Some(r) => {
+                        if let Some(e) = &r.error {
+                            errors.push(format!("  {}/{}: last run failed: {e}", a.name, j.name));
+                        }
+                        (
+                            when(r.started, self.now),
+                            r.outcome.clone(),
+                            r.records.to_string(),
+                        )
+                    }
+                    None => ("never".to_owned(), "-".to_owned(), "-".to_owned()),
+                };
+                rows.push(vec![
+                    format!("{}/{}", a.name, j.name),
+                    j.schedule.clone(),
+                    last,
+                    outcome,
+                    records,
+                    when(j.next, self.now),
+                ]);
+            }
+        }
+        if rows.len() > 1 {
+            writeln!(f)?;
+            table(f, &rows)?;
+            for e in errors {
+                writeln!(f, "{e}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_times_pick_a_readable_unit() {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let plus = |s: i64| Some(now + chrono::Duration::seconds(s));
+        assert!(when(plus(45 * 60), now).ends_with("(in 45m)"));
+        assert!(when(plus(-3 * 3600), now).ends_with("(3h ago)"));
+        assert!(when(plus(14 * 86400), now).ends_with("(in 14d)"));
+        assert!(when(plus(30), now).ends_with("(in 30s)"));
+        assert_eq!(when(None, now), "-");
+    }
+}

@@ -1,0 +1,329 @@
+//! The SQLite store: opening it safely, migrating it, and the queries the rest of the crate runs.
+//!
+//! Invariants kept here: the database file is mode 0600 (SQLite gives its `-wal`/`-shm` files
+//! the same mode) inside a directory created 0700; WAL mode with `synchronous = FULL`, so a
+//! committed write (a rotated refresh token above all) survives a power cut; a busy timeout so
+//! concurrent `ehrsync` processes wait rather than fail; migrations from `migrations/` are
+//! embedded and applied at open, and a database written by a newer ehrsync is refused rather
+//! than touched. Read-only opens (for `status`) never create, migrate or modify anything.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+/// The schema, embedded from `migrations/` at build time.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// How long a statement waits for another process's write lock before failing with "busy".
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// SQLite allows one writer; a few readers beside it are all the agent needs.
+const MAX_CONNECTIONS: u32 = 4;
+
+/// The newest schema version this build knows.
+pub fn supported_schema_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the database directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create the database file {path}: {source}")]
+    CreateFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the database {path}: {source}")]
+    Open { path: PathBuf, source: sqlx::Error },
+    #[error(
+        "the database {path} has schema version {found}, newer than this ehrsync supports \
+         ({supported}); run the newer ehrsync that wrote it, or restore a backup from before the upgrade"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error(
+        "the database {path} has schema version {found}; this ehrsync needs {supported}. \
+         Start the agent (`ehrsync run`) once to upgrade it"
+    )]
+    NeedsMigration {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("cannot migrate the database {path}: {source}")]
+    Migrate {
+        path: PathBuf,
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("database error: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+/// An open database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` for reading and writing, and brings its
+    /// schema up to date.
+    pub async fn open(path: &Path) -> Result<Store, StoreError> {
+        prepare_file(path)?;
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let store = Store::connect(path, options).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Opens an existing database read-only, for inspection. `Ok(None)` when there is no file yet.
+    /// The schema must be exactly the one this build knows.
+    pub async fn open_read_only(path: &Path) -> Result<Option<Store>, StoreError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .read_only(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let store = Store::connect(path, options).await?;
+        let found = store.schema_version().await?;
+        let supported = supported_schema_version();
+        if found > supported {
+            return Err(StoreError::TooNew {
+                path: path.to_owned(),
+                found,
+                supported,
+            });
+        }
+        if found < supported {
+            return Err(StoreError::NeedsMigration {
+                path: path.to_owned(),
+                found,
+                supported,
+            });
+        }
+        Ok(Some(store))
+    }
+
+    async fn connect(path: &Path, options: SqliteConnectOptions) -> Result<Store, StoreError> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Store {
+            pool,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The highest migration applied successfully; 0 for a database ehrsync has never migrated.
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        let has_table: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        if !has_table {
+            return Ok(0);
+        }
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success = 1")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(version.unwrap_or(0))
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let supported = supported_schema_version();
+        let found = self.schema_version().await?;
+        if found > supported {
+            return Err(StoreError::TooNew {
+                path: self.path.clone(),
+                found,
+                supported,
+            });
+        }
+        // Two processes opening a fresh database at once may race to apply the same migration;
+        // the loser fails on "table already exists". Re-reading the version settles it.
+        let mut attempts = 0;
+        loop {
+            match MIGRATOR.run(&self.pool).await {
+                Ok(()) => return Ok(()),
+                Err(source) => {
+                    attempts += 1;
+                    let now = self.schema_version().await?;
+                    if now == supported && attempts < 3 {
+                        continue;
+                    }
+                    return Err(StoreError::Migrate {
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Every stored token state, for `status`. Token columns are not read.
+    pub async fn token_states(&self) -> Result<Vec<TokenStateRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT account, state, access_token_expires_at, next_refresh_at, \
+                    refresh_token_expires_at, last_error, updated_at \
+             FROM token_state ORDER BY account",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TokenStateRow {
+                    account: r.try_get("account")?,
+                    state: r.try_get("state")?,
+                    access_token_expires_at: r.try_get("access_token_expires_at")?,
+                    next_refresh_at: r.try_get("next_refresh_at")?,
+                    refresh_token_expires_at: r.try_get("refresh_token_expires_at")?,
+                    last_error: r.try_get("last_error")?,
+                    updated_at: r.try_get("updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The latest run of every (account, job) that has run at least once.
+    pub async fn latest_runs(&self) -> Result<Vec<SyncRunRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT r.account, r.job, r.full, r.started_at, r.finished_at, r.outcome, r.pages, \
+                    r.records, r.error \
+             FROM sync_runs AS r \
+             JOIN (SELECT max(id) AS id FROM sync_runs GROUP BY account, job) AS latest \
+               ON latest.id = r.id \
+             ORDER BY r.account, r.job",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SyncRunRow {
+                    account: r.try_get("account")?,
+                    job: r.try_get("job")?,
+                    full: r.try_get("full")?,
+                    started_at: r.try_get("started_at")?,
+                    finished_at: r.try_get("finished_at")?,
+                    outcome: r.try_get("outcome")?,
+                    pages: r.try_get("pages")?,
+                    records: r.try_get("records")?,
+                    error: r.try_get("error")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn close(self) {
+        self.pool.close().await;
+    }
+}
+
+/// The operator-visible part of an account's stored token state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenStateRow {
+    pub account: String,
+    pub state: String,
+    pub access_token_expires_at: Option<i64>,
+    pub next_refresh_at: Option<i64>,
+    pub refresh_token_expires_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub updated_at: i64,
+}
+
+/// One row of `sync_runs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncRunRow {
+    pub account: String,
+    pub job: String,
+    pub full: bool,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub outcome: String,
+    pub pages: i64,
+    pub records: i64,
+    pub error: Option<String>,
+}
+
+/// Creates the database's directory (0700) and file (0600) if missing, and tightens an existing
+/// file that others can read. SQLite would create the file with the process umask otherwise.
+fn prepare_file(path: &Path) -> Result<(), StoreError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.exists() {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(dir)
+            .map_err(|source| StoreError::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+    }
+    let create_err = |source| StoreError::CreateFile {
+        path: path.to_owned(),
+        source,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(path).map_err(create_err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = file.metadata().map_err(create_err)?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "database file was readable by other users; setting mode 0600");
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(create_err)?;
+        }
+        if let Ok(dir_meta) = std::fs::metadata(dir) {
+            if dir_meta.uid() != meta.uid() {
+                tracing::warn!(dir = %dir.display(), "database directory is owned by another user than the database file");
+            }
+            if dir_meta.mode() & 0o022 != 0 {
+                tracing::warn!(dir = %dir.display(), "database directory is writable by other users; give ehrsync a directory of its own (mode 0700)");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(file);
+    Ok(())
+}
