@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 /// The vendor an account talks to; chooses the [`Preset`] that fills the account's defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum Vendor {
     Nextech,
     NetHealth,
@@ -60,7 +60,7 @@ impl fmt::Display for Vendor {
 
 /// How an account first obtains tokens (the refresh_token grant follows where tokens allow it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String")]
 pub enum Grant {
     /// Resource owner password credentials (RFC 6749 §4.3): username and password every login.
     Password,
@@ -71,6 +71,12 @@ pub enum Grant {
 }
 
 impl Grant {
+    pub const ALL: [Grant; 3] = [
+        Grant::Password,
+        Grant::ClientCredentials,
+        Grant::AuthorizationCode,
+    ];
+
     /// The `grant_type` form value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -94,7 +100,7 @@ impl fmt::Display for Grant {
 
 /// Where the client's credentials go in a token request (RFC 6749 §2.3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum ClientAuth {
     /// HTTP Basic with `client_id:client_secret` (`client_secret_basic`).
     Basic,
@@ -103,6 +109,8 @@ pub enum ClientAuth {
 }
 
 impl ClientAuth {
+    pub const ALL: [ClientAuth; 2] = [ClientAuth::Basic, ClientAuth::Post];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ClientAuth::Basic => "basic",
@@ -116,6 +124,33 @@ impl fmt::Display for ClientAuth {
         f.write_str(self.as_str())
     }
 }
+
+/// Picks the member of `all` whose config name is `value`, or says which names are allowed.
+/// (Enums deserialize through this rather than serde's derive: the `config` crate words unknown
+/// variants as "enum X does not have variant constructor y", which helps no operator.)
+pub fn one_of<T: Copy>(value: &str, all: &[T], name: fn(T) -> &'static str) -> Result<T, String> {
+    all.iter()
+        .copied()
+        .find(|v| name(*v) == value)
+        .ok_or_else(|| {
+            let names: Vec<String> = all.iter().map(|v| format!("`{}`", name(*v))).collect();
+            format!("`{value}` is not one of {}", names.join(", "))
+        })
+}
+
+macro_rules! config_enum {
+    ($t:ident) => {
+        impl TryFrom<String> for $t {
+            type Error = String;
+            fn try_from(value: String) -> Result<Self, String> {
+                one_of(&value, &$t::ALL, $t::as_str)
+            }
+        }
+    };
+}
+config_enum!(Vendor);
+config_enum!(Grant);
+config_enum!(ClientAuth);
 
 /// Where the token endpoint comes from when the config does not set `token_url`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -88,10 +88,28 @@ pub struct RawJob {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String")]
 pub enum RawJobKind {
     Fhir,
     NikohealthPatients,
+}
+
+impl RawJobKind {
+    const ALL: [RawJobKind; 2] = [RawJobKind::Fhir, RawJobKind::NikohealthPatients];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            RawJobKind::Fhir => "fhir",
+            RawJobKind::NikohealthPatients => "nikohealth_patients",
+        }
+    }
+}
+
+impl TryFrom<String> for RawJobKind {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        crate::vendor::one_of(&value, &RawJobKind::ALL, RawJobKind::as_str)
+    }
 }
 
 /// A duration written as a humantime string (`"90s"`, `"20m"`, `"14d"`) or whole seconds.

@@ -270,7 +270,7 @@ fn resolve_account(
     let before = ctx.problems.len();
 
     let Some(vendor) = raw.vendor else {
-        let vendors: Vec<&str> = Vendor::ALL.iter().map(|v| v.as_str()).collect();
+        let vendors = Vendor::ALL.map(Vendor::as_str);
         ctx.problem(
             &k("vendor"),
             format!("missing; choose one of {}", list(&vendors)),

@@ -1,0 +1,380 @@
+//! Bad configs: each must exit 2, print nothing on stdout, and name the offending key (and the
+//! fix) on stderr — and a config with several problems must list all of them.
+
+mod common;
+
+use common::{ehrsync, write_config};
+
+/// A valid NikoHealth account, to which cases append or in which they substitute.
+const NIKO: &str = r#"
+[accounts.niko]
+vendor = "nikohealth"
+domain = "acme"
+client_id = "ehrsync"
+client_secret = "inline-secret"
+
+[[accounts.niko.jobs]]
+name = "patients"
+kind = "nikohealth_patients"
+schedule = "0 */30 * * * *"
+"#;
+
+struct Case {
+    name: &'static str,
+    config: String,
+    env: Vec<(&'static str, &'static str)>,
+    /// Every string here must appear in stderr.
+    expect: Vec<&'static str>,
+}
+
+fn case(name: &'static str, config: impl Into<String>, expect: &[&'static str]) -> Case {
+    Case {
+        name,
+        config: config.into(),
+        env: Vec::new(),
+        expect: expect.to_vec(),
+    }
+}
+
+fn niko_with(from: &str, to: &str) -> String {
+    assert!(NIKO.contains(from), "{from}");
+    NIKO.replacen(from, to, 1)
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        case(
+            "unknown section",
+            format!("[agnet]\ndatabase = 'x.db'\n{NIKO}"),
+            &["agnet: unknown section; did you mean `agent`?"],
+        ),
+        case(
+            "unknown agent key",
+            format!("[agent]\nmetrics_port = 1\n{NIKO}"),
+            &["agent.metrics_port: unknown key"],
+        ),
+        case(
+            "unknown account key",
+            niko_with("client_id", "client_sercet = 'x'\nclient_id"),
+            &["accounts.niko.client_sercet: unknown key; did you mean `client_secret`?"],
+        ),
+        case(
+            "unknown job key",
+            niko_with("schedule", "shedule = '1'\nschedule"),
+            &["accounts.niko.jobs[0].shedule: unknown key; did you mean `schedule`?"],
+        ),
+        case(
+            "unknown vendor",
+            niko_with("\"nikohealth\"", "\"epic\""),
+            &["accounts.niko.vendor:", "epic", "nikohealth"],
+        ),
+        case(
+            "missing vendor",
+            niko_with("vendor = \"nikohealth\"\n", ""),
+            &["accounts.niko.vendor: missing; choose one of"],
+        ),
+        case(
+            "missing client_id",
+            niko_with("client_id = \"ehrsync\"\n", ""),
+            &["accounts.niko.client_id: missing"],
+        ),
+        case(
+            "client_credentials without secret",
+            niko_with("client_secret = \"inline-secret\"\n", ""),
+            &[
+                "accounts.niko.client_secret: missing; the client_credentials grant authenticates with it",
+            ],
+        ),
+        case(
+            "password grant without username",
+            "[accounts.cc]\nvendor = 'carecentric'\nclient_id = 'c'\nclient_secret = 's'\npassword = 'p'\n",
+            &[
+                "accounts.cc.username: missing; the password grant logs in with username and password",
+            ],
+        ),
+        case(
+            "password grant without password",
+            "[accounts.cc]\nvendor = 'carecentric'\nclient_id = 'c'\nclient_secret = 's'\nusername = 'u'\n",
+            &["accounts.cc.password: missing; the password grant"],
+        ),
+        case(
+            "nikohealth without domain",
+            niko_with("domain = \"acme\"\n", ""),
+            &["accounts.niko.domain: missing; the nikohealth token URL"],
+        ),
+        case(
+            "not a URL",
+            "[accounts.g]\nvendor = 'generic'\ngrant = 'client_credentials'\ntoken_url = 'login example'\nclient_id = 'c'\nclient_secret = 's'\n",
+            &["accounts.g.token_url:", "is not a valid URL"],
+        ),
+        case(
+            "http to a remote host",
+            "[accounts.g]\nvendor = 'generic'\ngrant = 'client_credentials'\ntoken_url = 'http://login.example/token'\nclient_id = 'c'\nclient_secret = 's'\n",
+            &["accounts.g.token_url:", "http://", "use https://"],
+        ),
+        case(
+            "api_base over http",
+            niko_with("domain", "api_base = 'http://10.1.2.3/api'\ndomain"),
+            &["accounts.niko.api_base:", "use https://"],
+        ),
+        case(
+            "bad cron",
+            niko_with("0 */30 * * * *", "*/30 * * * *"),
+            &[
+                "accounts.niko.jobs[0].schedule:",
+                "six fields, seconds first",
+            ],
+        ),
+        case(
+            "duplicate job names",
+            format!(
+                "{NIKO}\n[[accounts.niko.jobs]]\nname = 'patients'\nkind = 'nikohealth_patients'\nschedule = '0 0 * * * *'\n"
+            ),
+            &["accounts.niko.jobs[1].name: duplicate job name `patients` (also jobs[0])"],
+        ),
+        case(
+            "unset env var",
+            niko_with("\"inline-secret\"", "{ env = \"NIKO_SECRET_UNSET\" }"),
+            &["accounts.niko.client_secret: environment variable NIKO_SECRET_UNSET is not set"],
+        ),
+        case(
+            "unreadable secret file",
+            niko_with(
+                "\"inline-secret\"",
+                "{ file = \"/nonexistent/ehrsync/secret\" }",
+            ),
+            &["accounts.niko.client_secret: cannot read secret file /nonexistent/ehrsync/secret"],
+        ),
+        case(
+            "credential outside systemd",
+            niko_with("\"inline-secret\"", "{ credential = \"niko\" }"),
+            &["accounts.niko.client_secret: credential `niko` needs $CREDENTIALS_DIRECTORY"],
+        ),
+        case(
+            "secret as a number",
+            niko_with("\"inline-secret\"", "12345"),
+            &["accounts.niko.client_secret:", "quote it"],
+        ),
+        case(
+            "secret with two sources",
+            niko_with("\"inline-secret\"", "{ env = \"A\", file = \"b\" }"),
+            &[
+                "accounts.niko.client_secret:",
+                "exactly one of `env`, `file` or `credential`",
+            ],
+        ),
+        case(
+            "bad duration",
+            niko_with(
+                "client_id",
+                "refresh_token_lifetime = '14 fortnights'\nclient_id",
+            ),
+            &["accounts.niko.refresh_token_lifetime:", "is not a duration"],
+        ),
+        case(
+            "refresh_ratio out of range",
+            niko_with("client_id", "refresh_ratio = 1.5\nclient_id"),
+            &["accounts.niko.refresh_ratio: 1.5 is outside 0.05–0.95"],
+        ),
+        case(
+            "page_size not a number",
+            niko_with("schedule", "page_size = 'lots'\nschedule"),
+            &["accounts.niko.jobs[0].page_size: expected"],
+        ),
+        case(
+            "page_size too large",
+            niko_with("schedule", "page_size = 5000\nschedule"),
+            &["accounts.niko.jobs[0].page_size: 5000 is outside 1–1000"],
+        ),
+        case(
+            "bad metrics_listen",
+            format!("[agent]\nmetrics_listen = 'localhost'\n{NIKO}"),
+            &["agent.metrics_listen: `localhost` is not an IP address and port"],
+        ),
+        case(
+            "nextech without practice id",
+            "[accounts.nx]\nvendor = 'nextech'\nclient_id = 'c'\nusername = 'u'\npassword = 'p'\n",
+            &[
+                "accounts.nx.practice_id: missing; every API call carries it as the nx-practice-id header",
+            ],
+        ),
+        case(
+            "job without api_base",
+            "[accounts.g]\nvendor = 'generic'\ngrant = 'client_credentials'\ntoken_url = 'https://x.example/t'\nclient_id = 'c'\nclient_secret = 's'\n[[accounts.g.jobs]]\nname = 'p'\nkind = 'fhir'\nschedule = '0 0 * * * *'\n",
+            &["accounts.g.api_base: missing; jobs call the vendor API"],
+        ),
+        case(
+            "invalid account name",
+            NIKO.replace("accounts.niko", "accounts.NikoMain"),
+            &["accounts.NikoMain: `NikoMain` is not a valid name"],
+        ),
+        case(
+            "TOML syntax",
+            format!("{NIKO}\n[agent\n"),
+            &["TOML syntax error at line 13"],
+        ),
+        case(
+            "unknown client_auth",
+            niko_with("client_id", "client_auth = 'jwt'\nclient_id"),
+            &["accounts.niko.client_auth:", "jwt", "basic"],
+        ),
+        case(
+            "authorization header",
+            niko_with(
+                "client_id",
+                "headers = { Authorization = 'Bearer x' }\nclient_id",
+            ),
+            &["accounts.niko.headers.Authorization: is set by ehrsync from the account's token"],
+        ),
+        case(
+            "resource on a nikohealth job",
+            niko_with("schedule", "resource = 'Patient'\nschedule"),
+            &["accounts.niko.jobs[0].resource: applies only to kind = \"fhir\""],
+        ),
+        case(
+            "nethealth without issuer",
+            "[accounts.nh]\nvendor = 'nethealth'\nclient_id = 'c'\n",
+            &[
+                "accounts.nh.issuer: missing; nethealth accounts find their token endpoint by OpenID discovery",
+            ],
+        ),
+        case(
+            "generic without grant",
+            "[accounts.g]\nvendor = 'generic'\ntoken_url = 'https://x.example/t'\nclient_id = 'c'\n",
+            &["accounts.g.grant: missing"],
+        ),
+        Case {
+            name: "bad environment override",
+            config: NIKO.to_owned(),
+            env: vec![("EHRSYNC__AGENT__METRICS_LISTEN", "nope")],
+            expect: vec!["agent.metrics_listen: `nope` is not an IP address and port"],
+        },
+    ]
+}
+
+#[test]
+fn every_bad_config_exits_2_and_names_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = cases();
+    assert!(cases.len() >= 15);
+    let mut failures = Vec::new();
+    for c in &cases {
+        let path = write_config(dir.path(), &c.config);
+        let run = ehrsync(
+            &["check-config", "--config", path.to_str().unwrap()],
+            &c.env,
+        );
+        let missing: Vec<_> = c
+            .expect
+            .iter()
+            .filter(|e| !run.stderr.contains(*e))
+            .collect();
+        if run.code != Some(2) || !run.stdout.is_empty() || !missing.is_empty() {
+            failures.push(format!(
+                "case `{}`: exit {:?}, missing {missing:?}\nstderr: {}\nstdout: {}",
+                c.name, run.code, run.stderr, run.stdout
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn all_problems_are_listed_not_just_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[agent]\nmetrics_listen = 'x'\n{}\n[accounts.cc]\nvendor = 'carecentric'\nclient_id = 'c'\nclient_secret = {{ env = 'CC_UNSET' }}\nbogus = 1\n",
+        niko_with("0 */30 * * * *", "not cron")
+    );
+    let path = write_config(dir.path(), &config);
+    let run = ehrsync(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    for key in [
+        "agent.metrics_listen:",
+        "accounts.niko.jobs[0].schedule:",
+        "accounts.cc.client_secret:",
+        "accounts.cc.bogus:",
+        "accounts.cc.username:",
+        "accounts.cc.password:",
+    ] {
+        assert!(
+            run.stderr.contains(key),
+            "missing {key} in:\n{}",
+            run.stderr
+        );
+    }
+    assert!(run.stderr.contains("6 problems"), "{}", run.stderr);
+}
+
+#[test]
+fn a_missing_config_file_exits_2_naming_it() {
+    let run = ehrsync(
+        &["check-config", "--config", "/nonexistent/ehrsync.toml"],
+        &[],
+    );
+    assert_eq!(run.code, Some(2));
+    assert!(
+        run.stderr.contains("/nonexistent/ehrsync.toml"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("cannot read the config file"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn the_config_path_comes_from_ehrsync_config_when_no_flag_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), NIKO);
+    let run = ehrsync(
+        &["check-config"],
+        &[("EHRSYNC_CONFIG", path.to_str().unwrap())],
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.contains(&format!("config: {}", path.display())),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn the_shipped_example_passes_with_its_documented_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("niko-secret"), "niko-example-secret\n").unwrap();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/ehrsync.toml");
+    let secrets = [
+        ("NEXTECH_CLIENT_SECRET", "nextech-example-secret"),
+        ("NEXTECH_PASSWORD", "nextech-example-password"),
+        ("CC_SECRET", "cc-example-secret"),
+        ("CC_PASSWORD", "cc-example-password"),
+    ];
+    let mut env = secrets.to_vec();
+    env.push(("CREDENTIALS_DIRECTORY", dir.path().to_str().unwrap()));
+    let run = ehrsync(&["check-config", "--config", example], &env);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("OK: 4 accounts, 3 jobs"),
+        "{}",
+        run.stdout
+    );
+    for vendor in ["nextech", "nethealth", "carecentric", "nikohealth"] {
+        assert!(run.stdout.contains(&format!("vendor {vendor}")), "{vendor}");
+    }
+    for (_, secret) in secrets {
+        assert!(
+            !run.stdout.contains(secret) && !run.stderr.contains(secret),
+            "{secret} leaked"
+        );
+    }
+    assert!(!run.stdout.contains("niko-example-secret"));
+}

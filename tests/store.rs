@@ -1,0 +1,352 @@
+//! The SQLite store: migrations are idempotent, files are private, newer schemas are refused,
+//! and `status` reads a database without creating or changing it.
+
+mod common;
+
+use std::path::Path;
+
+use common::{ehrsync, write_config};
+use ehrsync::store::{self, Store, StoreError};
+
+async fn migration_rows(store: &Store) -> Vec<(i64, Vec<u8>)> {
+    sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations ORDER BY version")
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ehrsync.db");
+    let first = Store::open(&path).await.unwrap();
+    let applied = migration_rows(&first).await;
+    assert_eq!(applied.len(), store::MIGRATOR.iter().count());
+    assert_eq!(
+        first.schema_version().await.unwrap(),
+        store::supported_schema_version()
+    );
+    sqlx::query(
+        "INSERT INTO sync_state (account, job, watermark, updated_at) VALUES ('a', 'j', 'w', 1)",
+    )
+    .execute(first.pool())
+    .await
+    .unwrap();
+    first.close().await;
+
+    for _ in 0..2 {
+        let again = Store::open(&path).await.unwrap();
+        assert_eq!(
+            migration_rows(&again).await,
+            applied,
+            "re-opening must apply nothing new"
+        );
+        let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_state")
+            .fetch_one(again.pool())
+            .await
+            .unwrap();
+        assert_eq!(kept, 1, "re-opening must not touch data");
+        again.close().await;
+    }
+}
+
+#[tokio::test]
+async fn the_database_uses_wal_and_a_busy_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("e.db")).await.unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let timeout: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(timeout, store::BUSY_TIMEOUT.as_millis() as i64);
+    let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(sync, 2, "synchronous = FULL");
+}
+
+#[cfg(unix)]
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn files_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state").join("nested");
+    let path = state.join("ehrsync.db");
+    let store = Store::open(&path).await.unwrap();
+    // Force a write so the WAL exists.
+    sqlx::query("INSERT INTO sync_state (account, job, updated_at) VALUES ('a', 'j', 1)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(mode(&path), 0o600, "database file");
+    let wal = path.with_extension("db-wal");
+    assert!(wal.exists());
+    assert_eq!(mode(&wal), 0o600, "WAL file");
+    assert_eq!(mode(&state), 0o700, "created directory");
+    store.close().await;
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn an_existing_readable_database_is_tightened() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ehrsync.db");
+    std::fs::write(&path, b"").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    Store::open(&path).await.unwrap().close().await;
+    assert_eq!(mode(&path), 0o600);
+}
+
+async fn make_newer(path: &Path) {
+    let store = Store::open(path).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'from the future', 1, x'00', 0)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_database_from_a_newer_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ehrsync.db");
+    make_newer(&path).await;
+    let err = Store::open(&path).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::TooNew { found: 9999, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("newer than this ehrsync supports"),
+        "{err}"
+    );
+    let err = Store::open_read_only(&path).await.unwrap_err();
+    assert!(matches!(err, StoreError::TooNew { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn the_patients_view_flattens_fhir_patients() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("e.db")).await.unwrap();
+    let patient = r#"{"resourceType":"Patient","id":"p1","gender":"female","birthDate":"1980-02-03",
+        "name":[{"use":"nickname","given":["Jo"]},{"use":"official","family":"Smith","given":["Joanna","Q"]}]}"#;
+    let unnamed = r#"{"resourceType":"Patient","id":"p2"}"#;
+    let other = r#"{"resourceType":"Encounter","id":"e1"}"#;
+    for (rt, id, data) in [
+        ("Patient", "p1", patient),
+        ("Patient", "p2", unnamed),
+        ("Encounter", "e1", other),
+    ] {
+        sqlx::query(
+            "INSERT INTO resources (account, resource_type, id, last_updated, data, synced_at) \
+             VALUES ('a', ?, ?, '2026-01-01T00:00:00Z', ?, 1)",
+        )
+        .bind(rt)
+        .bind(id)
+        .bind(data)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+    type Row = (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT account, id, family, given, birth_date, gender FROM patients ORDER BY id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "a".into(),
+                "p1".into(),
+                Some("Smith".into()),
+                Some("Joanna Q".into()),
+                Some("1980-02-03".into()),
+                Some("female".into())
+            ),
+            ("a".into(), "p2".into(), None, None, None, None),
+        ]
+    );
+}
+
+const TWO_ACCOUNTS: &str = r#"
+[agent]
+database = "db/ehrsync.db"
+
+[accounts.niko]
+vendor = "nikohealth"
+domain = "acme"
+client_id = "ehrsync"
+client_secret = { env = "NIKO_SECRET" }
+
+[[accounts.niko.jobs]]
+name = "patients"
+kind = "nikohealth_patients"
+schedule = "0 */30 * * * *"
+
+[accounts.cc]
+vendor = "carecentric"
+client_id = "FHIRUser"
+client_secret = { env = "NIKO_SECRET" }
+username = "u"
+password = { env = "NIKO_SECRET" }
+"#;
+
+const ENV: [(&str, &str); 1] = [("NIKO_SECRET", "status-secret-31d7")];
+
+#[test]
+fn status_without_a_database_says_so_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TWO_ACCOUNTS);
+    let run = ehrsync(&["status", "--config", config.to_str().unwrap()], &ENV);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stdout.contains("does not exist yet"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("niko: no database yet"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("cc: no database yet"), "{}", run.stdout);
+    assert!(
+        !dir.path().join("db").exists(),
+        "status must not create the database"
+    );
+}
+
+#[tokio::test]
+async fn status_on_an_empty_database_reports_each_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TWO_ACCOUNTS);
+    let db = dir.path().join("db/ehrsync.db");
+    Store::open(&db).await.unwrap().close().await;
+    let before = std::fs::read(&db).unwrap();
+
+    let run = ehrsync(&["status", "--config", config.to_str().unwrap()], &ENV);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    for account in ["niko", "cc"] {
+        assert!(
+            run.stdout
+                .contains(&format!("{account}: no token stored yet")),
+            "{account}:\n{}",
+            run.stdout
+        );
+    }
+    assert!(run.stdout.contains("niko/patients"), "{}", run.stdout);
+    assert!(run.stdout.contains("never"), "{}", run.stdout);
+
+    let run = ehrsync(
+        &["status", "--json", "--config", config.to_str().unwrap()],
+        &ENV,
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["database_exists"], true);
+    assert_eq!(report["schema_version"], store::supported_schema_version());
+    let accounts = report["accounts"].as_array().unwrap();
+    assert_eq!(accounts.len(), 2);
+    for a in accounts {
+        assert_eq!(a["state"], "no_token");
+        assert_eq!(a["stored"], false);
+    }
+    let niko = accounts.iter().find(|a| a["name"] == "niko").unwrap();
+    assert_eq!(niko["jobs"][0]["name"], "patients");
+    assert!(niko["jobs"][0]["last_run"].is_null());
+    assert!(niko["jobs"][0]["next_run"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        before,
+        "status must not write to the database"
+    );
+}
+
+#[tokio::test]
+async fn status_shows_stored_token_state_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TWO_ACCOUNTS);
+    let store = Store::open(&dir.path().join("db/ehrsync.db"))
+        .await
+        .unwrap();
+    let now = chrono::Utc::now().timestamp();
+    sqlx::query(
+        "INSERT INTO token_state (account, state, access_token_expires_at, next_refresh_at, \
+         refresh_token_expires_at, last_error, updated_at) VALUES \
+         ('niko', 'valid', ?, ?, NULL, NULL, ?), ('gone', 'needs_login', NULL, NULL, NULL, 'invalid_client', ?)",
+    )
+    // +30 s keeps the floor-rounded "in 20m"/"in 15m" true however slowly the test runs.
+    .bind(now + 1200 + 30)
+    .bind(now + 900 + 30)
+    .bind(now)
+    .bind(now)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO sync_runs (account, job, started_at, finished_at, outcome, pages, records) \
+         VALUES ('niko', 'patients', ?, ?, 'success', 3, 250)",
+    )
+    .bind(now - 60)
+    .bind(now - 50)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    store.close().await;
+
+    let run = ehrsync(&["status", "--config", config.to_str().unwrap()], &ENV);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let line = run.stdout.lines().find(|l| l.starts_with("niko ")).unwrap();
+    assert!(
+        line.contains("valid") && line.contains("(in 20m)") && line.contains("(in 15m)"),
+        "{line}"
+    );
+    let job = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("niko/patients"))
+        .unwrap();
+    assert!(job.contains("success") && job.contains("250"), "{job}");
+    assert!(
+        run.stdout.contains("gone: not in the config any more"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("gone: last error: invalid_client"),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains("status-secret-31d7"));
+}
+
+#[tokio::test]
+async fn status_refuses_a_newer_database_with_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TWO_ACCOUNTS);
+    make_newer(&dir.path().join("db/ehrsync.db")).await;
+    let run = ehrsync(&["status", "--config", config.to_str().unwrap()], &ENV);
+    assert_eq!(run.code, Some(1), "{}", run.stdout);
+    assert!(run.stderr.contains("schema version 9999"), "{}", run.stderr);
+}
