@@ -347,21 +347,40 @@ fn the_config_path_comes_from_ehrsync_config_when_no_flag_is_given() {
     );
 }
 
+/// `config/example.env` as (name, value) pairs, exactly what the README's run command sources.
+fn example_env() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.env"))
+        .unwrap();
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap();
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
 #[test]
 fn the_shipped_example_passes_with_its_documented_variables() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("niko-secret"), "niko-example-secret\n").unwrap();
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/ehrsync.toml");
-    let secrets = [
-        ("NEXTECH_CLIENT_SECRET", "nextech-example-secret"),
-        ("NEXTECH_PASSWORD", "nextech-example-password"),
-        ("CC_SECRET", "cc-example-secret"),
-        ("CC_PASSWORD", "cc-example-password"),
-    ];
-    let mut env = secrets.to_vec();
-    env.push(("CREDENTIALS_DIRECTORY", dir.path().to_str().unwrap()));
-    let run = ehrsync(&["check-config", "--config", example], &env);
+    // Run from the crate root, as the README does, so the relative CREDENTIALS_DIRECTORY resolves.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let vars = example_env();
+    let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ehrsync"))
+        .current_dir(root)
+        .env_clear()
+        .envs(env.iter().copied())
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let run = common::Run::from(out);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("config: config/ehrsync.toml"),
+        "{}",
+        run.stdout
+    );
     assert!(
         run.stdout.contains("OK: 4 accounts, 3 jobs"),
         "{}",
@@ -370,11 +389,19 @@ fn the_shipped_example_passes_with_its_documented_variables() {
     for vendor in ["nextech", "nethealth", "carecentric", "nikohealth"] {
         assert!(run.stdout.contains(&format!("vendor {vendor}")), "{vendor}");
     }
-    for (_, secret) in secrets {
+    let credential =
+        std::fs::read_to_string(format!("{root}/config/example-credentials/niko-secret")).unwrap();
+    let mut secrets: Vec<&str> = vars
+        .iter()
+        .filter(|(k, _)| k != "CREDENTIALS_DIRECTORY")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    secrets.push(credential.trim());
+    assert_eq!(secrets.len(), 5);
+    for secret in secrets {
         assert!(
             !run.stdout.contains(secret) && !run.stderr.contains(secret),
             "{secret} leaked"
         );
     }
-    assert!(!run.stdout.contains("niko-example-secret"));
 }
