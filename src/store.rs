@@ -10,9 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use sqlx::SqlitePool;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
 
 /// The schema, embedded from `migrations/` at build time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -195,31 +195,18 @@ impl Store {
 
     /// Every stored token state, for `status`. Token columns are not read.
     pub async fn token_states(&self) -> Result<Vec<TokenStateRow>, StoreError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT account, state, access_token_expires_at, next_refresh_at, \
                     refresh_token_expires_at, last_error, updated_at \
              FROM token_state ORDER BY account",
         )
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(TokenStateRow {
-                    account: r.try_get("account")?,
-                    state: r.try_get("state")?,
-                    access_token_expires_at: r.try_get("access_token_expires_at")?,
-                    next_refresh_at: r.try_get("next_refresh_at")?,
-                    refresh_token_expires_at: r.try_get("refresh_token_expires_at")?,
-                    last_error: r.try_get("last_error")?,
-                    updated_at: r.try_get("updated_at")?,
-                })
-            })
-            .collect()
+        .await?)
     }
 
     /// The latest run of every (account, job) that has run at least once.
     pub async fn latest_runs(&self) -> Result<Vec<SyncRunRow>, StoreError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT r.account, r.job, r.full, r.started_at, r.finished_at, r.outcome, r.pages, \
                     r.records, r.error \
              FROM sync_runs AS r \
@@ -228,22 +215,7 @@ impl Store {
              ORDER BY r.account, r.job",
         )
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(SyncRunRow {
-                    account: r.try_get("account")?,
-                    job: r.try_get("job")?,
-                    full: r.try_get("full")?,
-                    started_at: r.try_get("started_at")?,
-                    finished_at: r.try_get("finished_at")?,
-                    outcome: r.try_get("outcome")?,
-                    pages: r.try_get("pages")?,
-                    records: r.try_get("records")?,
-                    error: r.try_get("error")?,
-                })
-            })
-            .collect()
+        .await?)
     }
 
     pub async fn close(self) {
@@ -252,7 +224,7 @@ impl Store {
 }
 
 /// The operator-visible part of an account's stored token state.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct TokenStateRow {
     pub account: String,
     pub state: String,
@@ -264,7 +236,7 @@ pub struct TokenStateRow {
 }
 
 /// One row of `sync_runs`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct SyncRunRow {
     pub account: String,
     pub job: String,

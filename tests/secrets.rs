@@ -18,6 +18,15 @@ struct Setup {
     env: Vec<(String, String)>,
 }
 
+impl Setup {
+    fn env_pairs(&self) -> Vec<(&str, &str)> {
+        self.env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+}
+
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let creds = dir.path().join("credentials");
@@ -134,28 +143,13 @@ fn no_secret_appears_in_debug_output() {
 #[test]
 fn no_secret_appears_in_check_config_output() {
     let s = setup();
-    let env: Vec<(&str, &str)> = s
-        .env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let env = s.env_pairs();
     let run = ehrsync(
         &["check-config", "--config", s.config.to_str().unwrap()],
         &env,
     );
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    for secret in ALL {
-        assert!(
-            !run.stdout.contains(secret),
-            "{secret} in stdout:\n{}",
-            run.stdout
-        );
-        assert!(
-            !run.stderr.contains(secret),
-            "{secret} in stderr:\n{}",
-            run.stderr
-        );
-    }
+    run.assert_absent(&ALL);
     assert_eq!(
         run.stdout.matches("[redacted]").count(),
         4,
@@ -188,11 +182,7 @@ fn no_secret_appears_when_the_config_is_invalid() {
     let text =
         std::fs::read_to_string(&s.config).unwrap() + "\n[accounts.bad]\nvendor = 'nextech'\n";
     std::fs::write(&s.config, text).unwrap();
-    let env: Vec<(&str, &str)> = s
-        .env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let env = s.env_pairs();
     let run = ehrsync(
         &[
             "--log-format",
@@ -204,11 +194,5 @@ fn no_secret_appears_when_the_config_is_invalid() {
         &env,
     );
     assert_eq!(run.code, Some(2));
-    for secret in ALL {
-        assert!(
-            !run.stdout.contains(secret) && !run.stderr.contains(secret),
-            "{secret} leaked:\n{}",
-            run.stderr
-        );
-    }
+    run.assert_absent(&ALL);
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use crate::config::{Account, Config, Loaded, Problem, TokenEndpoint};
+use crate::config::{Account, Config, Loaded, Problem};
 
 pub fn run(path: &Path) -> ExitCode {
     match super::load_config(path) {
@@ -67,11 +67,7 @@ impl fmt::Display for Plan<'_> {
 
 fn render_account(out: &mut fmt::Formatter<'_>, a: &Account) -> fmt::Result {
     writeln!(out, "\n[accounts.{}]  vendor {}", a.name, a.vendor)?;
-    let endpoint = match &a.token_endpoint {
-        TokenEndpoint::Url(u) => u.to_string(),
-        other => other.to_string(),
-    };
-    writeln!(out, "  token endpoint  {endpoint}")?;
+    writeln!(out, "  token endpoint  {}", a.token_endpoint)?;
     let login = if a.grant.needs_person() {
         format!(" (once, by a person: `ehrsync login {}`)", a.name)
     } else {

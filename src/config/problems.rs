@@ -107,39 +107,58 @@ pub fn parse_section<T: DeserializeOwned>(
     }
 }
 
-/// Words a deserialization error for an operator: the `config` crate's messages carry the
-/// origin and key again ("for key `x` in y"), which the problem's own key path already says.
+/// Words a deserialization error for an operator: "expected X, found <kind>". The value itself
+/// is never repeated (a misplaced value can be a secret), and the `config` crate's "for key `x`
+/// in y" is dropped because the problem's own key path says it.
 fn describe(e: &config::ConfigError) -> String {
-    let text = match e {
+    match e {
         config::ConfigError::Type {
             unexpected,
             expected,
             ..
         } => {
-            format!("expected {expected}, found {}", shape(unexpected))
+            format!(
+                "expected {expected}, found {}",
+                shape(&unexpected.to_string())
+            )
         }
-        config::ConfigError::At { error, .. } => return describe(error),
-        other => other.to_string(),
-    };
-    text.replace("invalid type: ", "expected ")
+        config::ConfigError::At { error, .. } => describe(error),
+        other => {
+            let text = other.to_string();
+            // serde's own wording: "invalid type: string \"…\", expected a table".
+            let parsed = ["invalid type: ", "invalid value: "]
+                .iter()
+                .find_map(|p| text.strip_prefix(p))
+                .and_then(|rest| rest.rsplit_once(", expected "));
+            match parsed {
+                // A derived struct names itself ("struct RawAccount"); operators know a table.
+                Some((found, expected)) if expected.starts_with("struct ") => {
+                    format!("expected a table of keys, found {}", shape(found))
+                }
+                Some((found, expected)) => format!("expected {expected}, found {}", shape(found)),
+                None => text,
+            }
+        }
+    }
 }
 
-/// The kind of a wrong value, not the value: a misplaced value can be a secret. The `config`
-/// crate does not export its `Unexpected` type, so the kind is read off its `Display` prefix.
-fn shape(unexpected: &impl fmt::Display) -> &'static str {
-    let text = unexpected.to_string();
+/// The kind of a value from its description ("string \"…\"", "64-bit integer `5`", "map", …),
+/// without the value.
+fn shape(described: &str) -> &'static str {
     let kinds = [
         ("boolean", "a boolean"),
+        ("integer", "an integer"),
         ("floating", "a number"),
         ("string", "a string"),
+        ("char", "a string"),
         ("unit", "nothing"),
         ("sequence", "a list"),
         ("map", "a table"),
     ];
     kinds
         .iter()
-        .find(|(prefix, _)| text.starts_with(prefix))
-        .map_or("an integer", |(_, kind)| kind)
+        .find(|(word, _)| described.contains(word))
+        .map_or("a value of another kind", |(_, kind)| kind)
 }
 
 /// Formats names as `` `a`, `b` or `c` ``.

@@ -21,6 +21,24 @@ impl From<Output> for Run {
     }
 }
 
+impl Run {
+    /// Panics naming the first of `secrets` found in stdout or stderr.
+    pub fn assert_absent(&self, secrets: &[&str]) {
+        for secret in secrets {
+            assert!(
+                !self.stdout.contains(secret),
+                "{secret} in stdout:\n{}",
+                self.stdout
+            );
+            assert!(
+                !self.stderr.contains(secret),
+                "{secret} in stderr:\n{}",
+                self.stderr
+            );
+        }
+    }
+}
+
 /// Runs `ehrsync ARGS` with only `env` in its environment (nothing leaks in from the host).
 pub fn ehrsync(args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ehrsync"));
