@@ -243,6 +243,15 @@ fn cases() -> Vec<Case> {
             "[accounts.g]\nvendor = 'generic'\ntoken_url = 'https://x.example/t'\nclient_id = 'c'\n",
             &["accounts.g.grant: missing"],
         ),
+        // Reported once, at its own key: no follow-on token_url/api_base problems.
+        case(
+            "invalid domain",
+            niko_with("domain = \"acme\"", "domain = \"a/b\""),
+            &[
+                "accounts.niko.domain: `a/b` is not a sub-domain name",
+                ": 1 problem",
+            ],
+        ),
         case(
             "account written as a string",
             format!("{NIKO}\n[accounts]\ncc = 'looks-like-a-secret-4e1b'\n"),

@@ -47,6 +47,11 @@ impl<'a> Ctx<'a> {
         self.problems.push(Problem::new(key, message));
     }
 
+    /// Whether `key` already has a problem (so a follow-on one would only repeat it).
+    fn has_problem(&self, key: &str) -> bool {
+        self.problems.iter().any(|p| p.key == key)
+    }
+
     fn warn(&mut self, key: &str, message: impl Into<String>) {
         self.warnings.push(Problem::new(key, message));
     }
@@ -304,9 +309,17 @@ fn resolve_account(
             );
         }
     }
+    // Only valid values fill templates, so a bad one is reported once, at its own key.
     let vars = TemplateVars {
-        tenant: raw.tenant.as_deref().or(preset.tenant),
-        domain: raw.domain.as_deref(),
+        tenant: raw
+            .tenant
+            .as_deref()
+            .filter(|_| !ctx.has_problem(&k("tenant")))
+            .or(preset.tenant),
+        domain: raw
+            .domain
+            .as_deref()
+            .filter(|_| !ctx.has_problem(&k("domain"))),
     };
 
     // Token endpoint: token_url, then issuer (discovery), then the preset.
@@ -340,6 +353,7 @@ fn resolve_account(
                     .map(TokenEndpoint::Url)
                     .map_err(|e| ctx.problem(&k("token_url"), e))
                     .ok(),
+                Err(var) if ctx.has_problem(&k(var)) => None,
                 Err(var) => {
                     ctx.problem(
                         &k(var),
@@ -406,7 +420,7 @@ fn resolve_account(
     let client_secret = raw
         .client_secret
         .and_then(|s| ctx.secret(&k("client_secret"), s));
-    let secret_given = ctx.problems.iter().any(|p| p.key == k("client_secret"));
+    let secret_given = ctx.has_problem(&k("client_secret"));
     if client_secret.is_none() && !secret_given {
         let why = if grant == Grant::ClientCredentials {
             Some("the client_credentials grant authenticates with it".to_owned())
@@ -434,7 +448,7 @@ fn resolve_account(
                 "missing; the password grant logs in with username and password",
             );
         }
-        if password.is_none() && !ctx.problems.iter().any(|p| p.key == k("password")) {
+        if password.is_none() && !ctx.has_problem(&k("password")) {
             ctx.problem(
                 &k("password"),
                 "missing; the password grant logs in with username and password",
@@ -517,10 +531,9 @@ fn resolve_account(
     );
 
     let jobs = resolve_jobs(key, raw.jobs, ctx);
-    if !jobs.is_empty()
-        && api_base.is_none()
-        && !ctx.problems.iter().any(|p| p.key == k("api_base"))
-    {
+    let follow_on = ctx.has_problem(&k("api_base"))
+        || (uses_var(api_template, "domain") && ctx.has_problem(&k("domain")));
+    if !jobs.is_empty() && api_base.is_none() && !follow_on {
         let hint = if uses_var(api_template, "domain") {
             " (or domain)"
         } else {
