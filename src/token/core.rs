@@ -1,0 +1,632 @@
+//! The token lifecycle of one account as a pure state machine: `(state, now, event) → (state,
+//! actions)`. It owns every timing and error rule of DESIGN.md §2 and performs no I/O: the shell
+//! feeds it events (a timer fired, a response arrived, an API call saw 401) with the current
+//! time, and performs the [`Output`] — send this token request, persist, wake me at T.
+//!
+//! Rules, in one place:
+//! - refresh at `issued + ratio × lifetime ± jitter × lifetime`, never later than
+//!   `min(min_lead, lifetime / 2)` before expiry;
+//! - prefer the refresh token while it is not expired (or about to be); otherwise log in again
+//!   with the primary grant, or wait in `needs_login` when that grant needs a person;
+//! - transient failures back off exponentially (full jitter, capped); 429 waits `Retry-After`;
+//! - errors only a person can fix park the account in `needs_login`, retried at most once per
+//!   `login_retry` — bad passwords are never retried in a loop (Azure AD locks accounts);
+//! - a failing refresh never withdraws a token that has not expired;
+//! - one request at a time; a 401 forces at most one refresh per token.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use super::Timestamp;
+use super::response::{OAuthError, TokenResponse, access_expiry};
+use crate::config::Account;
+use crate::vendor::Grant;
+
+/// Timing policy of one account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// The grant that logs in from nothing.
+    pub grant: Grant,
+    /// Lifetime assumed when a response states none.
+    pub access_default: Option<Duration>,
+    /// Refresh-token lifetime assumed when a response states none.
+    pub refresh_default: Option<Duration>,
+    pub refresh_ratio: f64,
+    /// ± this fraction of the lifetime, so many accounts do not refresh in one burst.
+    pub jitter_ratio: f64,
+    pub min_lead: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// How often an account in `needs_login` tries its primary grant again.
+    pub login_retry: Duration,
+    /// The longest `Retry-After` honoured.
+    pub retry_after_cap: Duration,
+    /// Lifetime used when neither the response nor the preset states one.
+    pub fallback_lifetime: Duration,
+}
+
+impl Policy {
+    pub const JITTER_RATIO: f64 = 0.05;
+    pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+    pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
+    pub const LOGIN_RETRY: Duration = Duration::from_secs(3600);
+    pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
+    pub const FALLBACK_LIFETIME: Duration = Duration::from_secs(300);
+
+    pub fn for_account(account: &Account) -> Policy {
+        let l = &account.lifetimes;
+        Policy {
+            grant: account.grant,
+            access_default: l.access_token,
+            refresh_default: l.refresh_token,
+            refresh_ratio: l.refresh_ratio,
+            jitter_ratio: Self::JITTER_RATIO,
+            min_lead: l.min_lead,
+            backoff_base: Self::BACKOFF_BASE,
+            backoff_cap: Self::BACKOFF_CAP,
+            login_retry: Self::LOGIN_RETRY,
+            retry_after_cap: Self::RETRY_AFTER_CAP,
+            fallback_lifetime: Self::FALLBACK_LIFETIME,
+        }
+    }
+
+    /// The longest a transient failure's `attempt`-th retry waits: `base × 2^(attempt-1)`, capped.
+    pub fn backoff_ceiling(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(30));
+        self.backoff_base
+            .saturating_mul(factor)
+            .min(self.backoff_cap)
+    }
+}
+
+/// The account's current tokens.
+#[derive(Clone)]
+pub struct Tokens {
+    pub access_token: SecretString,
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub refresh: Option<RefreshToken>,
+    /// Bumped on every new access token (a 401 names the generation it saw).
+    pub generation: u64,
+}
+
+#[derive(Clone)]
+pub struct RefreshToken {
+    pub token: SecretString,
+    pub issued_at: Timestamp,
+    /// `None`: unknown, assumed alive until the server says `invalid_grant`.
+    pub expires_at: Option<Timestamp>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("issued_at", &self.issued_at)
+            .field("expires_at", &self.expires_at)
+            .field(
+                "refresh_expires_at",
+                &self.refresh.as_ref().map(|r| r.expires_at),
+            )
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A token request to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Log in with the primary grant.
+    Login(Grant),
+    /// Use the refresh token.
+    Refresh,
+}
+
+impl Request {
+    /// The `grant` label of `ehrsync_token_requests_total`.
+    pub fn grant_label(self) -> &'static str {
+        match self {
+            Request::Login(g) => g.as_str(),
+            Request::Refresh => "refresh_token",
+        }
+    }
+}
+
+/// What came back instead of tokens.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// No usable answer: connection error, timeout, HTTP 5xx or 408, or a body that is not the
+    /// JSON RFC 6749 promises.
+    Transient { reason: String },
+    /// HTTP 429.
+    RateLimited { retry_after: Option<Duration> },
+    /// An error answer (4xx) with its RFC 6749 error code.
+    OAuth { status: u16, error: OAuthError },
+}
+
+/// An input to the state machine.
+#[derive(Debug)]
+pub enum Event {
+    /// The owner started (after restoring any stored state).
+    Start,
+    /// A wake-up the core asked for is due.
+    Timer,
+    /// The request in flight returned tokens; `sent_at` is when it was sent, used as the
+    /// (conservative) issue time.
+    Success {
+        response: TokenResponse,
+        sent_at: Timestamp,
+    },
+    /// The request in flight failed.
+    Failure(Failure),
+    /// An API call made with the token of `generation` was answered 401.
+    Unauthorized { generation: u64 },
+}
+
+/// How a finished request counts in `ehrsync_token_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    TransientError,
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::TransientError => "transient_error",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// What the shell must do after a step.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Output {
+    /// Send this request now (at most one is ever in flight).
+    pub request: Option<Request>,
+    /// Deliver [`Event::Timer`] at this time (replacing any earlier wake-up); `None`: no timer.
+    pub wake_at: Option<Timestamp>,
+    /// The state changed in a way that must be stored before the new token is used.
+    pub persist: bool,
+    /// The request that just finished, and how.
+    pub finished: Option<(Request, Outcome)>,
+}
+
+/// The lifecycle state, as DESIGN.md §2 names it (and `status`, the database and metrics show).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    NoToken,
+    Acquiring,
+    Valid,
+    Refreshing,
+    Retrying,
+    Expired,
+    NeedsLogin,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::NoToken => "no_token",
+            State::Acquiring => "acquiring",
+            State::Valid => "valid",
+            State::Refreshing => "refreshing",
+            State::Retrying => "retrying",
+            State::Expired => "expired",
+            State::NeedsLogin => "needs_login",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Idle,
+    InFlight(Request),
+    Backoff {
+        until: Timestamp,
+    },
+    /// `retry_at: None` — only a person can help (`ehrsync login`).
+    NeedsLogin {
+        retry_at: Option<Timestamp>,
+    },
+}
+
+/// What the core persists and restores.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    pub tokens: Option<Tokens>,
+    /// The planned refresh, or (in `needs_login`) the next automatic attempt.
+    pub next_refresh_at: Option<Timestamp>,
+    pub needs_login: bool,
+    pub last_error: Option<String>,
+}
+
+/// Error codes in Azure AD's `error_description` that mean a person must act (bad or expired
+/// password, locked or disabled account, MFA, consent), whatever the `error` field says.
+const NEEDS_PERSON_AADSTS: [&str; 9] = [
+    "AADSTS50126",  // invalid username or password
+    "AADSTS50053",  // account locked
+    "AADSTS50055",  // password expired
+    "AADSTS50057",  // account disabled
+    "AADSTS50076",  // MFA required
+    "AADSTS50079",  // MFA enrollment required
+    "AADSTS50158",  // external security challenge
+    "AADSTS65001",  // consent required
+    "AADSTS700016", // application not found in the tenant
+];
+
+enum Class {
+    Transient(String),
+    RateLimited(Option<Duration>),
+    DeadRefresh(String),
+    NeedsPerson(String),
+}
+
+/// One account's token lifecycle.
+pub struct Core {
+    policy: Policy,
+    tokens: Option<Tokens>,
+    phase: Phase,
+    next_refresh_at: Option<Timestamp>,
+    /// Consecutive transient failures (drives the backoff).
+    failures: u32,
+    /// The token generation a 401 already forced a refresh for.
+    forced_generation: Option<u64>,
+    generation: u64,
+    last_error: Option<String>,
+    rng: fastrand::Rng,
+}
+
+impl Core {
+    /// A core with nothing stored. `seed` drives jitter (vary it per account and process).
+    pub fn new(policy: Policy, seed: u64) -> Core {
+        Core {
+            policy,
+            tokens: None,
+            phase: Phase::Idle,
+            next_refresh_at: None,
+            failures: 0,
+            forced_generation: None,
+            generation: 0,
+            last_error: None,
+            rng: fastrand::Rng::with_seed(seed),
+        }
+    }
+
+    /// A core resuming from stored state.
+    pub fn restore(policy: Policy, seed: u64, saved: Saved) -> Core {
+        let mut core = Core::new(policy, seed);
+        core.generation = saved.tokens.as_ref().map_or(0, |t| t.generation);
+        core.tokens = saved.tokens;
+        core.last_error = saved.last_error;
+        if saved.needs_login {
+            let retry_at = if core.policy.grant.needs_person() {
+                None
+            } else {
+                saved.next_refresh_at
+            };
+            core.phase = Phase::NeedsLogin { retry_at };
+        } else if let (Some(t), Some(at)) = (&core.tokens, saved.next_refresh_at) {
+            // Trust a stored plan only if it still honours the lead (the policy may have changed).
+            if at <= t.expires_at - core.lead(t.issued_at, t.expires_at) {
+                core.next_refresh_at = Some(at);
+            }
+        }
+        if core.next_refresh_at.is_none() {
+            if let Some(t) = core.tokens.clone() {
+                core.next_refresh_at = Some(core.plan(&t));
+            }
+        }
+        core
+    }
+
+    pub fn snapshot(&self) -> Saved {
+        let (needs_login, next) = match self.phase {
+            Phase::NeedsLogin { retry_at } => (true, retry_at),
+            _ => (false, self.next_refresh_at),
+        };
+        Saved {
+            tokens: self.tokens.clone(),
+            next_refresh_at: next,
+            needs_login,
+            last_error: self.last_error.clone(),
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The tokens, if the access token has not expired at `now`.
+    pub fn valid_tokens(&self, now: Timestamp) -> Option<&Tokens> {
+        self.tokens.as_ref().filter(|t| now < t.expires_at)
+    }
+
+    /// The tokens held, expired or not.
+    pub fn tokens(&self) -> Option<&Tokens> {
+        self.tokens.as_ref()
+    }
+
+    pub fn next_refresh_at(&self) -> Option<Timestamp> {
+        match self.phase {
+            Phase::NeedsLogin { retry_at } => retry_at,
+            _ => self.next_refresh_at,
+        }
+    }
+
+    /// Why the last request failed (operator-facing; never holds a secret).
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    pub fn state(&self, now: Timestamp) -> State {
+        let valid = self.valid_tokens(now).is_some();
+        match self.phase {
+            Phase::NeedsLogin { .. } => State::NeedsLogin,
+            Phase::InFlight(_) if valid => State::Refreshing,
+            Phase::InFlight(_) => State::Acquiring,
+            Phase::Backoff { .. } if valid => State::Retrying,
+            Phase::Idle if valid => State::Valid,
+            _ if self.tokens.is_some() => State::Expired,
+            Phase::Backoff { .. } => State::Retrying,
+            Phase::Idle => State::NoToken,
+        }
+    }
+
+    /// Advances the state machine by one event at time `now`.
+    pub fn step(&mut self, now: Timestamp, event: Event) -> Output {
+        let mut out = Output::default();
+        match event {
+            Event::Start | Event::Timer => self.tick(now, &mut out),
+            Event::Success { response, sent_at } => {
+                self.on_success(now, response, sent_at, &mut out)
+            }
+            Event::Failure(failure) => self.on_failure(now, failure, &mut out),
+            Event::Unauthorized { generation } => self.on_unauthorized(now, generation, &mut out),
+        }
+        out.wake_at = match self.phase {
+            Phase::Idle => self.next_refresh_at,
+            Phase::InFlight(_) => None,
+            Phase::Backoff { until } => Some(until),
+            Phase::NeedsLogin { retry_at } => retry_at,
+        };
+        out
+    }
+
+    fn tick(&mut self, now: Timestamp, out: &mut Output) {
+        let due = match self.phase {
+            Phase::InFlight(_) => false,
+            Phase::NeedsLogin { retry_at } => retry_at.is_some_and(|t| now >= t),
+            Phase::Backoff { until } => now >= until,
+            Phase::Idle => match (&self.tokens, self.next_refresh_at) {
+                (Some(_), Some(at)) => now >= at,
+                _ => true,
+            },
+        };
+        if due {
+            self.send_next(now, out);
+        }
+    }
+
+    /// Sends the request the situation calls for, or parks the account when none can help.
+    fn send_next(&mut self, now: Timestamp, out: &mut Output) {
+        // "Expired or about to": within half the lead of its expiry it may die in flight. (Half,
+        // so that the refresh `plan` schedules a full lead before its death still uses it.)
+        let margin = self.policy.min_lead / 2;
+        let usable_refresh = self
+            .tokens
+            .as_ref()
+            .and_then(|t| t.refresh.as_ref())
+            .is_some_and(|r| r.expires_at.is_none_or(|exp| now + margin < exp));
+        let request = if usable_refresh {
+            Request::Refresh
+        } else if !self.policy.grant.needs_person() {
+            Request::Login(self.policy.grant)
+        } else {
+            let had_refresh = self.tokens.as_ref().is_some_and(|t| t.refresh.is_some());
+            self.last_error = Some(if had_refresh {
+                "the refresh token has expired; a person must log in again (`ehrsync login`)"
+                    .to_owned()
+            } else {
+                "no refresh token; a person must log in (`ehrsync login`)".to_owned()
+            });
+            self.phase = Phase::NeedsLogin { retry_at: None };
+            out.persist = true;
+            return;
+        };
+        self.phase = Phase::InFlight(request);
+        out.request = Some(request);
+    }
+
+    fn on_success(
+        &mut self,
+        now: Timestamp,
+        response: TokenResponse,
+        sent_at: Timestamp,
+        out: &mut Output,
+    ) {
+        let Phase::InFlight(request) = self.phase else {
+            return; // no request of ours is in flight: a stray answer changes nothing
+        };
+        let (expires_at, _) = access_expiry(
+            &response,
+            response.access_token.expose_secret(),
+            sent_at,
+            self.policy.access_default,
+            self.policy.fallback_lifetime,
+        );
+        if expires_at <= now {
+            let reason = format!(
+                "the token endpoint returned a token that expired at {expires_at}, before it arrived; check the system clock"
+            );
+            return self.on_failure(now, Failure::Transient { reason }, out);
+        }
+        let refresh = match response.refresh_token {
+            Some(token) => Some(RefreshToken {
+                token,
+                issued_at: sent_at,
+                expires_at: response
+                    .refresh_token_expires_in
+                    .map(Duration::from_secs)
+                    .or(self.policy.refresh_default)
+                    .map(|d| sent_at + d),
+            }),
+            // "A response without a new refresh token keeps the old one and its old expiry."
+            None => self.tokens.take().and_then(|t| t.refresh),
+        };
+        self.generation += 1;
+        let tokens = Tokens {
+            access_token: response.access_token,
+            issued_at: sent_at,
+            expires_at,
+            refresh,
+            generation: self.generation,
+        };
+        self.next_refresh_at = Some(self.plan(&tokens));
+        self.tokens = Some(tokens);
+        self.phase = Phase::Idle;
+        self.failures = 0;
+        self.forced_generation = None;
+        self.last_error = None;
+        out.persist = true;
+        out.finished = Some((request, Outcome::Success));
+    }
+
+    fn on_failure(&mut self, now: Timestamp, failure: Failure, out: &mut Output) {
+        let Phase::InFlight(request) = self.phase else {
+            return;
+        };
+        out.persist = true;
+        match self.classify(request, failure) {
+            Class::Transient(reason) => {
+                self.failures = self.failures.saturating_add(1);
+                let delay = self.backoff();
+                self.last_error = Some(reason);
+                self.phase = Phase::Backoff { until: now + delay };
+                out.finished = Some((request, Outcome::TransientError));
+            }
+            Class::RateLimited(retry_after) => {
+                self.failures = self.failures.saturating_add(1);
+                let delay = match retry_after {
+                    Some(d) => d.min(self.policy.retry_after_cap),
+                    None => self.backoff(),
+                };
+                self.last_error = Some(format!(
+                    "the token endpoint is rate limiting (HTTP 429); next try in {}",
+                    humantime::format_duration(Duration::from_secs(delay.as_secs()))
+                ));
+                self.phase = Phase::Backoff { until: now + delay };
+                out.finished = Some((request, Outcome::TransientError));
+            }
+            Class::DeadRefresh(reason) => {
+                out.finished = Some((request, Outcome::Rejected));
+                if let Some(t) = &mut self.tokens {
+                    t.refresh = None;
+                }
+                self.failures = 0;
+                self.last_error = Some(reason);
+                // Straight to the primary grant (or to needs_login when it needs a person).
+                self.send_next(now, out);
+            }
+            Class::NeedsPerson(reason) => {
+                out.finished = Some((request, Outcome::Rejected));
+                self.failures = 0;
+                self.last_error = Some(reason);
+                let retry_at =
+                    (!self.policy.grant.needs_person()).then(|| now + self.policy.login_retry);
+                self.phase = Phase::NeedsLogin { retry_at };
+            }
+        }
+    }
+
+    fn on_unauthorized(&mut self, now: Timestamp, generation: u64, out: &mut Output) {
+        let current = self
+            .tokens
+            .as_ref()
+            .is_some_and(|t| t.generation == generation);
+        let busy = matches!(self.phase, Phase::InFlight(_) | Phase::NeedsLogin { .. });
+        if !current || busy || self.forced_generation == Some(generation) {
+            return;
+        }
+        self.forced_generation = Some(generation);
+        self.send_next(now, out);
+    }
+
+    fn classify(&self, request: Request, failure: Failure) -> Class {
+        match failure {
+            Failure::Transient { reason } => Class::Transient(reason),
+            Failure::RateLimited { retry_after } => Class::RateLimited(retry_after),
+            Failure::OAuth { status, error } => {
+                let described = match &error.description {
+                    Some(d) => format!("{} ({d})", error.error),
+                    None => error.error.clone(),
+                };
+                let person_code = error
+                    .description
+                    .as_deref()
+                    .is_some_and(|d| NEEDS_PERSON_AADSTS.iter().any(|code| d.contains(code)));
+                if status >= 500
+                    || matches!(
+                        error.error.as_str(),
+                        "temporarily_unavailable" | "server_error"
+                    )
+                {
+                    Class::Transient(format!(
+                        "the token endpoint failed (HTTP {status}): {described}"
+                    ))
+                } else if person_code {
+                    Class::NeedsPerson(format!(
+                        "the token endpoint refused: {described}; a person must fix the account"
+                    ))
+                } else if error.error == "invalid_grant" && request == Request::Refresh {
+                    Class::DeadRefresh(format!("the refresh token was refused: {described}"))
+                } else {
+                    Class::NeedsPerson(format!(
+                        "the token endpoint refused the {} request (HTTP {status}): {described}",
+                        request.grant_label()
+                    ))
+                }
+            }
+        }
+    }
+
+    /// A full-jitter delay for the current failure count: uniform in `[0, ceiling]`.
+    fn backoff(&mut self) -> Duration {
+        let ceiling = self.policy.backoff_ceiling(self.failures);
+        ceiling.mul_f64(self.rng.f64())
+    }
+
+    /// How long before expiry a refresh must happen, for a token of this lifetime.
+    fn lead(&self, issued: Timestamp, expires: Timestamp) -> Duration {
+        self.policy.min_lead.min(expires.since(issued) / 2)
+    }
+
+    /// When to refresh `t`: `ratio × lifetime ± jitter`, at least `lead` before expiry; for a
+    /// grant that needs a person, also before the refresh token dies (so it can rotate).
+    fn plan(&mut self, t: &Tokens) -> Timestamp {
+        let life = t.expires_at.since(t.issued_at);
+        let jitter = self
+            .policy
+            .jitter_ratio
+            .min(self.policy.refresh_ratio / 2.0);
+        let fraction = self.policy.refresh_ratio + jitter * (self.rng.f64() * 2.0 - 1.0);
+        let mut at = (t.issued_at + life.mul_f64(fraction))
+            .min(t.expires_at - self.lead(t.issued_at, t.expires_at));
+        if self.policy.grant.needs_person() {
+            if let Some(rt_exp) = t.refresh.as_ref().and_then(|r| r.expires_at) {
+                let before_death = rt_exp - self.policy.min_lead.min(rt_exp.since(t.issued_at) / 2);
+                // Only while it is still ahead: a refresh token that does not rotate will die,
+                // and refreshing it in a loop would not save it.
+                if before_death > t.issued_at {
+                    at = at.min(before_death);
+                }
+            }
+        }
+        at.max(t.issued_at)
+    }
+}
+
+#[cfg(test)]
+mod tests;
