@@ -218,6 +218,54 @@ impl Store {
         .await?)
     }
 
+    /// Writes one account's token state in a single statement: with `synchronous = FULL` it is
+    /// on disk when this returns, so a rotated refresh token is durable before it is used.
+    pub async fn save_token(&self, r: &TokenRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO token_state (account, state, access_token, access_token_issued_at, \
+                 access_token_expires_at, next_refresh_at, refresh_token, refresh_token_issued_at, \
+                 refresh_token_expires_at, generation, last_error, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (account) DO UPDATE SET \
+                 state = excluded.state, access_token = excluded.access_token, \
+                 access_token_issued_at = excluded.access_token_issued_at, \
+                 access_token_expires_at = excluded.access_token_expires_at, \
+                 next_refresh_at = excluded.next_refresh_at, refresh_token = excluded.refresh_token, \
+                 refresh_token_issued_at = excluded.refresh_token_issued_at, \
+                 refresh_token_expires_at = excluded.refresh_token_expires_at, \
+                 generation = excluded.generation, last_error = excluded.last_error, \
+                 updated_at = excluded.updated_at",
+        )
+        .bind(&r.account)
+        .bind(&r.state)
+        .bind(&r.access_token)
+        .bind(r.access_token_issued_at)
+        .bind(r.access_token_expires_at)
+        .bind(r.next_refresh_at)
+        .bind(&r.refresh_token)
+        .bind(r.refresh_token_issued_at)
+        .bind(r.refresh_token_expires_at)
+        .bind(r.generation)
+        .bind(&r.last_error)
+        .bind(r.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// One account's stored token state, sealed columns included.
+    pub async fn load_token(&self, account: &str) -> Result<Option<TokenRecord>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT account, state, access_token, access_token_issued_at, access_token_expires_at, \
+                    next_refresh_at, refresh_token, refresh_token_issued_at, refresh_token_expires_at, \
+                    generation, last_error, updated_at \
+             FROM token_state WHERE account = ?",
+        )
+        .bind(account)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     pub async fn close(self) {
         self.pool.close().await;
     }
@@ -231,6 +279,24 @@ pub struct TokenStateRow {
     pub access_token_expires_at: Option<i64>,
     pub next_refresh_at: Option<i64>,
     pub refresh_token_expires_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub updated_at: i64,
+}
+
+/// A whole `token_state` row. The token columns hold [`crate::crypto`] ciphertext; times are
+/// Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TokenRecord {
+    pub account: String,
+    pub state: String,
+    pub access_token: Option<Vec<u8>>,
+    pub access_token_issued_at: Option<i64>,
+    pub access_token_expires_at: Option<i64>,
+    pub next_refresh_at: Option<i64>,
+    pub refresh_token: Option<Vec<u8>>,
+    pub refresh_token_issued_at: Option<i64>,
+    pub refresh_token_expires_at: Option<i64>,
+    pub generation: i64,
     pub last_error: Option<String>,
     pub updated_at: i64,
 }

@@ -45,6 +45,7 @@ impl fmt::Display for Plan<'_> {
             "  metrics_listen  {} (/metrics, /healthz, /readyz)",
             agent.metrics_listen
         )?;
+        writeln!(out, "  token_key       {}", agent.token_key)?;
         for account in accounts {
             render_account(out, account)?;
         }

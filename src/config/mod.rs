@@ -55,6 +55,32 @@ impl Config {
 pub struct Agent {
     pub database: PathBuf,
     pub metrics_listen: SocketAddr,
+    pub token_key: KeySource,
+}
+
+/// Where the key that encrypts stored tokens comes from. It is read (or created) when the
+/// database is opened for writing, never by `check-config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A key file; `create` when it may be generated on first start.
+    File { path: PathBuf, create: bool },
+    /// An environment variable holding the key.
+    Env(String),
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::File { path, create: true } => {
+                write!(f, "file {} (created on first start)", path.display())
+            }
+            KeySource::File {
+                path,
+                create: false,
+            } => write!(f, "file {}", path.display()),
+            KeySource::Env(var) => write!(f, "env {var}"),
+        }
+    }
 }
 
 /// An account name: 1–64 of `a-z 0-9 - _`, starting with a letter or digit. It is a metric

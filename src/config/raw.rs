@@ -21,6 +21,10 @@ pub struct RawAgent {
     pub database: Option<PathBuf>,
     /// Address of the `/metrics`, `/healthz` and `/readyz` listener. Default `127.0.0.1:9870`.
     pub metrics_listen: Option<String>,
+    /// The key that encrypts stored tokens: `{ file = "…" }` (created 0600 on first start if
+    /// missing; default `ehrsync.key` beside the database), `{ credential = "…" }` or
+    /// `{ env = "…" }` (64 hex digits, e.g. from `openssl rand -hex 32`).
+    pub token_key: Option<SecretSpec>,
 }
 
 /// `[accounts.NAME]`: one vendor account.

@@ -14,7 +14,7 @@ use super::raw::{RawAccount, RawAgent, RawJob, RawJobKind};
 use super::secret::{self, Secret, SecretSpec};
 use super::{
     Account, AccountName, Agent, DEFAULT_METRICS_LISTEN, Env, Header, HeaderValue, Job, JobKind,
-    JobName, Lifetimes, Schedule, TokenEndpoint, default_database,
+    JobName, KeySource, Lifetimes, Schedule, TokenEndpoint, default_database,
 };
 use crate::vendor::{ClientAuth, Grant, TokenEndpointDefault, Vendor};
 
@@ -117,6 +117,7 @@ pub fn root(tree: config::Value, ctx: &mut Ctx) -> Option<(Agent, Vec<Account>)>
             RawAgent {
                 database: None,
                 metrics_listen: None,
+                token_key: None,
             },
             ctx,
         )?,
@@ -155,6 +156,37 @@ fn resolve_agent(raw: RawAgent, ctx: &mut Ctx) -> Option<Agent> {
             return None;
         }
     };
+    let token_key = match raw.token_key {
+        None => KeySource::File {
+            path: database.with_file_name("ehrsync.key"),
+            create: true,
+        },
+        Some(SecretSpec::File(p)) => KeySource::File {
+            path: ctx.path(p),
+            create: true,
+        },
+        Some(SecretSpec::Env(var)) => KeySource::Env(var),
+        Some(SecretSpec::Credential(name)) => match ctx.env.get(secret::CREDENTIALS_DIRECTORY) {
+            Some(dir) if !name.contains(['/', '\\']) && !name.is_empty() => KeySource::File {
+                path: Path::new(&dir).join(name),
+                create: false,
+            },
+            _ => {
+                ctx.problem(
+                    "agent.token_key",
+                    format!("credential `{name}` needs ${} (set by systemd LoadCredential=) and a plain file name", secret::CREDENTIALS_DIRECTORY),
+                );
+                return None;
+            }
+        },
+        Some(SecretSpec::Inline(_)) => {
+            ctx.problem(
+                "agent.token_key",
+                "must not be written in the config file (it would sit beside what it protects); use { file = \"…\" }, { credential = \"…\" } or { env = \"…\" }",
+            );
+            return None;
+        }
+    };
     if !metrics_listen.ip().is_loopback() {
         ctx.warn(
             "agent.metrics_listen",
@@ -164,6 +196,7 @@ fn resolve_agent(raw: RawAgent, ctx: &mut Ctx) -> Option<Agent> {
     Some(Agent {
         database,
         metrics_listen,
+        token_key,
     })
 }
 

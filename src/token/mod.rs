@@ -5,6 +5,7 @@
 //! database; the I/O shell that performs their decisions is built on top.
 
 pub mod core;
+pub mod persist;
 pub mod response;
 
 use std::fmt;
