@@ -5,9 +5,12 @@
 //! modules and the invariants they keep.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod logging;
+pub mod metrics;
+pub mod sandbox;
 pub mod store;
 pub mod token;
 pub mod vendor;

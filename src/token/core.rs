@@ -276,6 +276,8 @@ pub struct Core {
     forced_generation: Option<u64>,
     generation: u64,
     last_error: Option<String>,
+    /// The state and error last handed out for storing (`None`: unknown, store at the next rest).
+    stored: Option<(State, Option<String>)>,
     rng: fastrand::Rng,
 }
 
@@ -291,6 +293,8 @@ impl Core {
             forced_generation: None,
             generation: 0,
             last_error: None,
+            // Nothing stored is what `no_token` looks like in the database.
+            stored: Some((State::NoToken, None)),
             rng: fastrand::Rng::with_seed(seed),
         }
     }
@@ -298,6 +302,12 @@ impl Core {
     /// A core resuming from stored state.
     pub fn restore(policy: Policy, seed: u64, saved: Saved) -> Core {
         let mut core = Core::new(policy, seed);
+        let stored_state = match (&saved.tokens, saved.needs_login) {
+            (_, true) => State::NeedsLogin,
+            (Some(_), false) => State::Valid,
+            (None, false) => State::NoToken,
+        };
+        core.stored = Some((stored_state, saved.last_error.clone()));
         core.generation = saved.tokens.as_ref().map_or(0, |t| t.generation);
         core.tokens = saved.tokens;
         core.last_error = saved.last_error;
@@ -385,6 +395,16 @@ impl Core {
             }
             Event::Failure(failure) => self.on_failure(now, failure, &mut out),
             Event::Unauthorized { generation } => self.on_unauthorized(now, generation, &mut out),
+        }
+        // Store what an operator would see change (tokens are flagged where they change). The
+        // state is compared at rest, not mid-request, so the thousandth identical retry of an
+        // outage costs no disk write.
+        if !matches!(self.phase, Phase::InFlight(_)) {
+            let at_rest = (self.state(now), self.last_error.clone());
+            out.persist |= self.stored.as_ref() != Some(&at_rest);
+        }
+        if out.persist {
+            self.stored = Some((self.state(now), self.last_error.clone()));
         }
         out.wake_at = match self.phase {
             Phase::Idle => self.next_refresh_at,
@@ -498,7 +518,10 @@ impl Core {
         let Phase::InFlight(request) = self.phase else {
             return;
         };
-        out.persist = true;
+        self.fail(now, request, failure, out);
+    }
+
+    fn fail(&mut self, now: Timestamp, request: Request, failure: Failure, out: &mut Output) {
         match self.classify(request, failure) {
             Class::Transient(reason) => {
                 self.failures = self.failures.saturating_add(1);
@@ -524,6 +547,7 @@ impl Core {
                 out.finished = Some((request, Outcome::Rejected));
                 if let Some(t) = &mut self.tokens {
                     t.refresh = None;
+                    out.persist = true;
                 }
                 self.failures = 0;
                 self.last_error = Some(reason);

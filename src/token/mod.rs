@@ -4,7 +4,9 @@
 //! [`response`] reads what token endpoints answer. Neither touches a socket, a clock or the
 //! database; the I/O shell that performs their decisions is built on top.
 
+pub mod client;
 pub mod core;
+pub mod owner;
 pub mod persist;
 pub mod response;
 

@@ -412,7 +412,7 @@ fn errors_map_as_the_design_says() {
         let out = core.step(T0, event);
         assert_eq!(out.finished.map(|f| f.1), Some(outcome), "{name}");
         assert_eq!(core.state(T0), state, "{name}");
-        assert!(out.persist, "{name}");
+        assert!(out.persist, "{name}: a new state is stored");
         assert_eq!(out.request, None, "{name}: nothing is sent at once");
         assert!(core.last_error().is_some(), "{name}");
         match state {
@@ -427,6 +427,26 @@ fn errors_map_as_the_design_says() {
             ),
         }
     }
+}
+
+#[test]
+fn repeated_identical_failures_are_stored_once() {
+    let mut core = Core::new(policy(Grant::ClientCredentials), 3);
+    core.step(T0, Event::Start);
+    let mut out = core.step(T0, transient());
+    assert!(out.persist, "the first failure changes the state");
+    for _ in 0..10 {
+        let now = out.wake_at.unwrap();
+        assert!(core.step(now, Event::Timer).request.is_some());
+        out = core.step(now, transient());
+        assert!(!out.persist, "the same failure again: nothing new to store");
+    }
+    let now = out.wake_at.unwrap();
+    core.step(now, Event::Timer);
+    assert!(
+        core.step(now, oauth(401, "invalid_client", None)).persist,
+        "a new failure is stored"
+    );
 }
 
 #[test]

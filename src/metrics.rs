@@ -1,0 +1,108 @@
+//! Prometheus metrics, with the names and labels DESIGN.md §4 fixes. Labels are account and job
+//! names (and fixed words such as grant or outcome) only: never secrets or patient data.
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric the agent exports, registered in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub token_expiry: GaugeVec,
+    pub refresh_token_expiry: GaugeVec,
+    pub token_valid: IntGaugeVec,
+    pub needs_login: IntGaugeVec,
+    pub token_requests: IntCounterVec,
+    pub token_request_duration: HistogramVec,
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["account"]);
+        let int_gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels)
+        };
+        let m = Metrics {
+            token_expiry: gauge(
+                "ehrsync_token_expiry_timestamp_seconds",
+                "When the account's current access token expires (Unix seconds).",
+            )?,
+            refresh_token_expiry: gauge(
+                "ehrsync_refresh_token_expiry_timestamp_seconds",
+                "When the account's refresh token expires (Unix seconds), where known.",
+            )?,
+            token_valid: int_gauge(
+                "ehrsync_token_valid",
+                "1 when the account holds an unexpired access token.",
+                &["account"],
+            )?,
+            needs_login: int_gauge(
+                "ehrsync_account_needs_login",
+                "1 when only a person can restore the account's access.",
+                &["account"],
+            )?,
+            token_requests: IntCounterVec::new(
+                Opts::new(
+                    "ehrsync_token_requests_total",
+                    "Token requests by grant and outcome (success, transient_error, rejected).",
+                ),
+                &["account", "grant", "outcome"],
+            )?,
+            token_request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "ehrsync_token_request_duration_seconds",
+                    "Duration of token requests.",
+                )
+                .buckets(vec![
+                    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
+                &["account", "grant"],
+            )?,
+            build_info: int_gauge(
+                "ehrsync_build_info",
+                "Always 1; the version label names the running build.",
+                &["version"],
+            )?,
+            registry,
+        };
+        for c in [
+            Box::new(m.token_expiry.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.refresh_token_expiry.clone()),
+            Box::new(m.token_valid.clone()),
+            Box::new(m.needs_login.clone()),
+            Box::new(m.token_requests.clone()),
+            Box::new(m.token_request_duration.clone()),
+            Box::new(m.build_info.clone()),
+        ] {
+            m.registry.register(c)?;
+        }
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(m)
+    }
+
+    /// The registry in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec fails only for invalid metric names, which are fixed above.
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// A counter's current value (for tests and the demo's status table).
+    pub fn token_requests(&self, account: &str, grant: &str, outcome: &str) -> u64 {
+        self.token_requests
+            .get_metric_with_label_values(&[account, grant, outcome])
+            .map_or(0, |c| c.get())
+    }
+}

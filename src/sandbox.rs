@@ -1,0 +1,609 @@
+//! The vendor sandbox: token endpoints on loopback that behave as the vendors' own documents
+//! describe, for tests and `ehrsync demo`.
+//!
+//! - Nextech (Azure AD v1, seeds/000–001): password and refresh_token grants, client id in the
+//!   form body (secret optional), a required `resource`, `expires_in`/`expires_on` as JSON
+//!   strings, a JWT access token, refresh tokens rotated on each use and valid 14 days, AADSTS
+//!   error descriptions.
+//! - CareCentric (IdentityServer, seeds/003): password grant only, client id and secret in the
+//!   body, a JWT whose `exp` is the expiry, no refresh token.
+//! - NikoHealth (seeds/004): client_credentials only, HTTP Basic demanded, 1200 s, scope `external`.
+//!
+//! Lifetimes scale down to seconds; faults (5xx, 429 + Retry-After, slow answers, malformed
+//! JSON, invalid_grant, invalid_client, revoked refresh tokens) are injected per vendor; every
+//! token request is counted. Time comes from a [`Clock`](crate::clock::Clock) shared with the
+//! engine under test, so tokio's paused time moves both.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine as _;
+use url::Url;
+
+use crate::clock::SharedClock;
+use crate::token::Timestamp;
+use crate::vendor::Vendor;
+
+/// The credentials the sandbox accepts, per vendor. Public by design: they guard nothing.
+#[derive(Debug, Clone)]
+pub struct SandboxCredentials {
+    pub client_id: &'static str,
+    pub client_secret: &'static str,
+    pub username: &'static str,
+    pub password: &'static str,
+}
+
+pub const NEXTECH_CREDENTIALS: SandboxCredentials = SandboxCredentials {
+    client_id: "sandbox-nextech-client",
+    client_secret: "sandbox-nextech-secret",
+    username: "api@sandbox-practice.example",
+    password: "sandbox-nextech-password",
+};
+pub const CARECENTRIC_CREDENTIALS: SandboxCredentials = SandboxCredentials {
+    client_id: "FHIRUser",
+    client_secret: "sandbox-carecentric-secret",
+    username: "sandbox-user",
+    password: "sandbox-carecentric-password",
+};
+pub const NIKOHEALTH_CREDENTIALS: SandboxCredentials = SandboxCredentials {
+    client_id: "sandbox-niko-client",
+    client_secret: "sandbox-niko-secret",
+    username: "",
+    password: "",
+};
+/// The `resource` the sandbox's Nextech endpoint demands (the preset's default).
+pub const NEXTECH_RESOURCE: &str = "https://select.nextech-api.com/api";
+
+/// Token lifetimes the sandbox grants.
+#[derive(Debug, Clone)]
+pub struct Lifetimes {
+    pub nextech_access: Duration,
+    pub nextech_refresh: Duration,
+    pub carecentric_access: Duration,
+    pub nikohealth_access: Duration,
+}
+
+impl Lifetimes {
+    /// What the vendors document: 1 h / 14 days, 48 h, 20 min.
+    pub fn documented() -> Self {
+        Lifetimes {
+            nextech_access: Duration::from_secs(3600),
+            nextech_refresh: Duration::from_secs(14 * 86_400),
+            carecentric_access: Duration::from_secs(172_800),
+            nikohealth_access: Duration::from_secs(1200),
+        }
+    }
+
+    /// Every lifetime divided by `factor` (at least one second), for demos and fast tests.
+    pub fn scaled_down(factor: u32) -> Self {
+        let d = Self::documented();
+        let s = |x: Duration| (x / factor.max(1)).max(Duration::from_secs(1));
+        Lifetimes {
+            nextech_access: s(d.nextech_access),
+            nextech_refresh: s(d.nextech_refresh),
+            carecentric_access: s(d.carecentric_access),
+            nikohealth_access: s(d.nikohealth_access),
+        }
+    }
+}
+
+/// A misbehaviour to serve instead of (or before) the normal answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// HTTP 503.
+    ServerError,
+    /// HTTP 429 with `Retry-After: N`.
+    RateLimited { retry_after_secs: u64 },
+    /// Wait this long, then answer normally.
+    Slow(Duration),
+    /// HTTP 200 with a body that is not JSON.
+    MalformedJson,
+    /// HTTP 400 `invalid_grant` as the vendor words it.
+    InvalidGrant,
+    /// HTTP 401 `invalid_client`.
+    InvalidClient,
+}
+
+#[derive(Default)]
+struct Books {
+    faults: HashMap<Vendor, VecDeque<Fault>>,
+    refresh_tokens: HashMap<String, (Vendor, Timestamp)>,
+    access_tokens: HashMap<String, (Vendor, Timestamp)>,
+    requests: HashMap<(Vendor, String), u32>,
+    issued: u64,
+}
+
+struct Inner {
+    clock: SharedClock,
+    lifetimes: Mutex<Lifetimes>,
+    books: Mutex<Books>,
+}
+
+impl Inner {
+    fn books(&self) -> MutexGuard<'_, Books> {
+        // A panic while holding the lock leaves plain bookkeeping behind; keep serving.
+        self.books.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lifetimes(&self) -> Lifetimes {
+        self.lifetimes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// A running sandbox. Dropping it stops the server.
+pub struct Sandbox {
+    addr: SocketAddr,
+    inner: Arc<Inner>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Sandbox {
+    /// Starts the sandbox on `127.0.0.1` (an ephemeral port when `port` is 0).
+    pub async fn start(
+        clock: SharedClock,
+        lifetimes: Lifetimes,
+        port: u16,
+    ) -> std::io::Result<Sandbox> {
+        let inner = Arc::new(Inner {
+            clock,
+            lifetimes: Mutex::new(lifetimes),
+            books: Mutex::new(Books::default()),
+        });
+        let app = Router::new()
+            .route("/nextech/{tenant}/oauth2/token", post(nextech_token))
+            .route("/carecentric/connect/token", post(carecentric_token))
+            .route(
+                "/nikohealth/{domain}/api/identity/connect/token",
+                post(nikohealth_token),
+            )
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the sandbox server stopped");
+            }
+        });
+        Ok(Sandbox { addr, inner, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The token URL of `vendor`'s emulation (for `token_url = …` in an account).
+    pub fn token_url(&self, vendor: Vendor) -> Url {
+        let path = match vendor {
+            Vendor::Nextech => "/nextech/nextech-api.com/oauth2/token",
+            Vendor::CareCentric => "/carecentric/connect/token",
+            Vendor::NikoHealth => "/nikohealth/sandbox/api/identity/connect/token",
+            Vendor::NetHealth | Vendor::Generic => "/unsupported",
+        };
+        let text = format!("http://{}{path}", self.addr);
+        // A loopback socket address and a fixed path always form a valid URL.
+        Url::parse(&text).unwrap_or_else(|_| unreachable!("valid sandbox URL {text}"))
+    }
+
+    /// Token requests served for `vendor` with `grant_type = grant` (faults included).
+    pub fn requests(&self, vendor: Vendor, grant: &str) -> u32 {
+        self.inner
+            .books()
+            .requests
+            .get(&(vendor, grant.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Token requests served for `vendor`, any grant.
+    pub fn total_requests(&self, vendor: Vendor) -> u32 {
+        self.inner
+            .books()
+            .requests
+            .iter()
+            .filter(|((v, _), _)| *v == vendor)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Serves `fault` to the next `times` token requests for `vendor` (after earlier faults).
+    pub fn inject(&self, vendor: Vendor, fault: Fault, times: usize) {
+        let mut books = self.inner.books();
+        let queue = books.faults.entry(vendor).or_default();
+        queue.extend(std::iter::repeat_n(fault, times));
+    }
+
+    /// Revokes every refresh token issued for `vendor`: their next use gets `invalid_grant`.
+    pub fn revoke_refresh_tokens(&self, vendor: Vendor) {
+        self.inner
+            .books()
+            .refresh_tokens
+            .retain(|_, (v, _)| *v != vendor);
+    }
+
+    /// Whether `token` is an access token this sandbox issued that has not expired.
+    pub fn access_token_valid(&self, token: &str) -> bool {
+        let now = self.inner.clock.now();
+        self.inner
+            .books()
+            .access_tokens
+            .get(token)
+            .is_some_and(|(_, exp)| *exp > now)
+    }
+
+    pub fn set_lifetimes(&self, lifetimes: Lifetimes) {
+        *self
+            .inner
+            .lifetimes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = lifetimes;
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    // The sandbox's tokens need to be unique, not secret: fall back to a fixed pattern.
+    if getrandom::fill(&mut buf).is_err() {
+        buf.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn jwt(claims: serde_json::Value) -> String {
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "{}.{}.{}",
+        b64(r#"{"alg":"RS256","typ":"JWT","kid":"sandbox"}"#),
+        b64(&claims.to_string()),
+        b64("sandbox-signature")
+    )
+}
+
+fn form(body: &Bytes) -> HashMap<String, String> {
+    url::form_urlencoded::parse(body).into_owned().collect()
+}
+
+/// `Authorization: Basic` credentials, form-decoded (RFC 6749 §2.3.1).
+fn basic_auth(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()?,
+    )
+    .ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    let dec = |s: &str| {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+    };
+    Some((dec(id)?, dec(secret)?))
+}
+
+/// Counts the request and serves a queued fault, if any. `Slow` faults delay and continue.
+async fn take_fault(inner: &Inner, vendor: Vendor, grant: &str) -> Option<Fault> {
+    let fault = {
+        let mut books = inner.books();
+        *books
+            .requests
+            .entry((vendor, grant.to_owned()))
+            .or_default() += 1;
+        books.faults.get_mut(&vendor).and_then(VecDeque::pop_front)
+    };
+    match fault {
+        Some(Fault::Slow(d)) => {
+            tokio::time::sleep(d).await;
+            None
+        }
+        other => other,
+    }
+}
+
+fn fault_response(vendor: Vendor, fault: Fault) -> Response {
+    match fault {
+        Fault::ServerError => {
+            (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable").into_response()
+        }
+        Fault::RateLimited { retry_after_secs } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, retry_after_secs.to_string())],
+            "Too Many Requests",
+        )
+            .into_response(),
+        Fault::MalformedJson => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"access_token": "trunc"#,
+        )
+            .into_response(),
+        Fault::InvalidGrant => oauth_error(
+            vendor,
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            70000,
+            "The provided grant has been revoked",
+        ),
+        Fault::InvalidClient => oauth_error(
+            vendor,
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            7000215,
+            "Invalid client secret provided",
+        ),
+        // Handled in take_fault.
+        Fault::Slow(_) => (StatusCode::INTERNAL_SERVER_ERROR, "").into_response(),
+    }
+}
+
+/// An error body in the vendor's own style: Azure AD's AADSTS descriptions for Nextech,
+/// IdentityServer's bare codes otherwise.
+fn oauth_error(
+    vendor: Vendor,
+    status: StatusCode,
+    error: &str,
+    aadsts: u32,
+    text: &str,
+) -> Response {
+    let body = if vendor == Vendor::Nextech {
+        serde_json::json!({
+            "error": error,
+            "error_description": format!("AADSTS{aadsts}: {text}.\r\nTrace ID: {}\r\nCorrelation ID: {}", random_hex(8), random_hex(8)),
+            "error_codes": [aadsts],
+        })
+    } else {
+        serde_json::json!({ "error": error, "error_description": text })
+    };
+    json(status, body)
+}
+
+async fn nextech_token(
+    State(inner): State<Arc<Inner>>,
+    Path(_tenant): Path<String>,
+    body: Bytes,
+) -> Response {
+    let vendor = Vendor::Nextech;
+    let f = form(&body);
+    let grant = f.get("grant_type").cloned().unwrap_or_default();
+    if let Some(fault) = take_fault(&inner, vendor, &grant).await {
+        return fault_response(vendor, fault);
+    }
+    let c = NEXTECH_CREDENTIALS;
+    if f.get("client_id").map(String::as_str) != Some(c.client_id) {
+        return oauth_error(
+            vendor,
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            700016,
+            "Application with identifier was not found in the directory",
+        );
+    }
+    if f.get("client_secret").is_some_and(|s| s != c.client_secret) {
+        return oauth_error(
+            vendor,
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            7000215,
+            "Invalid client secret provided",
+        );
+    }
+    if f.get("resource").map(String::as_str) != Some(NEXTECH_RESOURCE) {
+        return oauth_error(
+            vendor,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            900144,
+            "The request body must contain the following parameter: 'resource'",
+        );
+    }
+    let now = inner.clock.now();
+    match grant.as_str() {
+        "password" => {
+            if f.get("username").map(String::as_str) != Some(c.username)
+                || f.get("password").map(String::as_str) != Some(c.password)
+            {
+                return oauth_error(
+                    vendor,
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    50126,
+                    "Error validating credentials due to invalid username or password",
+                );
+            }
+        }
+        "refresh_token" => {
+            let presented = f.get("refresh_token").cloned().unwrap_or_default();
+            // Rotation: a refresh token is good for one use.
+            match inner.books().refresh_tokens.remove(&presented) {
+                Some((v, exp)) if v == vendor && exp > now => {}
+                Some((v, _)) if v == vendor => {
+                    return oauth_error(
+                        vendor,
+                        StatusCode::BAD_REQUEST,
+                        "invalid_grant",
+                        70008,
+                        "The provided authorization code or refresh token has expired due to inactivity",
+                    );
+                }
+                _ => {
+                    return oauth_error(
+                        vendor,
+                        StatusCode::BAD_REQUEST,
+                        "invalid_grant",
+                        70000,
+                        "The provided grant has been revoked or is invalid",
+                    );
+                }
+            }
+        }
+        _ => {
+            return oauth_error(
+                vendor,
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                70003,
+                "The app requested an unsupported grant type",
+            );
+        }
+    }
+    let life = inner.lifetimes();
+    let expires = now + life.nextech_access;
+    let access = jwt(serde_json::json!({
+        "aud": NEXTECH_RESOURCE, "iss": "https://sts.windows.net/sandbox/", "iat": now.unix_seconds(),
+        "nbf": now.unix_seconds(), "exp": expires.unix_seconds(), "scp": "user_impersonation", "jti": random_hex(8),
+    }));
+    let refresh = format!("0.nx-{}", random_hex(24));
+    {
+        let mut books = inner.books();
+        books.issued += 1;
+        books
+            .access_tokens
+            .insert(access.clone(), (vendor, expires));
+        books
+            .refresh_tokens
+            .insert(refresh.clone(), (vendor, now + life.nextech_refresh));
+    }
+    // Azure AD v1 sends every number as a JSON string.
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "token_type": "Bearer",
+            "scope": "user_impersonation",
+            "expires_in": life.nextech_access.as_secs().to_string(),
+            "ext_expires_in": life.nextech_access.as_secs().to_string(),
+            "expires_on": expires.unix_seconds().to_string(),
+            "not_before": now.unix_seconds().to_string(),
+            "resource": NEXTECH_RESOURCE,
+            "access_token": access,
+            "refresh_token": refresh,
+        }),
+    )
+}
+
+async fn carecentric_token(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let vendor = Vendor::CareCentric;
+    let f = form(&body);
+    let grant = f.get("grant_type").cloned().unwrap_or_default();
+    if let Some(fault) = take_fault(&inner, vendor, &grant).await {
+        return fault_response(vendor, fault);
+    }
+    let c = CARECENTRIC_CREDENTIALS;
+    // IdentityServer takes client credentials from the body or from Basic.
+    let client = basic_auth(&headers)
+        .or_else(|| Some((f.get("client_id")?.clone(), f.get("client_secret")?.clone())));
+    if client.as_ref().map(|(i, s)| (i.as_str(), s.as_str()))
+        != Some((c.client_id, c.client_secret))
+    {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": "invalid_client" }),
+        );
+    }
+    if grant != "password" {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": "unsupported_grant_type" }),
+        );
+    }
+    if f.get("username").map(String::as_str) != Some(c.username)
+        || f.get("password").map(String::as_str) != Some(c.password)
+    {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": "invalid_grant", "error_description": "invalid_username_or_password" }),
+        );
+    }
+    let now = inner.clock.now();
+    let life = inner.lifetimes().carecentric_access;
+    let expires = now + life;
+    let access = jwt(serde_json::json!({
+        "iss": "https://prv-is.grhapp.com", "nbf": now.unix_seconds(), "iat": now.unix_seconds(),
+        "exp": expires.unix_seconds(), "client_id": c.client_id, "sub": random_hex(8),
+        "scope": f.get("scope").map(|s| s.split(' ').collect::<Vec<_>>()),
+    }));
+    inner
+        .books()
+        .access_tokens
+        .insert(access.clone(), (vendor, expires));
+    json(
+        StatusCode::OK,
+        serde_json::json!({ "access_token": access, "expires_in": life.as_secs(), "token_type": "Bearer" }),
+    )
+}
+
+async fn nikohealth_token(
+    State(inner): State<Arc<Inner>>,
+    Path(_domain): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let vendor = Vendor::NikoHealth;
+    let f = form(&body);
+    let grant = f.get("grant_type").cloned().unwrap_or_default();
+    if let Some(fault) = take_fault(&inner, vendor, &grant).await {
+        return fault_response(vendor, fault);
+    }
+    let c = NIKOHEALTH_CREDENTIALS;
+    // seeds/004: "--header 'Authorization: Basic YOUR-ENCODED-CREDENTIALS'".
+    match basic_auth(&headers) {
+        Some((id, secret)) if id == c.client_id && secret == c.client_secret => {}
+        _ => {
+            return json(
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({ "error": "invalid_client" }),
+            );
+        }
+    }
+    if grant != "client_credentials" {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": "unsupported_grant_type" }),
+        );
+    }
+    let now = inner.clock.now();
+    let life = inner.lifetimes().nikohealth_access;
+    let access = random_hex(32).to_uppercase();
+    inner
+        .books()
+        .access_tokens
+        .insert(access.clone(), (vendor, now + life));
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "access_token": access,
+            "expires_in": life.as_secs(),
+            "token_type": "Bearer",
+            "scope": f.get("scope").map_or("external", String::as_str),
+        }),
+    )
+}

@@ -1,0 +1,264 @@
+//! One token request over HTTP: the form RFC 6749 describes for each grant, client
+//! authentication in the body or as HTTP Basic, preset extras (`resource`, `scope`), a per-request
+//! deadline, and the answer mapped to what the lifecycle core understands. Nothing here decides
+//! what to do next; that is [`super::core`]'s job.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+use super::core::{Failure, Request};
+use super::response::{OAuthError, TokenResponse, parse_error, parse_success};
+use crate::config::Account;
+use crate::vendor::{ClientAuth, Grant};
+
+/// Token responses are a few kilobytes; anything much larger is not one.
+const MAX_BODY: usize = 256 * 1024;
+
+/// The HTTP client the engine shares between accounts (one connection pool, keep-alive).
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    // ring, not aws-lc-rs: no cmake or NASM in the build, and it cross-compiles for Windows.
+    // Installing twice is harmless (the first provider stays), hence the ignored result.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .user_agent(concat!("ehrsync/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
+/// `application/x-www-form-urlencoded` encoding (RFC 6749 §2.3.1 applies it to Basic credentials too).
+fn form_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// Sends `request` for `account` to `token_url` and maps the answer.
+pub async fn request_token(
+    http: &reqwest::Client,
+    account: &Account,
+    token_url: &Url,
+    request: Request,
+    refresh_token: Option<&SecretString>,
+) -> Result<TokenResponse, Failure> {
+    let mut form: Vec<(&str, String)> = vec![("grant_type", request.grant_label().to_owned())];
+    match request {
+        Request::Login(Grant::Password) => {
+            let (Some(user), Some(password)) = (&account.username, &account.password) else {
+                return Err(not_configured("username and password"));
+            };
+            form.push(("username", user.clone()));
+            form.push(("password", password.expose().to_owned()));
+        }
+        Request::Login(Grant::ClientCredentials) => {}
+        Request::Login(Grant::AuthorizationCode) => {
+            return Err(not_configured("an authorization code from `ehrsync login`"));
+        }
+        Request::Refresh => {
+            let Some(rt) = refresh_token else {
+                return Err(not_configured("a refresh token"));
+            };
+            form.push(("refresh_token", rt.expose_secret().to_owned()));
+        }
+    }
+    if let Some(scope) = &account.scope {
+        form.push(("scope", scope.clone()));
+    }
+    if let Some(resource) = &account.resource {
+        form.push(("resource", resource.clone()));
+    }
+    let mut builder = http
+        .post(token_url.clone())
+        .header(reqwest::header::ACCEPT, "application/json");
+    match account.client_auth.unwrap_or(ClientAuth::Basic) {
+        ClientAuth::Basic => {
+            let secret = account.client_secret.as_ref().map_or("", |s| s.expose());
+            let pair = SecretString::from(format!(
+                "{}:{}",
+                form_encode(&account.client_id),
+                form_encode(secret)
+            ));
+            let encoded = SecretString::from(
+                base64::engine::general_purpose::STANDARD.encode(pair.expose_secret()),
+            );
+            let mut value = reqwest::header::HeaderValue::try_from(format!(
+                "Basic {}",
+                encoded.expose_secret()
+            ))
+            .map_err(|_| not_configured("a client id that fits in a header"))?;
+            value.set_sensitive(true);
+            builder = builder.header(reqwest::header::AUTHORIZATION, value);
+        }
+        ClientAuth::Post => {
+            form.push(("client_id", account.client_id.clone()));
+            if let Some(secret) = &account.client_secret {
+                form.push(("client_secret", secret.expose().to_owned()));
+            }
+        }
+    }
+    // The form holds secrets; it lives only until it is encoded into the request body.
+    let body = SecretString::from(
+        url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form.iter().map(|(k, v)| (*k, v.as_str())))
+            .finish(),
+    );
+    drop(form);
+    let response = builder
+        .header(
+            reqwest::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        )
+        .body(body.expose_secret().to_owned())
+        .send()
+        .await
+        .map_err(|e| transport(&e))?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    let body = read_limited(response).await?;
+    map_answer(status, retry_after, &body)
+}
+
+/// Maps an HTTP answer from a token endpoint (separate from the I/O so it can be tested alone).
+pub fn map_answer(
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Result<TokenResponse, Failure> {
+    match status {
+        200..=299 => parse_success(body).map_err(|e| Failure::Transient {
+            reason: e.to_string(),
+        }),
+        429 => Err(Failure::RateLimited { retry_after }),
+        408 | 500..=599 => {
+            let detail = parse_error(body)
+                .map(|e| format!(": {}", e.error))
+                .unwrap_or_default();
+            Err(Failure::Transient {
+                reason: format!("the token endpoint answered HTTP {status}{detail}"),
+            })
+        }
+        _ => Err(Failure::OAuth {
+            status,
+            error: parse_error(body).unwrap_or_else(|| OAuthError {
+                error: format!("http_{status}"),
+                description: Some("the answer is not an OAuth error body".to_owned()),
+            }),
+        }),
+    }
+}
+
+/// `Retry-After`: delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, Failure> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| transport(&e))? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(Failure::Transient {
+                reason: format!("the token endpoint's answer is larger than {MAX_BODY} bytes"),
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Describes a transport failure without the request (whose body holds secrets).
+fn transport(e: &reqwest::Error) -> Failure {
+    let kind = if e.is_timeout() {
+        "the token endpoint did not answer in time"
+    } else if e.is_connect() {
+        "cannot connect to the token endpoint"
+    } else {
+        "the token request failed"
+    };
+    let mut reason = kind.to_owned();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    Failure::Transient { reason }
+}
+
+fn not_configured(what: &str) -> Failure {
+    Failure::OAuth {
+        status: 0,
+        error: OAuthError {
+            error: "not_configured".to_owned(),
+            description: Some(format!("this request needs {what}")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_map_to_failures_as_the_design_says() {
+        assert!(map_answer(200, None, br#"{"access_token":"a","expires_in":"3599"}"#).is_ok());
+        assert!(matches!(
+            map_answer(200, None, b"<html>"),
+            Err(Failure::Transient { .. })
+        ));
+        assert!(matches!(
+            map_answer(429, Some(Duration::from_secs(7)), b""),
+            Err(Failure::RateLimited { retry_after: Some(d) }) if d == Duration::from_secs(7)
+        ));
+        for status in [408, 500, 502, 503] {
+            assert!(
+                matches!(
+                    map_answer(status, None, b"oops"),
+                    Err(Failure::Transient { .. })
+                ),
+                "{status}"
+            );
+        }
+        match map_answer(
+            400,
+            None,
+            br#"{"error":"invalid_grant","error_description":"AADSTS70008"}"#,
+        ) {
+            Err(Failure::OAuth { status: 400, error }) => assert_eq!(error.error, "invalid_grant"),
+            other => panic!("{other:?}"),
+        }
+        match map_answer(401, None, b"Unauthorized") {
+            Err(Failure::OAuth { status: 401, error }) => assert_eq!(error.error, "http_401"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn basic_credentials_are_form_encoded_first() {
+        // RFC 6749 §2.3.1: "client_id:secret" after application/x-www-form-urlencoded encoding.
+        assert_eq!(form_encode("a b:c/é"), "a+b%3Ac%2F%C3%A9");
+    }
+}

@@ -1,0 +1,389 @@
+//! The I/O shell around one account's lifecycle [`Core`]: a tokio task that performs the core's
+//! [`Output`] — sends the token request, stores the new state (sealed) before anyone can use
+//! it, publishes it to readers, sleeps until the next wake-up — and feeds results back in.
+//!
+//! Readers hold a [`TokenHandle`]: they get the current token without waiting unless none is
+//! valid, and report a 401 with the token generation they used. Only the owner ever sends a
+//! token request, one at a time, so concurrent readers never cause two.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::{mpsc, watch};
+use url::Url;
+
+use super::Timestamp;
+use super::client::request_token;
+use super::core::{Core, Event, Failure, Output, Policy, State};
+use super::persist::{from_record, to_record};
+use crate::clock::SharedClock;
+use crate::config::{Account, TokenEndpoint, discovery_url};
+use crate::crypto::TokenCipher;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// What every account's owner shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub store: Store,
+    pub cipher: Arc<TokenCipher>,
+    pub http: reqwest::Client,
+    pub clock: SharedClock,
+    pub metrics: Metrics,
+}
+
+/// An access token as readers receive it.
+#[derive(Clone)]
+pub struct CurrentToken {
+    pub access_token: SecretString,
+    /// Report this with [`TokenHandle::unauthorized`] when the API answers 401.
+    pub generation: u64,
+    pub expires_at: Timestamp,
+}
+
+impl std::fmt::Debug for CurrentToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CurrentToken([redacted], generation {}, expires {})",
+            self.generation, self.expires_at
+        )
+    }
+}
+
+/// The account's state as last published by its owner.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub state: State,
+    pub token: Option<CurrentToken>,
+    pub next_refresh_at: Option<Timestamp>,
+    pub refresh_expires_at: Option<Timestamp>,
+    pub last_error: Option<String>,
+}
+
+/// Why no token can be handed out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    #[error("the account needs a person: {0}")]
+    NeedsLogin(String),
+    #[error("the account's token owner has stopped")]
+    Stopped,
+}
+
+/// A reader's handle on one account's tokens. Cheap to clone.
+#[derive(Clone)]
+pub struct TokenHandle {
+    account: String,
+    clock: SharedClock,
+    snapshot: watch::Receiver<Snapshot>,
+    unauthorized: mpsc::UnboundedSender<u64>,
+}
+
+impl TokenHandle {
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot.borrow().clone()
+    }
+
+    /// A valid access token: at once when one is held, else after the owner obtains one.
+    pub async fn token(&self) -> Result<CurrentToken, Unavailable> {
+        let mut rx = self.snapshot.clone();
+        loop {
+            {
+                let s = rx.borrow_and_update();
+                if let Some(t) = s.token.as_ref().filter(|t| self.clock.now() < t.expires_at) {
+                    return Ok(t.clone());
+                }
+                if s.state == State::NeedsLogin {
+                    return Err(Unavailable::NeedsLogin(
+                        s.last_error.clone().unwrap_or_default(),
+                    ));
+                }
+            }
+            rx.changed().await.map_err(|_| Unavailable::Stopped)?;
+        }
+    }
+
+    /// Reports that the API refused the token of `generation` (HTTP 401). The owner refreshes
+    /// once per token; reports about an older token are ignored.
+    pub fn unauthorized(&self, generation: u64) {
+        // The owner has stopped if this fails; there is nobody left to tell.
+        let _ = self.unauthorized.send(generation);
+    }
+}
+
+/// Starts the owner of `account`'s tokens. It runs until `shutdown` turns true.
+pub async fn spawn(
+    account: Arc<Account>,
+    shared: Shared,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(TokenHandle, tokio::task::JoinHandle<()>), crate::store::StoreError> {
+    let policy = Policy::for_account(&account);
+    let name = account.name.to_string();
+    let seed = seed_for(&name);
+    let store = shared.store.clone();
+    let key = name.clone();
+    let core = match crate::store::shielded(async move { store.load_token(&key).await }).await? {
+        Some(record) => {
+            let (saved, problem) = from_record(record, &shared.cipher);
+            if let Some(e) = problem {
+                tracing::warn!(account = %name, error = %e, "stored tokens are unusable; logging in again");
+            }
+            Core::restore(policy, seed, saved)
+        }
+        None => Core::new(policy, seed),
+    };
+    let (snap_tx, snap_rx) = watch::channel(snapshot(&core, shared.clock.now()));
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let handle = TokenHandle {
+        account: name,
+        clock: shared.clock.clone(),
+        snapshot: snap_rx,
+        unauthorized: cmd_tx,
+    };
+    let owner = Owner {
+        account,
+        shared,
+        core,
+        token_url: None,
+        published: snap_tx,
+        unauthorized: cmd_rx,
+    };
+    let task = tokio::spawn(owner.run(shutdown));
+    Ok((handle, task))
+}
+
+/// Jitter must differ between accounts and between processes: hash the name, add OS randomness.
+fn seed_for(name: &str) -> u64 {
+    let mut seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    if let Ok(r) = getrandom::u64() {
+        seed ^= r;
+    }
+    seed
+}
+
+fn snapshot(core: &Core, now: Timestamp) -> Snapshot {
+    let tokens = core.tokens();
+    Snapshot {
+        state: core.state(now),
+        token: tokens.map(|t| CurrentToken {
+            access_token: t.access_token.clone(),
+            generation: t.generation,
+            expires_at: t.expires_at,
+        }),
+        next_refresh_at: core.next_refresh_at(),
+        refresh_expires_at: tokens
+            .and_then(|t| t.refresh.as_ref())
+            .and_then(|r| r.expires_at),
+        last_error: core.last_error().map(str::to_owned),
+    }
+}
+
+struct Owner {
+    account: Arc<Account>,
+    shared: Shared,
+    core: Core,
+    /// The token endpoint, once discovered (or as configured).
+    token_url: Option<Url>,
+    published: watch::Sender<Snapshot>,
+    unauthorized: mpsc::UnboundedReceiver<u64>,
+}
+
+impl Owner {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let name = self.account.name.to_string();
+        let mut out = self.core.step(self.shared.clock.now(), Event::Start);
+        loop {
+            self.apply(&out).await;
+            if *shutdown.borrow() {
+                return;
+            }
+            if let Some(request) = out.request {
+                let sent_at = self.shared.clock.now();
+                let started = tokio::time::Instant::now();
+                let answer = tokio::select! {
+                    answer = self.send(request) => answer,
+                    _ = shutdown.changed() => return,
+                };
+                self.shared
+                    .metrics
+                    .token_request_duration
+                    .with_label_values(&[name.as_str(), request.grant_label()])
+                    .observe(started.elapsed().as_secs_f64());
+                let event = match answer {
+                    Ok(response) => Event::Success { response, sent_at },
+                    Err(failure) => Event::Failure(failure),
+                };
+                out = self.core.step(self.shared.clock.now(), event);
+                continue;
+            }
+            let now = self.shared.clock.now();
+            let sleep = out.wake_at.map(|t| t.since(now));
+            tokio::select! {
+                _ = sleep_or_forever(sleep) => {
+                    out = self.core.step(self.shared.clock.now(), Event::Timer);
+                }
+                generation = self.unauthorized.recv() => match generation {
+                    Some(generation) => {
+                        out = self.core.step(self.shared.clock.now(), Event::Unauthorized { generation });
+                    }
+                    // Every handle is gone: nobody needs this account's tokens any more.
+                    None => return,
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Records, stores and publishes what a step produced.
+    async fn apply(&mut self, out: &Output) {
+        let name = self.account.name.as_str();
+        let now = self.shared.clock.now();
+        if let Some((request, outcome)) = out.finished {
+            self.shared
+                .metrics
+                .token_requests
+                .with_label_values(&[name, request.grant_label(), outcome.as_str()])
+                .inc();
+            match outcome {
+                super::core::Outcome::Success => {
+                    let expires = self
+                        .core
+                        .tokens()
+                        .map(|t| t.expires_at.to_string())
+                        .unwrap_or_default();
+                    tracing::info!(account = name, grant = request.grant_label(), expires = %expires, "obtained a new access token");
+                }
+                _ => tracing::warn!(
+                    account = name,
+                    grant = request.grant_label(),
+                    outcome = outcome.as_str(),
+                    error = self.core.last_error().unwrap_or(""),
+                    "token request failed"
+                ),
+            }
+        }
+        if out.persist {
+            match to_record(name, &self.core, now, &self.shared.cipher) {
+                Ok(record) => {
+                    let store = self.shared.store.clone();
+                    if let Err(e) =
+                        crate::store::shielded(async move { store.save_token(&record).await }).await
+                    {
+                        tracing::error!(account = name, error = %e, "cannot store the token state; it is kept in memory");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(account = name, error = %e, "cannot seal the token state")
+                }
+            }
+        }
+        let snap = snapshot(&self.core, now);
+        if snap.state == State::NeedsLogin && self.published.borrow().state != State::NeedsLogin {
+            tracing::error!(
+                account = name,
+                reason = snap.last_error.as_deref().unwrap_or(""),
+                "the account needs a person; fix its credentials or run `ehrsync login {name}`"
+            );
+        }
+        self.update_gauges(&snap, now);
+        self.published.send_replace(snap);
+    }
+
+    fn update_gauges(&self, snap: &Snapshot, now: Timestamp) {
+        let name = self.account.name.as_str();
+        let m = &self.shared.metrics;
+        let secs = |t: Timestamp| t.unix_millis() as f64 / 1000.0;
+        if let Some(t) = &snap.token {
+            m.token_expiry
+                .with_label_values(&[name])
+                .set(secs(t.expires_at));
+        }
+        if let Some(r) = snap.refresh_expires_at {
+            m.refresh_token_expiry
+                .with_label_values(&[name])
+                .set(secs(r));
+        }
+        let valid = snap.token.as_ref().is_some_and(|t| now < t.expires_at);
+        m.token_valid
+            .with_label_values(&[name])
+            .set(i64::from(valid));
+        m.needs_login
+            .with_label_values(&[name])
+            .set(i64::from(snap.state == State::NeedsLogin));
+    }
+
+    async fn send(
+        &mut self,
+        request: super::core::Request,
+    ) -> Result<super::response::TokenResponse, Failure> {
+        let url = match &self.token_url {
+            Some(u) => u.clone(),
+            None => {
+                let u = self.resolve_token_url().await?;
+                self.token_url = Some(u.clone());
+                u
+            }
+        };
+        let refresh = self
+            .core
+            .tokens()
+            .and_then(|t| t.refresh.as_ref())
+            .map(|r| r.token.clone());
+        request_token(
+            &self.shared.http,
+            &self.account,
+            &url,
+            request,
+            refresh.as_ref(),
+        )
+        .await
+    }
+
+    /// The configured token URL, or the one OpenID discovery names.
+    async fn resolve_token_url(&self) -> Result<Url, Failure> {
+        let issuer = match &self.account.token_endpoint {
+            TokenEndpoint::Url(u) => return Ok(u.clone()),
+            TokenEndpoint::Discovery { issuer } => issuer,
+        };
+        let fail = |why: String| Failure::Transient {
+            reason: format!("OpenID discovery at {}: {why}", discovery_url(issuer)),
+        };
+        let response = self
+            .shared
+            .http
+            .get(discovery_url(issuer))
+            .send()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(fail(format!("HTTP {}", response.status().as_u16())));
+        }
+        let body = response.bytes().await.map_err(|e| fail(e.to_string()))?;
+        let doc: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|_| fail("not a JSON document".into()))?;
+        let endpoint = doc
+            .get("token_endpoint")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| fail("no token_endpoint".into()))?;
+        Url::parse(endpoint).map_err(|e| fail(format!("token_endpoint is not a URL ({e})")))
+    }
+}
+
+async fn sleep_or_forever(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The access token's text, for the `Authorization` header (the only place it is exposed).
+pub fn bearer(token: &CurrentToken) -> String {
+    format!("Bearer {}", token.access_token.expose_secret())
+}
