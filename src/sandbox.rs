@@ -229,6 +229,11 @@ impl Sandbox {
         queue.extend(std::iter::repeat_n(fault, times));
     }
 
+    /// Drops every fault still queued for `vendor` (the end of an outage).
+    pub fn clear_faults(&self, vendor: Vendor) {
+        self.inner.books().faults.remove(&vendor);
+    }
+
     /// Revokes every refresh token issued for `vendor`: their next use gets `invalid_grant`.
     pub fn revoke_refresh_tokens(&self, vendor: Vendor) {
         self.inner

@@ -98,6 +98,70 @@ impl Store {
     /// Opens (creating if needed) the database at `path` for reading and writing, and brings its
     /// schema up to date.
     pub async fn open(path: &Path) -> Result<Store, StoreError> {
+        let path = path.to_owned();
+        shielded(async move { Store::open_now(&path).await }).await
+    }
+
+    /// Opens an existing database read-only, for inspection. `Ok(None)` when there is no file yet.
+    /// The schema must be exactly the one this build knows.
+    pub async fn open_read_only(path: &Path) -> Result<Option<Store>, StoreError> {
+        let path = path.to_owned();
+        shielded(async move { Store::open_read_only_now(&path).await }).await
+    }
+
+    /// The highest migration applied successfully; 0 for a database ehrsync has never migrated.
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        self.shield(|s| async move { s.schema_version_now().await })
+            .await
+    }
+
+    /// Every stored token state, for `status`. Token columns are not read.
+    pub async fn token_states(&self) -> Result<Vec<TokenStateRow>, StoreError> {
+        self.shield(|s| async move { s.token_states_now().await })
+            .await
+    }
+
+    /// The latest run of every (account, job) that has run at least once.
+    pub async fn latest_runs(&self) -> Result<Vec<SyncRunRow>, StoreError> {
+        self.shield(|s| async move { s.latest_runs_now().await })
+            .await
+    }
+
+    /// Writes one account's token state in a single statement: with `synchronous = FULL` it is
+    /// on disk when this returns, so a rotated refresh token is durable before it is used.
+    pub async fn save_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        let record = record.clone();
+        self.shield(|s| async move { s.save_token_now(&record).await })
+            .await
+    }
+
+    /// One account's stored token state, sealed columns included.
+    pub async fn load_token(&self, account: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let account = account.to_owned();
+        self.shield(|s| async move { s.load_token_now(&account).await })
+            .await
+    }
+
+    pub async fn close(self) {
+        // Closing only waits for connections to finish; there is nothing to report.
+        let _ = shielded(async move {
+            self.pool.close().await;
+            Ok(())
+        })
+        .await;
+    }
+
+    /// Runs `work` on this store through [`shielded`].
+    async fn shield<T, F, Fut>(&self, work: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Store) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        shielded(work(self.clone())).await
+    }
+
+    async fn open_now(path: &Path) -> Result<Store, StoreError> {
         prepare_file(path)?;
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -110,9 +174,7 @@ impl Store {
         Ok(store)
     }
 
-    /// Opens an existing database read-only, for inspection. `Ok(None)` when there is no file yet.
-    /// The schema must be exactly the one this build knows.
-    pub async fn open_read_only(path: &Path) -> Result<Option<Store>, StoreError> {
+    async fn open_read_only_now(path: &Path) -> Result<Option<Store>, StoreError> {
         if !path.exists() {
             return Ok(None);
         }
@@ -163,8 +225,7 @@ impl Store {
         &self.pool
     }
 
-    /// The highest migration applied successfully; 0 for a database ehrsync has never migrated.
-    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+    async fn schema_version_now(&self) -> Result<i64, StoreError> {
         let has_table: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
         )
@@ -182,7 +243,7 @@ impl Store {
 
     async fn migrate(&self) -> Result<(), StoreError> {
         let supported = supported_schema_version();
-        let found = self.schema_version().await?;
+        let found = self.schema_version_now().await?;
         if found > supported {
             return Err(StoreError::TooNew {
                 path: self.path.clone(),
@@ -198,7 +259,7 @@ impl Store {
                 Ok(()) => return Ok(()),
                 Err(source) => {
                     attempts += 1;
-                    let now = self.schema_version().await?;
+                    let now = self.schema_version_now().await?;
                     if now == supported && attempts < 3 {
                         continue;
                     }
@@ -211,8 +272,7 @@ impl Store {
         }
     }
 
-    /// Every stored token state, for `status`. Token columns are not read.
-    pub async fn token_states(&self) -> Result<Vec<TokenStateRow>, StoreError> {
+    async fn token_states_now(&self) -> Result<Vec<TokenStateRow>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT account, state, access_token_expires_at, next_refresh_at, \
                     refresh_token_expires_at, last_error, updated_at \
@@ -222,8 +282,7 @@ impl Store {
         .await?)
     }
 
-    /// The latest run of every (account, job) that has run at least once.
-    pub async fn latest_runs(&self) -> Result<Vec<SyncRunRow>, StoreError> {
+    async fn latest_runs_now(&self) -> Result<Vec<SyncRunRow>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT r.account, r.job, r.full, r.started_at, r.finished_at, r.outcome, r.pages, \
                     r.records, r.error \
@@ -236,9 +295,7 @@ impl Store {
         .await?)
     }
 
-    /// Writes one account's token state in a single statement: with `synchronous = FULL` it is
-    /// on disk when this returns, so a rotated refresh token is durable before it is used.
-    pub async fn save_token(&self, r: &TokenRecord) -> Result<(), StoreError> {
+    async fn save_token_now(&self, r: &TokenRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO token_state (account, state, access_token, access_token_issued_at, \
                  access_token_expires_at, next_refresh_at, refresh_token, refresh_token_issued_at, \
@@ -271,8 +328,7 @@ impl Store {
         Ok(())
     }
 
-    /// One account's stored token state, sealed columns included.
-    pub async fn load_token(&self, account: &str) -> Result<Option<TokenRecord>, StoreError> {
+    async fn load_token_now(&self, account: &str) -> Result<Option<TokenRecord>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT account, state, access_token, access_token_issued_at, access_token_expires_at, \
                     next_refresh_at, refresh_token, refresh_token_issued_at, refresh_token_expires_at, \
@@ -282,10 +338,6 @@ impl Store {
         .bind(account)
         .fetch_optional(&self.pool)
         .await?)
-    }
-
-    pub async fn close(self) {
-        self.pool.close().await;
     }
 }
 

@@ -125,9 +125,7 @@ pub async fn spawn(
     let policy = Policy::for_account(&account);
     let name = account.name.to_string();
     let seed = seed_for(&name);
-    let store = shared.store.clone();
-    let key = name.clone();
-    let core = match crate::store::shielded(async move { store.load_token(&key).await }).await? {
+    let core = match shared.store.load_token(&name).await? {
         Some(record) => {
             let (saved, problem) = from_record(record, &shared.cipher);
             if let Some(e) = problem {

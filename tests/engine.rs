@@ -1,0 +1,458 @@
+//! The token engine against the vendor sandbox over real HTTP on loopback, under tokio's paused
+//! clock: days of token lifetimes run in moments. Each test checks what DESIGN.md §2 promises
+//! through the metrics, the sandbox's request counts and the stored state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ehrsync::clock::{SharedClock, TokioClock};
+use ehrsync::config::{self, Account, Env, KeySource};
+use ehrsync::crypto::TokenCipher;
+use ehrsync::metrics::Metrics;
+use ehrsync::sandbox::{self, Fault, Lifetimes, Sandbox};
+use ehrsync::store::Store;
+use ehrsync::token::Timestamp;
+use ehrsync::token::client::http_client;
+use ehrsync::token::core::State;
+use ehrsync::token::owner::{Shared, TokenHandle, Unavailable, spawn};
+use ehrsync::vendor::Vendor;
+use secrecy::ExposeSecret;
+use tokio::sync::watch;
+
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+struct Harness {
+    dir: tempfile::TempDir,
+    sandbox: Sandbox,
+    shared: Shared,
+    account: Arc<Account>,
+    handle: TokenHandle,
+    task: tokio::task::JoinHandle<()>,
+    shutdown: watch::Sender<bool>,
+}
+
+fn account_toml(vendor: Vendor, sandbox: &Sandbox, password: &str) -> String {
+    let url = sandbox.token_url(vendor);
+    match vendor {
+        Vendor::Nextech => {
+            let c = sandbox::NEXTECH_CREDENTIALS;
+            format!(
+                "[accounts.nx]\nvendor = 'nextech'\ntoken_url = '{url}'\nclient_id = '{}'\nclient_secret = {{ env = 'NX_SECRET' }}\nusername = '{}'\npassword = {{ env = 'NX_PASSWORD' }}\npractice_id = '1001'\n",
+                c.client_id, c.username
+            ) + &format!("# {password}\n")
+        }
+        Vendor::CareCentric => {
+            let c = sandbox::CARECENTRIC_CREDENTIALS;
+            format!(
+                "[accounts.cc]\nvendor = 'carecentric'\ntoken_url = '{url}'\nclient_id = '{}'\nclient_secret = {{ env = 'CC_SECRET' }}\nusername = '{}'\npassword = {{ env = 'CC_PASSWORD' }}\n",
+                c.client_id, c.username
+            )
+        }
+        Vendor::NikoHealth => {
+            let c = sandbox::NIKOHEALTH_CREDENTIALS;
+            format!(
+                "[accounts.niko]\nvendor = 'nikohealth'\ntoken_url = '{url}'\nclient_id = '{}'\nclient_secret = {{ env = 'NIKO_SECRET' }}\n",
+                c.client_id
+            )
+        }
+        other => panic!("no sandbox account for {other}"),
+    }
+}
+
+fn env(password_override: Option<&str>) -> Env {
+    [
+        ("NX_SECRET", sandbox::NEXTECH_CREDENTIALS.client_secret),
+        (
+            "NX_PASSWORD",
+            password_override.unwrap_or(sandbox::NEXTECH_CREDENTIALS.password),
+        ),
+        ("CC_SECRET", sandbox::CARECENTRIC_CREDENTIALS.client_secret),
+        (
+            "CC_PASSWORD",
+            password_override.unwrap_or(sandbox::CARECENTRIC_CREDENTIALS.password),
+        ),
+        ("NIKO_SECRET", sandbox::NIKOHEALTH_CREDENTIALS.client_secret),
+    ]
+    .into_iter()
+    .collect()
+}
+
+async fn start_with(
+    vendor: Vendor,
+    lifetimes: Lifetimes,
+    password: Option<&str>,
+    prepare: impl FnOnce(&Sandbox),
+) -> Harness {
+    let clock: SharedClock = Arc::new(TokioClock::new(Timestamp::from_unix_millis(
+        1_800_000_000_000,
+    )));
+    let sandbox = Sandbox::start(clock.clone(), lifetimes, 0).await.unwrap();
+    prepare(&sandbox);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ehrsync.toml");
+    std::fs::write(&path, account_toml(vendor, &sandbox, "")).unwrap();
+    let loaded = config::load_with_env(&path, &env(password)).unwrap();
+    let account = Arc::new(loaded.config.accounts.into_iter().next().unwrap());
+    let store = Store::open(&dir.path().join("ehrsync.db")).await.unwrap();
+    let cipher = TokenCipher::load(
+        &KeySource::File {
+            path: dir.path().join("ehrsync.key"),
+            create: true,
+        },
+        &Env::default(),
+    )
+    .unwrap();
+    let shared = Shared {
+        store,
+        cipher: Arc::new(cipher),
+        http: http_client(Duration::from_secs(30)).unwrap(),
+        clock,
+        metrics: Metrics::new().unwrap(),
+    };
+    let (shutdown, rx) = watch::channel(false);
+    let (handle, task) = spawn(account.clone(), shared.clone(), rx).await.unwrap();
+    Harness {
+        dir,
+        sandbox,
+        shared,
+        account,
+        handle,
+        task,
+        shutdown,
+    }
+}
+
+async fn start(vendor: Vendor) -> Harness {
+    start_with(vendor, Lifetimes::documented(), None, |_| {}).await
+}
+
+impl Harness {
+    fn now(&self) -> Timestamp {
+        self.shared.clock.now()
+    }
+
+    fn requests(&self, grant: &str, outcome: &str) -> u64 {
+        self.shared
+            .metrics
+            .token_requests(self.account.name.as_str(), grant, outcome)
+    }
+
+    /// Asserts the account holds a token the sandbox accepts right now.
+    async fn assert_valid_token(&self, when: &str) {
+        let token = tokio::time::timeout(Duration::from_secs(5), self.handle.token())
+            .await
+            .unwrap_or_else(|_| panic!("{when}: no token within 5 s"))
+            .unwrap_or_else(|e| panic!("{when}: {e}"));
+        assert!(
+            self.sandbox
+                .access_token_valid(token.access_token.expose_secret()),
+            "{when}: the sandbox rejects the token"
+        );
+    }
+
+    /// Samples validity every `step` for `span`, counting samples without a valid token.
+    async fn invalid_samples(&self, span: Duration, step: Duration) -> u32 {
+        let mut invalid = 0;
+        let end = tokio::time::Instant::now() + span;
+        while tokio::time::Instant::now() < end {
+            tokio::time::sleep(step).await;
+            let snap = self.handle.snapshot();
+            let ok = snap.token.is_some_and(|t| {
+                self.now() < t.expires_at
+                    && self
+                        .sandbox
+                        .access_token_valid(t.access_token.expose_secret())
+            });
+            invalid += u32::from(!ok);
+        }
+        invalid
+    }
+
+    async fn stop(self) -> (tempfile::TempDir, Sandbox, Shared) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+        (self.dir, self.sandbox, self.shared)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn nikohealth_client_credentials_with_basic_auth_for_a_day() {
+    let h = start(Vendor::NikoHealth).await;
+    h.assert_valid_token("first login").await;
+    assert_eq!(
+        h.invalid_samples(DAY, Duration::from_secs(60)).await,
+        0,
+        "a valid token every minute of the day"
+    );
+    // 20-minute tokens refreshed at ~15 min: ~96 logins a day (±5 % jitter).
+    let logins = h.sandbox.requests(Vendor::NikoHealth, "client_credentials");
+    assert!((90..=103).contains(&logins), "{logins} logins");
+    assert_eq!(
+        h.requests("client_credentials", "success"),
+        u64::from(logins)
+    );
+    assert_eq!(h.handle.snapshot().state, State::Valid);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn carecentric_logs_in_again_before_the_jwt_expires() {
+    let h = start(Vendor::CareCentric).await;
+    h.assert_valid_token("first login").await;
+    let first = h.handle.snapshot().token.unwrap();
+    assert_eq!(
+        first.expires_at,
+        h.now() + Duration::from_secs(172_800),
+        "expiry from the 48 h JWT"
+    );
+    assert_eq!(
+        h.invalid_samples(10 * DAY, Duration::from_secs(600)).await,
+        0
+    );
+    // 48 h tokens renewed at ~36 h: 10 days → 7 logins, never a refresh grant (none is issued).
+    let logins = h.sandbox.requests(Vendor::CareCentric, "password");
+    assert!((7..=8).contains(&logins), "{logins}");
+    assert_eq!(h.sandbox.requests(Vendor::CareCentric, "refresh_token"), 0);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn nextech_refreshes_hourly_and_logs_in_again_after_a_15_day_outage() {
+    let h = start(Vendor::Nextech).await;
+    h.assert_valid_token("first login").await;
+    assert_eq!(
+        h.invalid_samples(10 * DAY, Duration::from_secs(300)).await,
+        0,
+        "days 0–10"
+    );
+    // Outage: every token request fails for 15 days, longer than the 14-day refresh token.
+    h.sandbox
+        .inject(Vendor::Nextech, Fault::ServerError, 1_000_000);
+    tokio::time::sleep(15 * DAY).await;
+    assert!(
+        h.handle
+            .snapshot()
+            .token
+            .is_none_or(|t| t.expires_at < h.now()),
+        "no token survives the outage"
+    );
+    h.sandbox.clear_faults(Vendor::Nextech);
+    // Back within one backoff cap (5 min).
+    tokio::time::sleep(Duration::from_secs(301)).await;
+    h.assert_valid_token("after the outage").await;
+    assert_eq!(
+        h.invalid_samples(5 * DAY, Duration::from_secs(300)).await,
+        0,
+        "days 25–30"
+    );
+
+    assert_eq!(
+        h.requests("password", "success"),
+        2,
+        "the first login and one re-login after the outage"
+    );
+    assert_eq!(
+        h.requests("refresh_token", "rejected"),
+        0,
+        "the dead refresh token is never presented"
+    );
+    let refreshes = h.requests("refresh_token", "success");
+    assert!(
+        refreshes > 450 && refreshes < 560,
+        "~45-min refreshes over 15 days of service: {refreshes}"
+    );
+    assert!(
+        h.requests("refresh_token", "transient_error") + h.requests("password", "transient_error")
+            > 1000,
+        "retried through the outage"
+    );
+    let record = h.shared.store.load_token("nx").await.unwrap().unwrap();
+    assert_eq!(record.state, "valid");
+    assert!(
+        record.refresh_token_expires_at.unwrap() > h.now().unix_seconds() + 13 * 86_400,
+        "a fresh 14-day refresh token"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revoked_refresh_token_leads_to_one_password_login() {
+    let h = start(Vendor::Nextech).await;
+    h.assert_valid_token("first login").await;
+    h.sandbox.revoke_refresh_tokens(Vendor::Nextech);
+    tokio::time::sleep(HOUR).await;
+    h.assert_valid_token("after the revocation").await;
+    assert_eq!(h.requests("refresh_token", "rejected"), 1);
+    assert_eq!(h.requests("password", "success"), 2);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_limits_wait_for_retry_after() {
+    let h = start_with(Vendor::NikoHealth, Lifetimes::documented(), None, |s| {
+        s.inject(
+            Vendor::NikoHealth,
+            Fault::RateLimited {
+                retry_after_secs: 30,
+            },
+            1,
+        )
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(29)).await;
+    assert_eq!(
+        h.sandbox.total_requests(Vendor::NikoHealth),
+        1,
+        "nothing before Retry-After"
+    );
+    assert!(h.handle.snapshot().token.is_none());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.sandbox.total_requests(Vendor::NikoHealth), 2);
+    h.assert_valid_token("after Retry-After").await;
+    assert_eq!(h.requests("client_credentials", "transient_error"), 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_errors_malformed_json_and_slow_answers_are_retried() {
+    let h = start_with(Vendor::CareCentric, Lifetimes::documented(), None, |s| {
+        s.inject(Vendor::CareCentric, Fault::ServerError, 3);
+        s.inject(Vendor::CareCentric, Fault::MalformedJson, 1);
+        // Slower than the 30 s request timeout: abandoned and retried.
+        s.inject(Vendor::CareCentric, Fault::Slow(Duration::from_secs(60)), 1);
+        // Slow but within the timeout: accepted.
+        s.inject(Vendor::CareCentric, Fault::Slow(Duration::from_secs(10)), 1);
+    })
+    .await;
+    // Backoff ceilings 1, 2, 4, 8, 16 s plus a 30 s timeout: well within 3 minutes.
+    tokio::time::sleep(Duration::from_secs(180)).await;
+    h.assert_valid_token("after the faults").await;
+    assert_eq!(h.requests("password", "transient_error"), 5);
+    assert_eq!(h.requests("password", "success"), 1);
+    assert_eq!(h.sandbox.requests(Vendor::CareCentric, "password"), 6);
+    let text = h.shared.metrics.render();
+    assert!(text.contains("ehrsync_token_request_duration_seconds_bucket{account=\"cc\",grant=\"password\",le=\"30\"}"), "{text}");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_client_waits_in_needs_login_and_retries_hourly() {
+    let h = start_with(Vendor::NikoHealth, Lifetimes::documented(), None, |s| {
+        s.inject(Vendor::NikoHealth, Fault::InvalidClient, 1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.handle.snapshot().state, State::NeedsLogin);
+    assert!(matches!(
+        h.handle.token().await,
+        Err(Unavailable::NeedsLogin(_))
+    ));
+    assert!(
+        h.shared
+            .metrics
+            .render()
+            .contains("ehrsync_account_needs_login{account=\"niko\"} 1")
+    );
+    tokio::time::sleep(Duration::from_secs(3590)).await;
+    assert_eq!(
+        h.sandbox.total_requests(Vendor::NikoHealth),
+        1,
+        "no retry within the hour"
+    );
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(h.sandbox.total_requests(Vendor::NikoHealth), 2);
+    h.assert_valid_token("after the hourly retry").await;
+    assert!(
+        h.shared
+            .metrics
+            .render()
+            .contains("ehrsync_account_needs_login{account=\"niko\"} 0")
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wrong_password_is_tried_once_an_hour_not_in_a_loop() {
+    let h = start_with(
+        Vendor::Nextech,
+        Lifetimes::documented(),
+        Some("wrong-password"),
+        |_| {},
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3 * 3600 + 60)).await;
+    // Start, then +1 h, +2 h, +3 h: four attempts in three hours, never a burst.
+    assert_eq!(h.sandbox.requests(Vendor::Nextech, "password"), 4);
+    assert_eq!(h.requests("password", "rejected"), 4);
+    let snap = h.handle.snapshot();
+    assert_eq!(snap.state, State::NeedsLogin);
+    assert!(snap.last_error.unwrap().contains("AADSTS50126"));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_readers_and_401s_cause_one_request_each() {
+    let h = start(Vendor::NikoHealth).await;
+    let readers: Vec<_> = (0..50)
+        .map(|_| {
+            let handle = h.handle.clone();
+            tokio::spawn(async move { handle.token().await.map(|t| t.generation) })
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.await.unwrap(), Ok(1));
+    }
+    assert_eq!(
+        h.sandbox.total_requests(Vendor::NikoHealth),
+        1,
+        "50 readers, one login"
+    );
+    // Many API calls see 401 with generation 1: one forced refresh.
+    for _ in 0..20 {
+        h.handle.unauthorized(1);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.sandbox.total_requests(Vendor::NikoHealth), 2);
+    assert_eq!(h.handle.token().await.unwrap().generation, 2);
+    // A late 401 about generation 1 changes nothing.
+    h.handle.unauthorized(1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.sandbox.total_requests(Vendor::NikoHealth), 2);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_with_a_valid_token_sends_no_request() {
+    let h = start(Vendor::Nextech).await;
+    h.assert_valid_token("first login").await;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let before = h.handle.token().await.unwrap();
+    let account = h.account.clone();
+    let (dir, sandbox, shared) = h.stop().await;
+    let requests = sandbox.total_requests(Vendor::Nextech);
+
+    let (_tx, rx) = watch::channel(false);
+    let (handle, task) = spawn(account, shared.clone(), rx).await.unwrap();
+    let after = handle.token().await.unwrap();
+    assert_eq!(
+        after.access_token.expose_secret(),
+        before.access_token.expose_secret()
+    );
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        sandbox.total_requests(Vendor::Nextech),
+        requests,
+        "no token request after the restart"
+    );
+    // And the restored refresh token still works when the refresh is due.
+    tokio::time::sleep(HOUR).await;
+    assert_eq!(
+        shared
+            .metrics
+            .token_requests("nx", "refresh_token", "success"),
+        1
+    );
+    task.abort();
+    drop(dir);
+}
