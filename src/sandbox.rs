@@ -118,6 +118,8 @@ struct Books {
     refresh_tokens: HashMap<String, (Vendor, Timestamp)>,
     access_tokens: HashMap<String, (Vendor, Timestamp)>,
     requests: HashMap<(Vendor, String), u32>,
+    /// Every refresh token ever issued, including rotated and revoked ones.
+    issued_refresh_tokens: Vec<String>,
     issued: u64,
 }
 
@@ -240,6 +242,17 @@ impl Sandbox {
             .books()
             .refresh_tokens
             .retain(|_, (v, _)| *v != vendor);
+    }
+
+    /// Every access and refresh token issued so far (for tests that look for leaks).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        let books = self.inner.books();
+        books
+            .access_tokens
+            .keys()
+            .chain(books.issued_refresh_tokens.iter())
+            .cloned()
+            .collect()
     }
 
     /// Whether `token` is an access token this sandbox issued that has not expired.

@@ -1,0 +1,203 @@
+//! Secrets and tokens never reach the logs, even at `trace` level, nor the database as plain
+//! text. Runs every preset through logins, refreshes and failures with a global subscriber
+//! capturing every thread's output (its own test binary, since the subscriber is global).
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use ehrsync::clock::{SharedClock, TokioClock};
+use ehrsync::config::{self, Env, KeySource};
+use ehrsync::crypto::TokenCipher;
+use ehrsync::metrics::Metrics;
+use ehrsync::sandbox::{self, Fault, Lifetimes, Sandbox};
+use ehrsync::store::Store;
+use ehrsync::token::Timestamp;
+use ehrsync::token::client::http_client;
+use ehrsync::token::owner::{Shared, spawn};
+use ehrsync::vendor::Vendor;
+use tokio::sync::watch;
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn contains(haystack: &str, needle: &str) -> bool {
+    !needle.is_empty() && haystack.contains(needle)
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_secret_or_token_in_trace_logs_or_the_database() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .init();
+
+    let clock: SharedClock = Arc::new(TokioClock::new(Timestamp::from_unix_millis(
+        1_800_000_000_000,
+    )));
+    let lifetimes = Lifetimes {
+        nextech_access: Duration::from_secs(120),
+        nextech_refresh: Duration::from_secs(3600),
+        carecentric_access: Duration::from_secs(600),
+        nikohealth_access: Duration::from_secs(300),
+    };
+    let sandbox = Sandbox::start(clock.clone(), lifetimes, 0).await.unwrap();
+    // A fault of each kind along the way, so error paths log too.
+    sandbox.inject(Vendor::Nextech, Fault::MalformedJson, 1);
+    sandbox.inject(Vendor::CareCentric, Fault::ServerError, 1);
+    sandbox.inject(Vendor::NikoHealth, Fault::InvalidGrant, 1);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (nx, cc, niko) = (
+        sandbox::NEXTECH_CREDENTIALS,
+        sandbox::CARECENTRIC_CREDENTIALS,
+        sandbox::NIKOHEALTH_CREDENTIALS,
+    );
+    let toml = format!(
+        "[accounts.nx]\nvendor = 'nextech'\ntoken_url = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'NX_SECRET' }}\nusername = '{}'\npassword = {{ env = 'NX_PASSWORD' }}\npractice_id = '1001'\n\
+         [accounts.cc]\nvendor = 'carecentric'\ntoken_url = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'CC_SECRET' }}\nusername = '{}'\npassword = {{ env = 'CC_PASSWORD' }}\n\
+         [accounts.niko]\nvendor = 'nikohealth'\ntoken_url = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'NIKO_SECRET' }}\n\
+         [accounts.bad]\nvendor = 'nextech'\ntoken_url = '{}'\nclient_id = '{}'\nusername = '{}'\npassword = {{ env = 'BAD_PASSWORD' }}\npractice_id = '1'\n",
+        sandbox.token_url(Vendor::Nextech),
+        nx.client_id,
+        nx.username,
+        sandbox.token_url(Vendor::CareCentric),
+        cc.client_id,
+        cc.username,
+        sandbox.token_url(Vendor::NikoHealth),
+        niko.client_id,
+        sandbox.token_url(Vendor::Nextech),
+        nx.client_id,
+        nx.username,
+    );
+    let path = dir.path().join("ehrsync.toml");
+    std::fs::write(&path, toml).unwrap();
+    let bad_password = "wrong-password-8c1d";
+    let env: Env = [
+        ("NX_SECRET", nx.client_secret),
+        ("NX_PASSWORD", nx.password),
+        ("CC_SECRET", cc.client_secret),
+        ("CC_PASSWORD", cc.password),
+        ("NIKO_SECRET", niko.client_secret),
+        ("BAD_PASSWORD", bad_password),
+    ]
+    .into_iter()
+    .collect();
+    let loaded = config::load_with_env(&path, &env).unwrap();
+    let db = dir.path().join("ehrsync.db");
+    let shared = Shared {
+        store: Store::open(&db).await.unwrap(),
+        cipher: Arc::new(
+            TokenCipher::load(
+                &KeySource::File {
+                    path: dir.path().join("k"),
+                    create: true,
+                },
+                &Env::default(),
+            )
+            .unwrap(),
+        ),
+        http: http_client(Duration::from_secs(30)).unwrap(),
+        clock,
+        metrics: Metrics::new().unwrap(),
+    };
+    let (shutdown, rx) = watch::channel(false);
+    let mut handles = Vec::new();
+    for account in loaded.config.accounts {
+        handles.push(
+            spawn(Arc::new(account), shared.clone(), rx.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    // Short lifetimes (2 min Nextech access, 1 h refresh): two hours cover logins, refreshes with
+    // rotation, a revoked refresh token and the hourly retries of the bad password.
+    tokio::time::sleep(Duration::from_secs(1800)).await;
+    sandbox.revoke_refresh_tokens(Vendor::Nextech);
+    tokio::time::sleep(Duration::from_secs(2 * 3600 + 60)).await;
+    for (handle, _) in &handles {
+        // A 401 report, so that path logs as well.
+        if let Some(t) = handle.snapshot().token {
+            handle.unauthorized(t.generation);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let _ = shutdown.send(true);
+    for (_, task) in handles {
+        let _ = task.await;
+    }
+    assert!(
+        shared
+            .metrics
+            .token_requests("nx", "refresh_token", "success")
+            > 10,
+        "refreshes happened"
+    );
+    assert_eq!(
+        shared.metrics.token_requests("bad", "password", "rejected"),
+        3,
+        "the bad password: at start, +1 h, +2 h"
+    );
+    assert_eq!(
+        shared
+            .metrics
+            .token_requests("nx", "refresh_token", "rejected"),
+        1,
+        "the revoked refresh token"
+    );
+
+    let logs = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
+    assert!(
+        logs.len() > 10_000,
+        "trace logging captured {} bytes",
+        logs.len()
+    );
+    let basic = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}:{}", niko.client_id, niko.client_secret));
+    let mut secrets: Vec<String> = [
+        nx.client_secret,
+        nx.password,
+        cc.client_secret,
+        cc.password,
+        niko.client_secret,
+        bad_password,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    secrets.push(basic);
+    let tokens = sandbox.issued_tokens();
+    assert!(tokens.len() > 50, "{} tokens issued", tokens.len());
+    secrets.extend(tokens);
+    for secret in &secrets {
+        assert!(
+            !contains(&logs, secret),
+            "a secret or token appears in the logs: {}…",
+            &secret[..8.min(secret.len())]
+        );
+    }
+    for file in ["ehrsync.db", "ehrsync.db-wal"] {
+        let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        for secret in &secrets {
+            assert!(
+                !contains(&text, secret),
+                "{file} holds a secret or token as plain text"
+            );
+        }
+    }
+}
