@@ -4,6 +4,7 @@
 //! The crate is a library with a thin binary (`src/main.rs`) on top; `ARCHITECTURE.md` maps the
 //! modules and the invariants they keep.
 
+pub mod agent;
 pub mod cli;
 pub mod clock;
 pub mod config;

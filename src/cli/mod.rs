@@ -40,6 +40,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the agent in the foreground: keep every account's token valid and serve
+    /// /metrics, /healthz and /readyz. Stops cleanly on SIGINT or SIGTERM.
+    Run,
     /// Validate the config and print the resolved plan (accounts, endpoints, grants, schedules),
     /// secrets redacted. Exits 2 listing every problem when the config is invalid.
     CheckConfig,
@@ -54,8 +57,31 @@ pub enum Command {
 /// Runs the parsed command line to completion.
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Run => run_agent(&cli.config).await,
         Command::CheckConfig => check_config::run(&cli.config),
         Command::Status { json } => status::run(&cli.config, json).await,
+    }
+}
+
+async fn run_agent(path: &std::path::Path) -> ExitCode {
+    let env = config::Env::from_process();
+    let loaded = match config::load_with_env(path, &env) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    for w in &loaded.warnings {
+        tracing::warn!(key = %w.key, "{}", w.message);
+    }
+    match crate::agent::run(loaded.config, &env, crate::agent::termination_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "ehrsync cannot run");
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 
