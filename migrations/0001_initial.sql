@@ -23,6 +23,16 @@ CREATE TABLE token_state (
     updated_at               INTEGER NOT NULL
 ) STRICT;
 
+-- Who may make token requests for an account right now. `ehrsync run`, `sync` and `login` can
+-- share this database; only the holder of an unexpired lease asks the token endpoint, the others
+-- re-read `token_state` (DESIGN.md §2, one request at a time across processes).
+CREATE TABLE token_leases (
+    account    TEXT    NOT NULL PRIMARY KEY,
+    -- Unique per process run: "{pid}-{random}".
+    holder     TEXT    NOT NULL,
+    expires_at INTEGER NOT NULL
+) STRICT;
+
 -- Per job: where the next incremental run starts.
 CREATE TABLE sync_state (
     account    TEXT    NOT NULL,

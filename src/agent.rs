@@ -56,13 +56,13 @@ pub async fn run(
     let store = Store::open(&config.agent.database).await?;
     let cipher = TokenCipher::load(&config.agent.token_key, env)?;
     let clock: SharedClock = Arc::new(SystemClock);
-    let shared = Shared {
-        store: store.clone(),
-        cipher: Arc::new(cipher),
-        http: http_client(TOKEN_REQUEST_TIMEOUT)?,
-        clock: clock.clone(),
-        metrics: Metrics::new()?,
-    };
+    let shared = Shared::new(
+        store.clone(),
+        cipher,
+        http_client(TOKEN_REQUEST_TIMEOUT)?,
+        clock.clone(),
+        Metrics::new()?,
+    );
     let listen = config.agent.metrics_listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -103,13 +103,13 @@ async fn start_with(
         &Env::default(),
     )
     .unwrap();
-    let shared = Shared {
+    let shared = Shared::new(
         store,
-        cipher: Arc::new(cipher),
-        http: http_client(Duration::from_secs(30)).unwrap(),
+        cipher,
+        http_client(Duration::from_secs(30)).unwrap(),
         clock,
-        metrics: Metrics::new().unwrap(),
-    };
+        Metrics::new().unwrap(),
+    );
     let (shutdown, rx) = watch::channel(false);
     let (handle, task) = spawn(account.clone(), shared.clone(), rx).await.unwrap();
     Harness {
@@ -455,4 +455,79 @@ async fn a_restart_with_a_valid_token_sends_no_request() {
     );
     task.abort();
     drop(dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_processes_sharing_a_database_make_one_request_per_refresh() {
+    let h = start(Vendor::Nextech).await;
+    h.assert_valid_token("first process").await;
+    // A second process: its own core, lease holder and metrics; the same database and key.
+    let cipher = TokenCipher::load(
+        &KeySource::File {
+            path: h.dir.path().join("ehrsync.key"),
+            create: false,
+        },
+        &Env::default(),
+    )
+    .unwrap();
+    let other = Shared::new(
+        h.shared.store.clone(),
+        cipher,
+        http_client(Duration::from_secs(30)).unwrap(),
+        h.shared.clock.clone(),
+        Metrics::new().unwrap(),
+    );
+    assert_ne!(other.holder, h.shared.holder);
+    let (_stop, rx) = watch::channel(false);
+    let (second, task) = spawn(h.account.clone(), other.clone(), rx).await.unwrap();
+    let token = second.token().await.unwrap();
+    assert_eq!(
+        h.sandbox.total_requests(Vendor::Nextech),
+        1,
+        "the second process starts from the stored token"
+    );
+    assert_eq!(token.generation, 1);
+
+    let end = tokio::time::Instant::now() + 2 * DAY;
+    while tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        for handle in [&h.handle, &second] {
+            let t = handle.snapshot().token.unwrap();
+            assert!(
+                h.now() < t.expires_at
+                    && h.sandbox.access_token_valid(t.access_token.expose_secret()),
+                "{}",
+                handle.account()
+            );
+        }
+    }
+    // Rotating refresh tokens make a duplicate refresh fail loudly: there must be none.
+    let rejected = h.requests("refresh_token", "rejected")
+        + other
+            .metrics
+            .token_requests("nx", "refresh_token", "rejected");
+    assert_eq!(rejected, 0);
+    let refreshes = h.requests("refresh_token", "success")
+        + other
+            .metrics
+            .token_requests("nx", "refresh_token", "success");
+    assert_eq!(
+        u64::from(h.sandbox.requests(Vendor::Nextech, "refresh_token")),
+        refreshes
+    );
+    // One refresh per ~45 min for the pair, as for one process (not two per cycle).
+    assert!(
+        (58..=70).contains(&refreshes),
+        "{refreshes} refreshes in 2 days"
+    );
+    assert!(
+        h.requests("refresh_token", "success") > 0
+            && other
+                .metrics
+                .token_requests("nx", "refresh_token", "success")
+                > 0,
+        "both take turns"
+    );
+    task.abort();
+    h.stop().await;
 }

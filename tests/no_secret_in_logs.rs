@@ -99,22 +99,21 @@ async fn no_secret_or_token_in_trace_logs_or_the_database() {
     .collect();
     let loaded = config::load_with_env(&path, &env).unwrap();
     let db = dir.path().join("ehrsync.db");
-    let shared = Shared {
-        store: Store::open(&db).await.unwrap(),
-        cipher: Arc::new(
-            TokenCipher::load(
-                &KeySource::File {
-                    path: dir.path().join("k"),
-                    create: true,
-                },
-                &Env::default(),
-            )
-            .unwrap(),
-        ),
-        http: http_client(Duration::from_secs(30)).unwrap(),
+    let cipher = TokenCipher::load(
+        &KeySource::File {
+            path: dir.path().join("k"),
+            create: true,
+        },
+        &Env::default(),
+    )
+    .unwrap();
+    let shared = Shared::new(
+        Store::open(&db).await.unwrap(),
+        cipher,
+        http_client(Duration::from_secs(30)).unwrap(),
         clock,
-        metrics: Metrics::new().unwrap(),
-    };
+        Metrics::new().unwrap(),
+    );
     let (shutdown, rx) = watch::channel(false);
     let mut handles = Vec::new();
     for account in loaded.config.accounts {

@@ -91,22 +91,21 @@ async fn client_credentials_with_basic_and_password_with_refresh_against_a_third
         .into_iter()
         .collect();
     let loaded = config::load_with_env(&path, &env).unwrap();
-    let shared = Shared {
-        store: Store::open(&dir.path().join("e.db")).await.unwrap(),
-        cipher: Arc::new(
-            TokenCipher::load(
-                &KeySource::File {
-                    path: dir.path().join("k"),
-                    create: true,
-                },
-                &Env::default(),
-            )
-            .unwrap(),
-        ),
-        http: http_client(Duration::from_secs(10)).unwrap(),
-        clock: Arc::new(SystemClock),
-        metrics: Metrics::new().unwrap(),
-    };
+    let cipher = TokenCipher::load(
+        &KeySource::File {
+            path: dir.path().join("k"),
+            create: true,
+        },
+        &Env::default(),
+    )
+    .unwrap();
+    let shared = Shared::new(
+        Store::open(&dir.path().join("e.db")).await.unwrap(),
+        cipher,
+        http_client(Duration::from_secs(10)).unwrap(),
+        Arc::new(SystemClock),
+        Metrics::new().unwrap(),
+    );
     let (shutdown, rx) = watch::channel(false);
     let mut handles = Vec::new();
     for account in loaded.config.accounts {

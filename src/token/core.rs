@@ -396,6 +396,32 @@ impl Core {
             Event::Failure(failure) => self.on_failure(now, failure, &mut out),
             Event::Unauthorized { generation } => self.on_unauthorized(now, generation, &mut out),
         }
+        self.finish(now, out)
+    }
+
+    /// Takes over tokens another process stored (it held the lease and got them first, or
+    /// `ehrsync login` ran). Returns `None`, changing nothing, unless they are newer than ours.
+    pub fn adopt(&mut self, now: Timestamp, saved: Saved) -> Option<Output> {
+        let ours = self.tokens.as_ref().map_or(0, |t| t.generation);
+        let tokens = saved.tokens.filter(|t| t.generation > ours)?;
+        self.generation = self.generation.max(tokens.generation);
+        let lead = self.lead(tokens.issued_at, tokens.expires_at);
+        self.next_refresh_at = match saved.next_refresh_at {
+            Some(at) if at <= tokens.expires_at - lead => Some(at),
+            _ => Some(self.plan(&tokens)),
+        };
+        self.tokens = Some(tokens);
+        self.phase = Phase::Idle;
+        self.failures = 0;
+        self.forced_generation = None;
+        self.last_error = saved.last_error;
+        // What we adopt is what is stored.
+        self.stored = Some((self.state(now), self.last_error.clone()));
+        Some(self.finish(now, Output::default()))
+    }
+
+    /// The common end of every step: decide what to store and when to wake.
+    fn finish(&mut self, now: Timestamp, mut out: Output) -> Output {
         // Store what an operator would see change (tokens are flagged where they change). The
         // state is compared at rest, not mid-request, so the thousandth identical retry of an
         // outage costs no disk write.

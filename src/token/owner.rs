@@ -23,7 +23,13 @@ use crate::crypto::TokenCipher;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// What every account's owner shares.
+/// How long a token lease lasts: longer than any token request (30 s timeout) plus storing it,
+/// short enough that a crashed holder delays others by at most this.
+pub const LEASE_TTL: Duration = Duration::from_secs(120);
+/// How often a process waiting for another's lease looks for the tokens it stores.
+const LEASE_POLL: Duration = Duration::from_millis(500);
+
+/// What every account's owner in this process shares.
 #[derive(Clone)]
 pub struct Shared {
     pub store: Store,
@@ -31,6 +37,39 @@ pub struct Shared {
     pub http: reqwest::Client,
     pub clock: SharedClock,
     pub metrics: Metrics,
+    /// This process's name in `token_leases`: unique per process run.
+    pub holder: Arc<str>,
+}
+
+impl Shared {
+    pub fn new(
+        store: Store,
+        cipher: TokenCipher,
+        http: reqwest::Client,
+        clock: SharedClock,
+        metrics: Metrics,
+    ) -> Shared {
+        let holder = format!(
+            "{}-{:016x}",
+            std::process::id(),
+            getrandom::u64().unwrap_or_default()
+        );
+        Shared {
+            store,
+            cipher: Arc::new(cipher),
+            http,
+            clock,
+            metrics,
+            holder: holder.into(),
+        }
+    }
+}
+
+/// What came of a token request.
+enum Answer {
+    Response(Result<super::response::TokenResponse, Failure>),
+    /// Another process stored newer tokens meanwhile.
+    Adopted(super::core::Saved),
 }
 
 /// An access token as readers receive it.
@@ -150,6 +189,7 @@ pub async fn spawn(
         token_url: None,
         published: snap_tx,
         unauthorized: cmd_rx,
+        holding_lease: false,
     };
     let task = tokio::spawn(owner.run(shutdown));
     Ok((handle, task))
@@ -191,6 +231,8 @@ struct Owner {
     token_url: Option<Url>,
     published: watch::Sender<Snapshot>,
     unauthorized: mpsc::UnboundedReceiver<u64>,
+    /// Whether this owner holds the account's lease (from taking it until its result is stored).
+    holding_lease: bool,
 }
 
 impl Owner {
@@ -199,6 +241,9 @@ impl Owner {
         let mut out = self.core.step(self.shared.clock.now(), Event::Start);
         loop {
             self.apply(&out).await;
+            if self.holding_lease {
+                self.release_lease().await;
+            }
             if *shutdown.borrow() {
                 return;
             }
@@ -206,19 +251,33 @@ impl Owner {
                 let sent_at = self.shared.clock.now();
                 let started = tokio::time::Instant::now();
                 let answer = tokio::select! {
-                    answer = self.send(request) => answer,
-                    _ = shutdown.changed() => return,
+                    answer = self.obtain(request) => answer,
+                    _ = shutdown.changed() => {
+                        if self.holding_lease {
+                            self.release_lease().await;
+                        }
+                        return;
+                    }
                 };
-                self.shared
-                    .metrics
-                    .token_request_duration
-                    .with_label_values(&[name.as_str(), request.grant_label()])
-                    .observe(started.elapsed().as_secs_f64());
-                let event = match answer {
-                    Ok(response) => Event::Success { response, sent_at },
-                    Err(failure) => Event::Failure(failure),
+                let now = self.shared.clock.now();
+                out = match answer {
+                    Answer::Adopted(saved) => {
+                        tracing::debug!(account = %name, "adopted tokens another process stored");
+                        self.core.adopt(now, saved).unwrap_or_default()
+                    }
+                    Answer::Response(result) => {
+                        self.shared
+                            .metrics
+                            .token_request_duration
+                            .with_label_values(&[name.as_str(), request.grant_label()])
+                            .observe(started.elapsed().as_secs_f64());
+                        let event = match result {
+                            Ok(response) => Event::Success { response, sent_at },
+                            Err(failure) => Event::Failure(failure),
+                        };
+                        self.core.step(now, event)
+                    }
                 };
-                out = self.core.step(self.shared.clock.now(), event);
                 continue;
             }
             let now = self.shared.clock.now();
@@ -315,6 +374,78 @@ impl Owner {
         m.needs_login
             .with_label_values(&[name])
             .set(i64::from(snap.state == State::NeedsLogin));
+    }
+
+    /// Makes `request` once this process holds the account's lease, unless another process
+    /// stores newer tokens first (then those are adopted and no request is made).
+    async fn obtain(&mut self, request: super::core::Request) -> Answer {
+        let name = self.account.name.to_string();
+        loop {
+            let now = self.shared.clock.now();
+            let until = (now + LEASE_TTL).unix_seconds();
+            match self
+                .shared
+                .store
+                .try_lease(&name, &self.shared.holder, now.unix_seconds(), until)
+                .await
+            {
+                Ok(true) => {
+                    self.holding_lease = true;
+                    if let Some(saved) = self.newer_stored().await {
+                        self.release_lease().await;
+                        return Answer::Adopted(saved);
+                    }
+                    return Answer::Response(self.send(request).await);
+                }
+                Ok(false) => {
+                    tokio::time::sleep(LEASE_POLL).await;
+                    if let Some(saved) = self.newer_stored().await {
+                        return Answer::Adopted(saved);
+                    }
+                }
+                Err(e) => {
+                    // Better a rare duplicate request than an account whose token lapses
+                    // because the database is unwell.
+                    tracing::warn!(account = %name, error = %e, "cannot take the token lease; requesting anyway");
+                    return Answer::Response(self.send(request).await);
+                }
+            }
+        }
+    }
+
+    /// Tokens another process stored that are newer than ours, if any.
+    async fn newer_stored(&self) -> Option<super::core::Saved> {
+        let name = self.account.name.as_str();
+        let record = match self.shared.store.load_token(name).await {
+            Ok(r) => r?,
+            Err(e) => {
+                tracing::warn!(account = name, error = %e, "cannot read the stored token state");
+                return None;
+            }
+        };
+        let ours = self.core.tokens().map_or(0, |t| t.generation);
+        let theirs = u64::try_from(record.generation).unwrap_or(0);
+        if theirs <= ours {
+            return None;
+        }
+        let (saved, problem) = from_record(record, &self.shared.cipher);
+        if let Some(e) = problem {
+            tracing::warn!(account = name, error = %e, "tokens another process stored cannot be opened");
+        }
+        saved.tokens.is_some().then_some(saved)
+    }
+
+    async fn release_lease(&mut self) {
+        self.holding_lease = false;
+        if let Err(e) = self
+            .shared
+            .store
+            .release_lease(self.account.name.as_str(), &self.shared.holder)
+            .await
+        {
+            // It expires on its own within LEASE_TTL.
+            tracing::warn!(account = %self.account.name, error = %e, "cannot release the token lease");
+        }
     }
 
     async fn send(
