@@ -423,38 +423,48 @@ async fn concurrent_readers_and_401s_cause_one_request_each() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_restart_with_a_valid_token_sends_no_request() {
+async fn a_crash_after_rotations_loses_no_refresh_token_and_a_restart_sends_no_request() {
     let h = start(Vendor::Nextech).await;
     h.assert_valid_token("first login").await;
-    tokio::time::sleep(Duration::from_secs(600)).await;
+    // Two refreshes: the refresh token has rotated twice; the first two are dead at the sandbox.
+    tokio::time::sleep(2 * HOUR - Duration::from_secs(600)).await;
+    assert_eq!(h.requests("refresh_token", "success"), 2);
     let before = h.handle.token().await.unwrap();
-    let account = h.account.clone();
-    let (dir, sandbox, shared) = h.stop().await;
-    let requests = sandbox.total_requests(Vendor::Nextech);
+    // A crash: the owner is killed, not stopped.
+    h.task.abort();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let requests = h.sandbox.total_requests(Vendor::Nextech);
 
     let (_tx, rx) = watch::channel(false);
-    let (handle, task) = spawn(account, shared.clone(), rx).await.unwrap();
+    let (handle, task) = spawn(h.account.clone(), h.shared.clone(), rx)
+        .await
+        .unwrap();
     let after = handle.token().await.unwrap();
     assert_eq!(
         after.access_token.expose_secret(),
         before.access_token.expose_secret()
     );
+    assert_eq!(after.generation, before.generation);
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(
-        sandbox.total_requests(Vendor::Nextech),
+        h.sandbox.total_requests(Vendor::Nextech),
         requests,
         "no token request after the restart"
     );
-    // And the restored refresh token still works when the refresh is due.
+    // The next refresh presents the latest rotated refresh token, restored from the database.
     tokio::time::sleep(HOUR).await;
+    assert_eq!(h.requests("refresh_token", "success"), 3);
     assert_eq!(
-        shared
-            .metrics
-            .token_requests("nx", "refresh_token", "success"),
-        1
+        h.requests("refresh_token", "rejected"),
+        0,
+        "the stored refresh token was the live one"
+    );
+    assert_eq!(
+        h.requests("password", "success"),
+        1,
+        "no re-login was needed"
     );
     task.abort();
-    drop(dir);
 }
 
 #[tokio::test(start_paused = true)]
