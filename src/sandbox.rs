@@ -8,6 +8,9 @@
 //! - CareCentric (IdentityServer, seeds/003): password grant only, client id and secret in the
 //!   body, a JWT whose `exp` is the expiry, no refresh token.
 //! - NikoHealth (seeds/004): client_credentials only, HTTP Basic demanded, 1200 s, scope `external`.
+//! - Net Health (seeds/002): an OpenID provider — discovery, authorization code with S256 PKCE
+//!   to a loopback redirect (consent is given automatically: the sandbox has no person),
+//!   client_secret_basic or _post, rotating refresh tokens with `refresh_token_expires_in`.
 //!
 //! Lifetimes scale down to seconds; faults (5xx, 429 + Retry-After, slow answers, malformed
 //! JSON, invalid_grant, invalid_client, revoked refresh tokens) are injected per vendor; every
@@ -21,10 +24,10 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use base64::Engine as _;
 use url::Url;
 
@@ -59,6 +62,12 @@ pub const NIKOHEALTH_CREDENTIALS: SandboxCredentials = SandboxCredentials {
     username: "",
     password: "",
 };
+pub const NETHEALTH_CREDENTIALS: SandboxCredentials = SandboxCredentials {
+    client_id: "sandbox-nethealth-client",
+    client_secret: "sandbox-nethealth-secret",
+    username: "",
+    password: "",
+};
 /// The `resource` the sandbox's Nextech endpoint demands (the preset's default).
 pub const NEXTECH_RESOURCE: &str = "https://select.nextech-api.com/api";
 
@@ -69,6 +78,8 @@ pub struct Lifetimes {
     pub nextech_refresh: Duration,
     pub carecentric_access: Duration,
     pub nikohealth_access: Duration,
+    pub nethealth_access: Duration,
+    pub nethealth_refresh: Duration,
 }
 
 impl Lifetimes {
@@ -79,6 +90,8 @@ impl Lifetimes {
             nextech_refresh: Duration::from_secs(14 * 86_400),
             carecentric_access: Duration::from_secs(172_800),
             nikohealth_access: Duration::from_secs(1200),
+            nethealth_access: Duration::from_secs(3600),
+            nethealth_refresh: Duration::from_secs(30 * 86_400),
         }
     }
 
@@ -91,6 +104,8 @@ impl Lifetimes {
             nextech_refresh: s(d.nextech_refresh),
             carecentric_access: s(d.carecentric_access),
             nikohealth_access: s(d.nikohealth_access),
+            nethealth_access: s(d.nethealth_access),
+            nethealth_refresh: s(d.nethealth_refresh),
         }
     }
 }
@@ -110,10 +125,21 @@ pub enum Fault {
     InvalidGrant,
     /// HTTP 401 `invalid_client`.
     InvalidClient,
+    /// The person refuses consent: the authorization endpoint redirects with `access_denied`.
+    AccessDenied,
+}
+
+/// An authorization code waiting for its exchange.
+struct PendingCode {
+    redirect_uri: String,
+    challenge: String,
+    scope: Option<String>,
+    expires: Timestamp,
 }
 
 #[derive(Default)]
 struct Books {
+    codes: HashMap<String, PendingCode>,
     faults: HashMap<Vendor, VecDeque<Fault>>,
     refresh_tokens: HashMap<String, (Vendor, Timestamp)>,
     access_tokens: HashMap<String, (Vendor, Timestamp)>,
@@ -124,6 +150,8 @@ struct Books {
 }
 
 struct Inner {
+    /// `http://127.0.0.1:PORT`, for URLs the sandbox hands out.
+    base: String,
     clock: SharedClock,
     lifetimes: Mutex<Lifetimes>,
     books: Mutex<Books>,
@@ -163,7 +191,10 @@ impl Sandbox {
         lifetimes: Lifetimes,
         port: u16,
     ) -> std::io::Result<Sandbox> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
+            base: format!("http://{addr}"),
             clock,
             lifetimes: Mutex::new(lifetimes),
             books: Mutex::new(Books::default()),
@@ -175,15 +206,26 @@ impl Sandbox {
                 "/nikohealth/{domain}/api/identity/connect/token",
                 post(nikohealth_token),
             )
+            .route(
+                "/nethealth/.well-known/openid-configuration",
+                get(nethealth_discovery),
+            )
+            .route("/nethealth/authorize", get(nethealth_authorize))
+            .route("/nethealth/token", post(nethealth_token))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-        let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "the sandbox server stopped");
             }
         });
         Ok(Sandbox { addr, inner, task })
+    }
+
+    /// The OpenID issuer of the Net Health emulation (for `issuer = …` in an account).
+    pub fn issuer(&self) -> Url {
+        let text = format!("{}/nethealth", self.inner.base);
+        // A loopback socket address and a fixed path always form a valid URL.
+        Url::parse(&text).unwrap_or_else(|_| unreachable!("valid sandbox URL {text}"))
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -196,7 +238,8 @@ impl Sandbox {
             Vendor::Nextech => "/nextech/nextech-api.com/oauth2/token",
             Vendor::CareCentric => "/carecentric/connect/token",
             Vendor::NikoHealth => "/nikohealth/sandbox/api/identity/connect/token",
-            Vendor::NetHealth | Vendor::Generic => "/unsupported",
+            Vendor::NetHealth => "/nethealth/token",
+            Vendor::Generic => "/unsupported",
         };
         let text = format!("http://{}{path}", self.addr);
         // A loopback socket address and a fixed path always form a valid URL.
@@ -375,8 +418,10 @@ fn fault_response(vendor: Vendor, fault: Fault) -> Response {
             7000215,
             "Invalid client secret provided",
         ),
-        // Handled in take_fault.
-        Fault::Slow(_) => (StatusCode::INTERNAL_SERVER_ERROR, "").into_response(),
+        // Handled in take_fault, and at the authorization endpoint.
+        Fault::Slow(_) | Fault::AccessDenied => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "").into_response()
+        }
     }
 }
 
@@ -622,6 +667,187 @@ async fn nikohealth_token(
             "expires_in": life.as_secs(),
             "token_type": "Bearer",
             "scope": f.get("scope").map_or("external", String::as_str),
+        }),
+    )
+}
+
+async fn nethealth_discovery(State(inner): State<Arc<Inner>>) -> Response {
+    let issuer = format!("{}/nethealth", inner.base);
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "issuer": issuer,
+            "authorization_endpoint": format!("{issuer}/authorize"),
+            "token_endpoint": format!("{issuer}/token"),
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "code_challenge_methods_supported": ["S256"],
+            "grant_types_supported": ["authorization_code", "refresh_token"],
+            "response_types_supported": ["code"],
+            "scopes_supported": ["openid", "offline_access", "api"],
+        }),
+    )
+}
+
+/// A redirect to the client's `redirect_uri` with `params` added to its query.
+fn redirect(redirect_uri: &Url, params: &[(&str, String)]) -> Response {
+    let mut url = redirect_uri.clone();
+    url.query_pairs_mut()
+        .extend_pairs(params.iter().map(|(k, v)| (*k, v.as_str())));
+    (StatusCode::FOUND, [(header::LOCATION, url.to_string())]).into_response()
+}
+
+async fn nethealth_authorize(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if q.get("client_id").map(String::as_str) != Some(NETHEALTH_CREDENTIALS.client_id) {
+        return (StatusCode::BAD_REQUEST, "unknown client_id").into_response();
+    }
+    // RFC 8252 §7.3: native apps receive the code on a loopback redirect.
+    let redirect_uri = match q.get("redirect_uri").and_then(|u| Url::parse(u).ok()) {
+        Some(u)
+            if u.scheme() == "http"
+                && matches!(u.host_str(), Some("127.0.0.1" | "[::1]" | "localhost")) =>
+        {
+            u
+        }
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "redirect_uri must be a loopback http URL (RFC 8252)",
+            )
+                .into_response();
+        }
+    };
+    let send = |mut params: Vec<(&'static str, String)>| {
+        if let Some(state) = q.get("state").filter(|s| !s.is_empty()) {
+            params.push(("state", state.clone()));
+        }
+        redirect(&redirect_uri, &params)
+    };
+    if q.get("response_type").map(String::as_str) != Some("code") {
+        return send(vec![("error", "unsupported_response_type".into())]);
+    }
+    let challenge = match (
+        q.get("code_challenge"),
+        q.get("code_challenge_method").map(String::as_str),
+    ) {
+        (Some(c), Some("S256")) if !c.is_empty() => c.clone(),
+        _ => {
+            return send(vec![
+                ("error", "invalid_request".into()),
+                (
+                    "error_description",
+                    "PKCE with code_challenge_method=S256 is required".into(),
+                ),
+            ]);
+        }
+    };
+    if take_fault(&inner, Vendor::NetHealth, "authorize").await == Some(Fault::AccessDenied) {
+        return send(vec![
+            ("error", "access_denied".into()),
+            ("error_description", "the user declined".into()),
+        ]);
+    }
+    let code = random_hex(16);
+    let pending = PendingCode {
+        redirect_uri: redirect_uri.to_string(),
+        challenge,
+        scope: q.get("scope").cloned(),
+        expires: inner.clock.now() + Duration::from_secs(60),
+    };
+    inner.books().codes.insert(code.clone(), pending);
+    send(vec![("code", code)])
+}
+
+async fn nethealth_token(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let vendor = Vendor::NetHealth;
+    let f = form(&body);
+    let grant = f.get("grant_type").cloned().unwrap_or_default();
+    if let Some(fault) = take_fault(&inner, vendor, &grant).await {
+        return fault_response(vendor, fault);
+    }
+    let c = NETHEALTH_CREDENTIALS;
+    let client = basic_auth(&headers)
+        .or_else(|| Some((f.get("client_id")?.clone(), f.get("client_secret")?.clone())));
+    if client.as_ref().map(|(i, s)| (i.as_str(), s.as_str()))
+        != Some((c.client_id, c.client_secret))
+    {
+        return json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({ "error": "invalid_client" }),
+        );
+    }
+    let now = inner.clock.now();
+    let invalid = |why: &str| {
+        json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": "invalid_grant", "error_description": why }),
+        )
+    };
+    let scope = match grant.as_str() {
+        "authorization_code" => {
+            let code = f.get("code").cloned().unwrap_or_default();
+            let Some(pending) = inner.books().codes.remove(&code) else {
+                return invalid("unknown or used authorization code");
+            };
+            if pending.expires <= now {
+                return invalid("the authorization code has expired");
+            }
+            if f.get("redirect_uri") != Some(&pending.redirect_uri) {
+                return invalid("redirect_uri does not match the authorization request");
+            }
+            let verifier = f.get("code_verifier").cloned().unwrap_or_default();
+            if crate::token::pkce::challenge_for(&verifier) != pending.challenge {
+                return invalid("code_verifier does not match the code_challenge");
+            }
+            pending.scope
+        }
+        "refresh_token" => {
+            let presented = f.get("refresh_token").cloned().unwrap_or_default();
+            match inner.books().refresh_tokens.remove(&presented) {
+                Some((v, exp)) if v == vendor && exp > now => {}
+                _ => return invalid("the refresh token is invalid, expired or revoked"),
+            }
+            f.get("scope").cloned()
+        }
+        _ => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({ "error": "unsupported_grant_type" }),
+            );
+        }
+    };
+    let life = inner.lifetimes();
+    let expires = now + life.nethealth_access;
+    let access = jwt(serde_json::json!({
+        "iss": format!("{}/nethealth", inner.base), "aud": "api", "iat": now.unix_seconds(),
+        "exp": expires.unix_seconds(), "sub": "sandbox-person", "client_id": c.client_id,
+    }));
+    let refresh = random_hex(24);
+    {
+        let mut books = inner.books();
+        books
+            .access_tokens
+            .insert(access.clone(), (vendor, expires));
+        books
+            .refresh_tokens
+            .insert(refresh.clone(), (vendor, now + life.nethealth_refresh));
+        books.issued_refresh_tokens.push(refresh.clone());
+    }
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": life.nethealth_access.as_secs(),
+            "refresh_token": refresh,
+            "refresh_token_expires_in": life.nethealth_refresh.as_secs(),
+            "scope": scope.unwrap_or_else(|| "openid offline_access".to_owned()),
         }),
     )
 }

@@ -56,6 +56,11 @@ fn account_toml(vendor: Vendor, sandbox: &Sandbox, password: &str) -> String {
                 c.client_id
             )
         }
+        Vendor::NetHealth => format!(
+            "[accounts.nh]\nvendor = 'nethealth'\nissuer = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'NH_SECRET' }}\nscope = 'openid offline_access api'\n",
+            sandbox.issuer(),
+            sandbox::NETHEALTH_CREDENTIALS.client_id
+        ),
         other => panic!("no sandbox account for {other}"),
     }
 }
@@ -73,6 +78,7 @@ fn env(password_override: Option<&str>) -> Env {
             password_override.unwrap_or(sandbox::CARECENTRIC_CREDENTIALS.password),
         ),
         ("NIKO_SECRET", sandbox::NIKOHEALTH_CREDENTIALS.client_secret),
+        ("NH_SECRET", sandbox::NETHEALTH_CREDENTIALS.client_secret),
     ]
     .into_iter()
     .collect()
@@ -539,5 +545,144 @@ async fn two_processes_sharing_a_database_make_one_request_per_refresh() {
         "both take turns"
     );
     task.abort();
+    h.stop().await;
+}
+
+/// What `ehrsync login` does, without a browser: discovery, authorization with PKCE and
+/// `state` (the sandbox consents for its person), the code exchange, and storing the tokens
+/// where the running agent finds them. `Err` carries the provider's `error`.
+async fn person_logs_in(h: &Harness) -> Result<(), String> {
+    use ehrsync::config::TokenEndpoint;
+    use ehrsync::token::client::{GrantForm, discover, request_token};
+    use ehrsync::token::core::{Core, Policy};
+    use ehrsync::token::persist::{from_record, to_record};
+    use ehrsync::token::pkce::Pkce;
+
+    let http = &h.shared.http;
+    let TokenEndpoint::Discovery { issuer } = &h.account.token_endpoint else {
+        panic!("a Net Health account discovers its endpoints");
+    };
+    let found = discover(http, issuer).await.map_err(|e| format!("{e:?}"))?;
+    assert!(found.pkce_methods.iter().any(|m| m == "S256"));
+    let pkce = Pkce::generate().unwrap();
+    let state = "state-4f1c";
+    let redirect_uri = "http://127.0.0.1:9/callback";
+    let mut url = found.authorization_endpoint.clone().unwrap();
+    url.query_pairs_mut().extend_pairs([
+        ("response_type", "code"),
+        ("client_id", h.account.client_id.as_str()),
+        ("redirect_uri", redirect_uri),
+        ("scope", h.account.scope.as_deref().unwrap_or("openid")),
+        ("state", state),
+        ("code_challenge", pkce.challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ]);
+    let answer = http.get(url).send().await.map_err(|e| e.to_string())?;
+    assert_eq!(answer.status().as_u16(), 302);
+    let location = url::Url::parse(answer.headers()["location"].to_str().unwrap()).unwrap();
+    let params: std::collections::HashMap<String, String> =
+        location.query_pairs().into_owned().collect();
+    if let Some(error) = params.get("error") {
+        return Err(error.clone());
+    }
+    assert_eq!(
+        params.get("state").map(String::as_str),
+        Some(state),
+        "state must come back unchanged"
+    );
+    let code = secrecy::SecretString::from(params["code"].clone());
+    let sent_at = h.now();
+    let form = GrantForm::Code {
+        code: &code,
+        verifier: &pkce.verifier,
+        redirect_uri,
+    };
+    let response = request_token(http, &h.account, &found.token_endpoint, form)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    // Stored on top of what is there, so the token generation moves forward.
+    let name = h.account.name.as_str();
+    let policy = Policy::for_account(&h.account);
+    let mut core = match h.shared.store.load_token(name).await.unwrap() {
+        Some(record) => Core::restore(policy, 1, from_record(record, &h.shared.cipher).0),
+        None => Core::new(policy, 1),
+    };
+    core.logged_in(h.now(), response, sent_at);
+    let record = to_record(name, &core, h.now(), &h.shared.cipher).unwrap();
+    h.shared
+        .store
+        .save_token(&record)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(start_paused = true)]
+async fn nethealth_waits_for_a_person_then_lives_on_refresh_tokens() {
+    let h = start(Vendor::NetHealth).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        h.handle.snapshot().state,
+        State::NeedsLogin,
+        "nothing stored: only a person can start it"
+    );
+    assert!(matches!(
+        h.handle.token().await,
+        Err(Unavailable::NeedsLogin(_))
+    ));
+    assert_eq!(
+        h.sandbox.total_requests(Vendor::NetHealth),
+        0,
+        "nothing to try without a person"
+    );
+
+    person_logs_in(&h).await.unwrap();
+    // The running agent finds the stored tokens on its own (no restart).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    h.assert_valid_token("after the login").await;
+    assert!(
+        h.shared
+            .metrics
+            .render()
+            .contains("ehrsync_account_needs_login{account=\"nh\"} 0")
+    );
+
+    // A day of 1-hour tokens, refreshed at ~45 min with rotating refresh tokens (discovered endpoint).
+    assert_eq!(h.invalid_samples(DAY, Duration::from_secs(300)).await, 0);
+    let refreshes = h.requests("refresh_token", "success");
+    assert!((28..=36).contains(&refreshes), "{refreshes}");
+    let record = h.shared.store.load_token("nh").await.unwrap().unwrap();
+    assert!(
+        record.refresh_token_expires_at.unwrap() > h.now().unix_seconds() + 29 * 86_400,
+        "refresh_token_expires_in is used"
+    );
+
+    // The provider revokes the refresh token: needs_login, and no retries.
+    h.sandbox.revoke_refresh_tokens(Vendor::NetHealth);
+    tokio::time::sleep(HOUR).await;
+    let snap = h.handle.snapshot();
+    assert_eq!(snap.state, State::NeedsLogin);
+    assert!(snap.last_error.unwrap().contains("ehrsync login"));
+    assert_eq!(h.requests("refresh_token", "rejected"), 1);
+    assert!(
+        h.shared
+            .metrics
+            .render()
+            .contains("ehrsync_account_needs_login{account=\"nh\"} 1")
+    );
+    let requests = h.sandbox.total_requests(Vendor::NetHealth);
+    tokio::time::sleep(3 * HOUR).await;
+    assert_eq!(
+        h.sandbox.total_requests(Vendor::NetHealth),
+        requests,
+        "no automatic retries for a person's grant"
+    );
+
+    // The person declines once, then logs in: back in service without a restart.
+    h.sandbox.inject(Vendor::NetHealth, Fault::AccessDenied, 1);
+    assert_eq!(person_logs_in(&h).await, Err("access_denied".to_owned()));
+    person_logs_in(&h).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    h.assert_valid_token("after the second login").await;
+    assert_eq!(h.handle.snapshot().state, State::Valid);
     h.stop().await;
 }

@@ -54,6 +54,8 @@ async fn no_secret_or_token_in_trace_logs_or_the_database() {
         nextech_refresh: Duration::from_secs(3600),
         carecentric_access: Duration::from_secs(600),
         nikohealth_access: Duration::from_secs(300),
+        nethealth_access: Duration::from_secs(600),
+        nethealth_refresh: Duration::from_secs(3600),
     };
     let sandbox = Sandbox::start(clock.clone(), lifetimes, 0).await.unwrap();
     // A fault of each kind along the way, so error paths log too.

@@ -30,37 +30,128 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error>
         .build()
 }
 
+/// What an OpenID provider's discovery document says that ehrsync uses.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    pub token_endpoint: Url,
+    pub authorization_endpoint: Option<Url>,
+    /// `token_endpoint_auth_methods_supported` (empty when not stated).
+    pub auth_methods: Vec<String>,
+    /// `code_challenge_methods_supported` (empty when not stated).
+    pub pkce_methods: Vec<String>,
+}
+
+/// Reads `{issuer}/.well-known/openid-configuration` (OpenID Connect Discovery 1.0).
+pub async fn discover(http: &reqwest::Client, issuer: &Url) -> Result<Discovery, Failure> {
+    let url = crate::config::discovery_url(issuer);
+    let fail = |why: String| Failure::Transient {
+        reason: format!("OpenID discovery at {url}: {why}"),
+    };
+    let response = http
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let status = response.status().as_u16();
+    let body = read_limited(response).await?;
+    if !(200..300).contains(&status) {
+        return Err(fail(format!("HTTP {status}")));
+    }
+    let doc: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|_| fail("not a JSON document".into()))?;
+    let endpoint = |key: &str| -> Result<Option<Url>, Failure> {
+        doc.get(key)
+            .and_then(|v| v.as_str())
+            .map(|s| Url::parse(s).map_err(|e| fail(format!("{key} is not a URL ({e})"))))
+            .transpose()
+    };
+    let list = |key: &str| -> Vec<String> {
+        doc.get(key)
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    Ok(Discovery {
+        token_endpoint: endpoint("token_endpoint")?
+            .ok_or_else(|| fail("no token_endpoint".into()))?,
+        authorization_endpoint: endpoint("authorization_endpoint")?,
+        auth_methods: list("token_endpoint_auth_methods_supported"),
+        pkce_methods: list("code_challenge_methods_supported"),
+    })
+}
+
 /// `application/x-www-form-urlencoded` encoding (RFC 6749 §2.3.1 applies it to Basic credentials too).
 fn form_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// Sends `request` for `account` to `token_url` and maps the answer.
+/// The grant-specific part of a token request.
+pub enum GrantForm<'a> {
+    /// The account's primary grant, as the lifecycle core asks for it.
+    Login(Grant),
+    /// The refresh_token grant (RFC 6749 §6).
+    Refresh(&'a SecretString),
+    /// The token-exchange half of authorization_code with PKCE (RFC 6749 §4.1.3, RFC 7636 §4.5).
+    Code {
+        code: &'a SecretString,
+        verifier: &'a SecretString,
+        redirect_uri: &'a str,
+    },
+}
+
+impl GrantForm<'_> {
+    /// The form for the core's `request`, given the refresh token held (if any).
+    pub fn for_request(
+        request: Request,
+        refresh_token: Option<&SecretString>,
+    ) -> Option<GrantForm<'_>> {
+        match request {
+            Request::Login(grant) => Some(GrantForm::Login(grant)),
+            Request::Refresh => refresh_token.map(GrantForm::Refresh),
+        }
+    }
+}
+
+/// Sends a token request for `account` to `token_url` and maps the answer.
 pub async fn request_token(
     http: &reqwest::Client,
     account: &Account,
     token_url: &Url,
-    request: Request,
-    refresh_token: Option<&SecretString>,
+    grant: GrantForm<'_>,
 ) -> Result<TokenResponse, Failure> {
-    let mut form: Vec<(&str, String)> = vec![("grant_type", request.grant_label().to_owned())];
-    match request {
-        Request::Login(Grant::Password) => {
+    let mut form: Vec<(&str, String)> = Vec::new();
+    match grant {
+        GrantForm::Login(Grant::Password) => {
             let (Some(user), Some(password)) = (&account.username, &account.password) else {
                 return Err(not_configured("username and password"));
             };
+            form.push(("grant_type", "password".to_owned()));
             form.push(("username", user.clone()));
             form.push(("password", password.expose().to_owned()));
         }
-        Request::Login(Grant::ClientCredentials) => {}
-        Request::Login(Grant::AuthorizationCode) => {
+        GrantForm::Login(Grant::ClientCredentials) => {
+            form.push(("grant_type", "client_credentials".to_owned()))
+        }
+        GrantForm::Login(Grant::AuthorizationCode) => {
             return Err(not_configured("an authorization code from `ehrsync login`"));
         }
-        Request::Refresh => {
-            let Some(rt) = refresh_token else {
-                return Err(not_configured("a refresh token"));
-            };
+        GrantForm::Refresh(rt) => {
+            form.push(("grant_type", "refresh_token".to_owned()));
             form.push(("refresh_token", rt.expose_secret().to_owned()));
+        }
+        GrantForm::Code {
+            code,
+            verifier,
+            redirect_uri,
+        } => {
+            form.push(("grant_type", "authorization_code".to_owned()));
+            form.push(("code", code.expose_secret().to_owned()));
+            form.push(("code_verifier", verifier.expose_secret().to_owned()));
+            form.push(("redirect_uri", redirect_uri.to_owned()));
         }
     }
     if let Some(scope) = &account.scope {

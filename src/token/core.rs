@@ -399,6 +399,18 @@ impl Core {
         self.finish(now, out)
     }
 
+    /// Takes tokens a person obtained outside the lifecycle (`ehrsync login`): they become the
+    /// account's current tokens, as if the primary grant had just returned them.
+    pub fn logged_in(
+        &mut self,
+        now: Timestamp,
+        response: TokenResponse,
+        sent_at: Timestamp,
+    ) -> Output {
+        self.phase = Phase::InFlight(Request::Login(self.policy.grant));
+        self.step(now, Event::Success { response, sent_at })
+    }
+
     /// Takes over tokens another process stored (it held the lease and got them first, or
     /// `ehrsync login` ran). Returns `None`, changing nothing, unless they are newer than ours.
     pub fn adopt(&mut self, now: Timestamp, saved: Saved) -> Option<Output> {

@@ -8,6 +8,7 @@ pub mod client;
 pub mod core;
 pub mod owner;
 pub mod persist;
+pub mod pkce;
 pub mod response;
 
 use std::fmt;

@@ -14,11 +14,11 @@ use tokio::sync::{mpsc, watch};
 use url::Url;
 
 use super::Timestamp;
-use super::client::request_token;
+use super::client::{GrantForm, discover, request_token};
 use super::core::{Core, Event, Failure, Output, Policy, State};
 use super::persist::{from_record, to_record};
 use crate::clock::SharedClock;
-use crate::config::{Account, TokenEndpoint, discovery_url};
+use crate::config::{Account, TokenEndpoint};
 use crate::crypto::TokenCipher;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -28,6 +28,9 @@ use crate::store::Store;
 pub const LEASE_TTL: Duration = Duration::from_secs(120);
 /// How often a process waiting for another's lease looks for the tokens it stores.
 const LEASE_POLL: Duration = Duration::from_millis(500);
+/// How often an account in `needs_login` looks for tokens stored by `ehrsync login` (or by another
+/// process), so it recovers without a restart.
+pub const NEEDS_LOGIN_POLL: Duration = Duration::from_secs(5);
 
 /// What every account's owner in this process shares.
 #[derive(Clone)]
@@ -282,9 +285,24 @@ impl Owner {
             }
             let now = self.shared.clock.now();
             let sleep = out.wake_at.map(|t| t.since(now));
+            let parked = self.core.state(now) == State::NeedsLogin;
             tokio::select! {
                 _ = sleep_or_forever(sleep) => {
                     out = self.core.step(self.shared.clock.now(), Event::Timer);
+                }
+                _ = sleep_or_forever(parked.then_some(NEEDS_LOGIN_POLL)) => {
+                    let adopted = match self.newer_stored().await {
+                        Some(saved) => self.core.adopt(self.shared.clock.now(), saved),
+                        None => None,
+                    };
+                    out = match adopted {
+                        Some(o) => {
+                            tracing::info!(account = %name, "picked up tokens from a login; the account is back in service");
+                            o
+                        }
+                        // Nothing new: keep the planned wake-up, report nothing twice.
+                        None => Output { wake_at: out.wake_at, ..Output::default() },
+                    };
                 }
                 generation = self.unauthorized.recv() => match generation {
                     Some(generation) => {
@@ -465,43 +483,23 @@ impl Owner {
             .tokens()
             .and_then(|t| t.refresh.as_ref())
             .map(|r| r.token.clone());
-        request_token(
-            &self.shared.http,
-            &self.account,
-            &url,
-            request,
-            refresh.as_ref(),
-        )
-        .await
+        let Some(form) = GrantForm::for_request(request, refresh.as_ref()) else {
+            // The core asks for a refresh only while it holds a refresh token.
+            return Err(Failure::Transient {
+                reason: "no refresh token to refresh with".to_owned(),
+            });
+        };
+        request_token(&self.shared.http, &self.account, &url, form).await
     }
 
     /// The configured token URL, or the one OpenID discovery names.
     async fn resolve_token_url(&self) -> Result<Url, Failure> {
-        let issuer = match &self.account.token_endpoint {
-            TokenEndpoint::Url(u) => return Ok(u.clone()),
-            TokenEndpoint::Discovery { issuer } => issuer,
-        };
-        let fail = |why: String| Failure::Transient {
-            reason: format!("OpenID discovery at {}: {why}", discovery_url(issuer)),
-        };
-        let response = self
-            .shared
-            .http
-            .get(discovery_url(issuer))
-            .send()
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        if !response.status().is_success() {
-            return Err(fail(format!("HTTP {}", response.status().as_u16())));
+        match &self.account.token_endpoint {
+            TokenEndpoint::Url(u) => Ok(u.clone()),
+            TokenEndpoint::Discovery { issuer } => {
+                Ok(discover(&self.shared.http, issuer).await?.token_endpoint)
+            }
         }
-        let body = response.bytes().await.map_err(|e| fail(e.to_string()))?;
-        let doc: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|_| fail("not a JSON document".into()))?;
-        let endpoint = doc
-            .get("token_endpoint")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| fail("no token_endpoint".into()))?;
-        Url::parse(endpoint).map_err(|e| fail(format!("token_endpoint is not a URL ({e})")))
     }
 }
 
