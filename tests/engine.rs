@@ -2,6 +2,8 @@
 //! clock: days of token lifetimes run in moments. Each test checks what DESIGN.md §2 promises
 //! through the metrics, the sandbox's request counts and the stored state.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +12,6 @@ use ehrsync::config::{self, Account, Env, KeySource};
 use ehrsync::crypto::TokenCipher;
 use ehrsync::metrics::Metrics;
 use ehrsync::sandbox::{self, Fault, Lifetimes, Sandbox};
-use ehrsync::store::Store;
 use ehrsync::token::Timestamp;
 use ehrsync::token::client::http_client;
 use ehrsync::token::core::State;
@@ -100,22 +101,7 @@ async fn start_with(
     std::fs::write(&path, account_toml(vendor, &sandbox, "")).unwrap();
     let loaded = config::load_with_env(&path, &env(password)).unwrap();
     let account = Arc::new(loaded.config.accounts.into_iter().next().unwrap());
-    let store = Store::open(&dir.path().join("ehrsync.db")).await.unwrap();
-    let cipher = TokenCipher::load(
-        &KeySource::File {
-            path: dir.path().join("ehrsync.key"),
-            create: true,
-        },
-        &Env::default(),
-    )
-    .unwrap();
-    let shared = Shared::new(
-        store,
-        cipher,
-        http_client(Duration::from_secs(30)).unwrap(),
-        clock,
-        Metrics::new().unwrap(),
-    );
+    let shared = common::shared_in(dir.path(), clock).await;
     let (shutdown, rx) = watch::channel(false);
     let (handle, task) = spawn(account.clone(), shared.clone(), rx).await.unwrap();
     Harness {

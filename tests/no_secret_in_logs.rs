@@ -2,22 +2,18 @@
 //! text. Runs every preset through logins, refreshes and failures with a global subscriber
 //! capturing every thread's output (its own test binary, since the subscriber is global).
 
+mod common;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
 use ehrsync::clock::{SharedClock, TokioClock};
-use ehrsync::config::{self, Env, KeySource};
-use ehrsync::crypto::TokenCipher;
-use ehrsync::metrics::Metrics;
+use ehrsync::config::{self, Env};
 use ehrsync::sandbox::{self, Fault, Lifetimes, Sandbox};
-use ehrsync::store::Store;
 use ehrsync::token::Timestamp;
-use ehrsync::token::client::http_client;
-use ehrsync::token::owner::{Shared, spawn};
 use ehrsync::vendor::Vendor;
-use tokio::sync::watch;
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -100,31 +96,9 @@ async fn no_secret_or_token_in_trace_logs_or_the_database() {
     .into_iter()
     .collect();
     let loaded = config::load_with_env(&path, &env).unwrap();
-    let db = dir.path().join("ehrsync.db");
-    let cipher = TokenCipher::load(
-        &KeySource::File {
-            path: dir.path().join("k"),
-            create: true,
-        },
-        &Env::default(),
-    )
-    .unwrap();
-    let shared = Shared::new(
-        Store::open(&db).await.unwrap(),
-        cipher,
-        http_client(Duration::from_secs(30)).unwrap(),
-        clock,
-        Metrics::new().unwrap(),
-    );
-    let (shutdown, rx) = watch::channel(false);
-    let mut handles = Vec::new();
-    for account in loaded.config.accounts {
-        handles.push(
-            spawn(Arc::new(account), shared.clone(), rx.clone())
-                .await
-                .unwrap(),
-        );
-    }
+    let _db = dir.path().join("ehrsync.db");
+    let shared = common::shared_in(dir.path(), clock).await;
+    let (handles, shutdown) = common::spawn_all(loaded.config.accounts, &shared).await;
     // Short lifetimes (2 min Nextech access, 1 h refresh): two hours cover logins, refreshes with
     // rotation, a revoked refresh token and the hourly retries of the bad password.
     tokio::time::sleep(Duration::from_secs(1800)).await;
@@ -137,10 +111,7 @@ async fn no_secret_or_token_in_trace_logs_or_the_database() {
         }
     }
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let _ = shutdown.send(true);
-    for (_, task) in handles {
-        let _ = task.await;
-    }
+    common::stop_all(handles, shutdown).await;
     assert!(
         shared
             .metrics

@@ -3,20 +3,16 @@
 //! client_credentials with HTTP Basic (its endpoint found by OpenID discovery), and the password
 //! grant followed by refresh_token with one-use refresh tokens — in real time, with 4 s tokens.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ehrsync::clock::SystemClock;
-use ehrsync::config::{self, Env, KeySource};
-use ehrsync::crypto::TokenCipher;
-use ehrsync::metrics::Metrics;
-use ehrsync::store::Store;
-use ehrsync::token::client::http_client;
+use ehrsync::config::{self, Env};
 use ehrsync::token::core::State;
-use ehrsync::token::owner::{Shared, spawn};
-use tokio::sync::watch;
 
 const CLIENT_ID: &str = "ehrsync-interop";
 const CLIENT_SECRET: &str = "interop-secret-4b1e";
@@ -91,30 +87,8 @@ async fn client_credentials_with_basic_and_password_with_refresh_against_a_third
         .into_iter()
         .collect();
     let loaded = config::load_with_env(&path, &env).unwrap();
-    let cipher = TokenCipher::load(
-        &KeySource::File {
-            path: dir.path().join("k"),
-            create: true,
-        },
-        &Env::default(),
-    )
-    .unwrap();
-    let shared = Shared::new(
-        Store::open(&dir.path().join("e.db")).await.unwrap(),
-        cipher,
-        http_client(Duration::from_secs(10)).unwrap(),
-        Arc::new(SystemClock),
-        Metrics::new().unwrap(),
-    );
-    let (shutdown, rx) = watch::channel(false);
-    let mut handles = Vec::new();
-    for account in loaded.config.accounts {
-        handles.push(
-            spawn(Arc::new(account), shared.clone(), rx.clone())
-                .await
-                .unwrap(),
-        );
-    }
+    let shared = common::shared_in(dir.path(), Arc::new(SystemClock)).await;
+    let (handles, shutdown) = common::spawn_all(loaded.config.accounts, &shared).await;
     // 4 s tokens refresh 2 s before expiry (min_lead is capped at half the lifetime): in 7 s the
     // password account logs in once and refreshes about three times.
     tokio::time::sleep(Duration::from_secs(7)).await;
@@ -162,8 +136,5 @@ async fn client_credentials_with_basic_and_password_with_refresh_against_a_third
             handle.account()
         );
     }
-    let _ = shutdown.send(true);
-    for (_, task) in handles {
-        let _ = task.await;
-    }
+    common::stop_all(handles, shutdown).await;
 }

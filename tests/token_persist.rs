@@ -19,17 +19,9 @@ const REFRESH: &str = "refresh-secret-0b77c2";
 
 fn policy() -> Policy {
     Policy {
-        grant: Grant::Password,
         access_default: Some(Duration::from_secs(3600)),
         refresh_default: Some(Duration::from_secs(14 * 86_400)),
-        refresh_ratio: 0.75,
-        jitter_ratio: Policy::JITTER_RATIO,
-        min_lead: Duration::from_secs(60),
-        backoff_base: Policy::BACKOFF_BASE,
-        backoff_cap: Policy::BACKOFF_CAP,
-        login_retry: Policy::LOGIN_RETRY,
-        retry_after_cap: Policy::RETRY_AFTER_CAP,
-        fallback_lifetime: Policy::FALLBACK_LIFETIME,
+        ..Policy::with_defaults(Grant::Password)
     }
 }
 

@@ -54,20 +54,31 @@ impl Policy {
     pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
     pub const FALLBACK_LIFETIME: Duration = Duration::from_secs(300);
 
-    pub fn for_account(account: &Account) -> Policy {
-        let l = &account.lifetimes;
+    /// The design's defaults for `grant`: ratio 0.75, 60 s lead, no assumed lifetimes.
+    pub fn with_defaults(grant: Grant) -> Policy {
         Policy {
-            grant: account.grant,
-            access_default: l.access_token,
-            refresh_default: l.refresh_token,
-            refresh_ratio: l.refresh_ratio,
+            grant,
+            access_default: None,
+            refresh_default: None,
+            refresh_ratio: 0.75,
             jitter_ratio: Self::JITTER_RATIO,
-            min_lead: l.min_lead,
+            min_lead: Duration::from_secs(60),
             backoff_base: Self::BACKOFF_BASE,
             backoff_cap: Self::BACKOFF_CAP,
             login_retry: Self::LOGIN_RETRY,
             retry_after_cap: Self::RETRY_AFTER_CAP,
             fallback_lifetime: Self::FALLBACK_LIFETIME,
+        }
+    }
+
+    pub fn for_account(account: &Account) -> Policy {
+        let l = &account.lifetimes;
+        Policy {
+            access_default: l.access_token,
+            refresh_default: l.refresh_token,
+            refresh_ratio: l.refresh_ratio,
+            min_lead: l.min_lead,
+            ..Policy::with_defaults(account.grant)
         }
     }
 

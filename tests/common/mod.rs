@@ -55,3 +55,53 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     std::fs::write(&path, text).expect("write config");
     path
 }
+
+/// The token engine's shared parts for a test: a database and a token key in `dir`
+/// (`ehrsync.db`, `ehrsync.key`), a 30 s HTTP client and fresh metrics.
+pub async fn shared_in(
+    dir: &Path,
+    clock: ehrsync::clock::SharedClock,
+) -> ehrsync::token::owner::Shared {
+    use ehrsync::config::{Env, KeySource};
+    let store = ehrsync::store::Store::open(&dir.join("ehrsync.db"))
+        .await
+        .expect("open the store");
+    let key = KeySource::File {
+        path: dir.join("ehrsync.key"),
+        create: true,
+    };
+    let cipher = ehrsync::crypto::TokenCipher::load(&key, &Env::default()).expect("token key");
+    let http = ehrsync::token::client::http_client(std::time::Duration::from_secs(30))
+        .expect("HTTP client");
+    let metrics = ehrsync::metrics::Metrics::new().expect("metrics");
+    ehrsync::token::owner::Shared::new(store, cipher, http, clock, metrics)
+}
+
+pub type Owners = Vec<(
+    ehrsync::token::owner::TokenHandle,
+    tokio::task::JoinHandle<()>,
+)>;
+
+/// Starts a token owner for every account; stop them with [`stop_all`].
+pub async fn spawn_all(
+    accounts: Vec<ehrsync::config::Account>,
+    shared: &ehrsync::token::owner::Shared,
+) -> (Owners, tokio::sync::watch::Sender<bool>) {
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let mut owners = Vec::new();
+    for account in accounts {
+        owners.push(
+            ehrsync::token::owner::spawn(std::sync::Arc::new(account), shared.clone(), rx.clone())
+                .await
+                .expect("spawn an owner"),
+        );
+    }
+    (owners, stop)
+}
+
+pub async fn stop_all(owners: Owners, stop: tokio::sync::watch::Sender<bool>) {
+    let _ = stop.send(true);
+    for (_, task) in owners {
+        let _ = task.await;
+    }
+}

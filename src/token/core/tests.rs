@@ -8,19 +8,7 @@ const DAY: Duration = Duration::from_secs(86_400);
 const T0: Timestamp = Timestamp::from_unix_millis(1_800_000_000_000);
 
 fn policy(grant: Grant) -> Policy {
-    Policy {
-        grant,
-        access_default: None,
-        refresh_default: None,
-        refresh_ratio: 0.75,
-        jitter_ratio: Policy::JITTER_RATIO,
-        min_lead: Duration::from_secs(60),
-        backoff_base: Policy::BACKOFF_BASE,
-        backoff_cap: Policy::BACKOFF_CAP,
-        login_retry: Policy::LOGIN_RETRY,
-        retry_after_cap: Policy::RETRY_AFTER_CAP,
-        fallback_lifetime: Policy::FALLBACK_LIFETIME,
-    }
+    Policy::with_defaults(grant)
 }
 
 fn nextech() -> Policy {
