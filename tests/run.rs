@@ -147,6 +147,10 @@ async fn run_serves_metrics_and_readiness_and_stops_on_sigterm() {
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("obtained a new access token"), "{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no terminal colour codes in logs that go to a file or journald"
+    );
     for (_, secret) in secrets {
         assert!(
             !stderr.contains(secret) && !metrics.contains(secret),
