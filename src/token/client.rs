@@ -17,7 +17,7 @@ use crate::vendor::{ClientAuth, Grant};
 /// Token responses are a few kilobytes; anything much larger is not one.
 const MAX_BODY: usize = 256 * 1024;
 
-/// The HTTP client the engine shares between accounts (one connection pool, keep-alive).
+/// The HTTP client the engine shares between accounts for token requests.
 pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
     // ring, not aws-lc-rs: no cmake or NASM in the build, and it cross-compiles for Windows.
     // Installing twice is harmless (the first provider stays), hence the ignored result.
@@ -27,6 +27,10 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error>
         .connect_timeout(timeout.min(Duration::from_secs(10)))
         .user_agent(concat!("ehrsync/", env!("CARGO_PKG_VERSION")))
         .redirect(reqwest::redirect::Policy::none())
+        // Token requests are minutes apart, so a pooled connection is always long idle, and a
+        // server closing it as it is reused fails the request ("connection closed before
+        // message completed"). A fresh connection per token request avoids that race.
+        .pool_max_idle_per_host(0)
         .build()
 }
 
