@@ -68,6 +68,30 @@ pub const NETHEALTH_CREDENTIALS: SandboxCredentials = SandboxCredentials {
     username: "",
     password: "",
 };
+/// The environment [`Sandbox::account_config`]'s secret references expect.
+pub fn credentials_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("SANDBOX_NEXTECH_SECRET", NEXTECH_CREDENTIALS.client_secret),
+        ("SANDBOX_NEXTECH_PASSWORD", NEXTECH_CREDENTIALS.password),
+        (
+            "SANDBOX_CARECENTRIC_SECRET",
+            CARECENTRIC_CREDENTIALS.client_secret,
+        ),
+        (
+            "SANDBOX_CARECENTRIC_PASSWORD",
+            CARECENTRIC_CREDENTIALS.password,
+        ),
+        (
+            "SANDBOX_NIKOHEALTH_SECRET",
+            NIKOHEALTH_CREDENTIALS.client_secret,
+        ),
+        (
+            "SANDBOX_NETHEALTH_SECRET",
+            NETHEALTH_CREDENTIALS.client_secret,
+        ),
+    ]
+}
+
 /// The `resource` the sandbox's Nextech endpoint demands (the preset's default).
 pub const NEXTECH_RESOURCE: &str = "https://select.nextech-api.com/api";
 
@@ -244,6 +268,40 @@ impl Sandbox {
         let text = format!("http://{}{path}", self.addr);
         // A loopback socket address and a fixed path always form a valid URL.
         Url::parse(&text).unwrap_or_else(|_| unreachable!("valid sandbox URL {text}"))
+    }
+
+    /// A `[accounts.NAME]` section for a `vendor` account that talks to this sandbox. Secrets
+    /// are `{ env = … }` references to the variables [`credentials_env`] provides.
+    pub fn account_config(&self, vendor: Vendor, name: &str) -> String {
+        let head = format!("[accounts.{name}]\nvendor = '{vendor}'\n");
+        match vendor {
+            Vendor::Nextech => format!(
+                "{head}token_url = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'SANDBOX_NEXTECH_SECRET' }}\n\
+                 username = '{}'\npassword = {{ env = 'SANDBOX_NEXTECH_PASSWORD' }}\npractice_id = '1001'\n",
+                self.token_url(vendor),
+                NEXTECH_CREDENTIALS.client_id,
+                NEXTECH_CREDENTIALS.username
+            ),
+            Vendor::CareCentric => format!(
+                "{head}token_url = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'SANDBOX_CARECENTRIC_SECRET' }}\n\
+                 username = '{}'\npassword = {{ env = 'SANDBOX_CARECENTRIC_PASSWORD' }}\n",
+                self.token_url(vendor),
+                CARECENTRIC_CREDENTIALS.client_id,
+                CARECENTRIC_CREDENTIALS.username
+            ),
+            Vendor::NikoHealth => format!(
+                "{head}token_url = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'SANDBOX_NIKOHEALTH_SECRET' }}\n",
+                self.token_url(vendor),
+                NIKOHEALTH_CREDENTIALS.client_id
+            ),
+            Vendor::NetHealth => format!(
+                "{head}issuer = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'SANDBOX_NETHEALTH_SECRET' }}\n\
+                 scope = 'openid offline_access api'\n",
+                self.issuer(),
+                NETHEALTH_CREDENTIALS.client_id
+            ),
+            Vendor::Generic => format!("{head}# the sandbox emulates no generic provider\n"),
+        }
     }
 
     /// Token requests served for `vendor` with `grant_type = grant` (faults included).

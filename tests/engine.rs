@@ -33,56 +33,26 @@ struct Harness {
     shutdown: watch::Sender<bool>,
 }
 
-fn account_toml(vendor: Vendor, sandbox: &Sandbox, password: &str) -> String {
-    let url = sandbox.token_url(vendor);
+/// The account name each vendor's tests use.
+fn account_name(vendor: Vendor) -> &'static str {
     match vendor {
-        Vendor::Nextech => {
-            let c = sandbox::NEXTECH_CREDENTIALS;
-            format!(
-                "[accounts.nx]\nvendor = 'nextech'\ntoken_url = '{url}'\nclient_id = '{}'\nclient_secret = {{ env = 'NX_SECRET' }}\nusername = '{}'\npassword = {{ env = 'NX_PASSWORD' }}\npractice_id = '1001'\n",
-                c.client_id, c.username
-            ) + &format!("# {password}\n")
-        }
-        Vendor::CareCentric => {
-            let c = sandbox::CARECENTRIC_CREDENTIALS;
-            format!(
-                "[accounts.cc]\nvendor = 'carecentric'\ntoken_url = '{url}'\nclient_id = '{}'\nclient_secret = {{ env = 'CC_SECRET' }}\nusername = '{}'\npassword = {{ env = 'CC_PASSWORD' }}\n",
-                c.client_id, c.username
-            )
-        }
-        Vendor::NikoHealth => {
-            let c = sandbox::NIKOHEALTH_CREDENTIALS;
-            format!(
-                "[accounts.niko]\nvendor = 'nikohealth'\ntoken_url = '{url}'\nclient_id = '{}'\nclient_secret = {{ env = 'NIKO_SECRET' }}\n",
-                c.client_id
-            )
-        }
-        Vendor::NetHealth => format!(
-            "[accounts.nh]\nvendor = 'nethealth'\nissuer = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'NH_SECRET' }}\nscope = 'openid offline_access api'\n",
-            sandbox.issuer(),
-            sandbox::NETHEALTH_CREDENTIALS.client_id
-        ),
-        other => panic!("no sandbox account for {other}"),
+        Vendor::Nextech => "nx",
+        Vendor::CareCentric => "cc",
+        Vendor::NikoHealth => "niko",
+        Vendor::NetHealth => "nh",
+        Vendor::Generic => "generic",
     }
 }
 
+/// The sandbox's credentials, with a different password for the password grants if given.
 fn env(password_override: Option<&str>) -> Env {
-    [
-        ("NX_SECRET", sandbox::NEXTECH_CREDENTIALS.client_secret),
-        (
-            "NX_PASSWORD",
-            password_override.unwrap_or(sandbox::NEXTECH_CREDENTIALS.password),
-        ),
-        ("CC_SECRET", sandbox::CARECENTRIC_CREDENTIALS.client_secret),
-        (
-            "CC_PASSWORD",
-            password_override.unwrap_or(sandbox::CARECENTRIC_CREDENTIALS.password),
-        ),
-        ("NIKO_SECRET", sandbox::NIKOHEALTH_CREDENTIALS.client_secret),
-        ("NH_SECRET", sandbox::NETHEALTH_CREDENTIALS.client_secret),
-    ]
-    .into_iter()
-    .collect()
+    sandbox::credentials_env()
+        .into_iter()
+        .map(|(k, v)| match password_override {
+            Some(p) if k.ends_with("_PASSWORD") => (k, p),
+            _ => (k, v),
+        })
+        .collect()
 }
 
 async fn start_with(
@@ -98,7 +68,7 @@ async fn start_with(
     prepare(&sandbox);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ehrsync.toml");
-    std::fs::write(&path, account_toml(vendor, &sandbox, "")).unwrap();
+    std::fs::write(&path, sandbox.account_config(vendor, account_name(vendor))).unwrap();
     let loaded = config::load_with_env(&path, &env(password)).unwrap();
     let account = Arc::new(loaded.config.accounts.into_iter().next().unwrap());
     let shared = common::shared_in(dir.path(), clock).await;

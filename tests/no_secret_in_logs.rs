@@ -60,43 +60,29 @@ async fn no_secret_or_token_in_trace_logs_or_the_database() {
     sandbox.inject(Vendor::NikoHealth, Fault::InvalidGrant, 1);
 
     let dir = tempfile::tempdir().unwrap();
-    let (nx, cc, niko) = (
-        sandbox::NEXTECH_CREDENTIALS,
-        sandbox::CARECENTRIC_CREDENTIALS,
-        sandbox::NIKOHEALTH_CREDENTIALS,
-    );
-    let toml = format!(
-        "[accounts.nx]\nvendor = 'nextech'\ntoken_url = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'NX_SECRET' }}\nusername = '{}'\npassword = {{ env = 'NX_PASSWORD' }}\npractice_id = '1001'\n\
-         [accounts.cc]\nvendor = 'carecentric'\ntoken_url = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'CC_SECRET' }}\nusername = '{}'\npassword = {{ env = 'CC_PASSWORD' }}\n\
-         [accounts.niko]\nvendor = 'nikohealth'\ntoken_url = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'NIKO_SECRET' }}\n\
-         [accounts.bad]\nvendor = 'nextech'\ntoken_url = '{}'\nclient_id = '{}'\nusername = '{}'\npassword = {{ env = 'BAD_PASSWORD' }}\npractice_id = '1'\n",
+    let mut toml = String::new();
+    for (vendor, name) in [
+        (Vendor::Nextech, "nx"),
+        (Vendor::CareCentric, "cc"),
+        (Vendor::NikoHealth, "niko"),
+    ] {
+        toml.push_str(&sandbox.account_config(vendor, name));
+    }
+    // A Nextech account with a wrong password, for the needs_login path.
+    let nx = sandbox::NEXTECH_CREDENTIALS;
+    toml.push_str(&format!(
+        "[accounts.bad]\nvendor = 'nextech'\ntoken_url = '{}'\nclient_id = '{}'\nusername = '{}'\npassword = {{ env = 'BAD_PASSWORD' }}\npractice_id = '1'\n",
         sandbox.token_url(Vendor::Nextech),
         nx.client_id,
-        nx.username,
-        sandbox.token_url(Vendor::CareCentric),
-        cc.client_id,
-        cc.username,
-        sandbox.token_url(Vendor::NikoHealth),
-        niko.client_id,
-        sandbox.token_url(Vendor::Nextech),
-        nx.client_id,
-        nx.username,
-    );
+        nx.username
+    ));
     let path = dir.path().join("ehrsync.toml");
     std::fs::write(&path, toml).unwrap();
     let bad_password = "wrong-password-8c1d";
-    let env: Env = [
-        ("NX_SECRET", nx.client_secret),
-        ("NX_PASSWORD", nx.password),
-        ("CC_SECRET", cc.client_secret),
-        ("CC_PASSWORD", cc.password),
-        ("NIKO_SECRET", niko.client_secret),
-        ("BAD_PASSWORD", bad_password),
-    ]
-    .into_iter()
-    .collect();
+    let mut vars = sandbox::credentials_env();
+    vars.push(("BAD_PASSWORD", bad_password));
+    let env: Env = vars.iter().copied().collect();
     let loaded = config::load_with_env(&path, &env).unwrap();
-    let _db = dir.path().join("ehrsync.db");
     let shared = common::shared_in(dir.path(), clock).await;
     let (handles, shutdown) = common::spawn_all(loaded.config.accounts, &shared).await;
     // Short lifetimes (2 min Nextech access, 1 h refresh): two hours cover logins, refreshes with
@@ -138,19 +124,10 @@ async fn no_secret_or_token_in_trace_logs_or_the_database() {
         "trace logging captured {} bytes",
         logs.len()
     );
+    let niko = sandbox::NIKOHEALTH_CREDENTIALS;
     let basic = base64::engine::general_purpose::STANDARD
         .encode(format!("{}:{}", niko.client_id, niko.client_secret));
-    let mut secrets: Vec<String> = [
-        nx.client_secret,
-        nx.password,
-        cc.client_secret,
-        cc.password,
-        niko.client_secret,
-        bad_password,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut secrets: Vec<String> = vars.iter().map(|(_, v)| v.to_string()).collect();
     secrets.push(basic);
     let tokens = sandbox.issued_tokens();
     assert!(tokens.len() > 50, "{} tokens issued", tokens.len());

@@ -39,35 +39,20 @@ async fn run_serves_metrics_and_readiness_and_stops_on_sigterm() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let (nx, cc, niko) = (
-        sandbox::NEXTECH_CREDENTIALS,
-        sandbox::CARECENTRIC_CREDENTIALS,
-        sandbox::NIKOHEALTH_CREDENTIALS,
-    );
-    let config = format!(
-        "[agent]\ndatabase = 'state/ehrsync.db'\nmetrics_listen = '127.0.0.1:{port}'\n\
-         [accounts.nx]\nvendor = 'nextech'\ntoken_url = '{}'\nclient_id = '{}'\nusername = '{}'\npassword = {{ env = 'NX_PASSWORD' }}\npractice_id = '1001'\n\
-         [accounts.cc]\nvendor = 'carecentric'\ntoken_url = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'CC_SECRET' }}\nusername = '{}'\npassword = {{ env = 'CC_PASSWORD' }}\n\
-         [accounts.niko]\nvendor = 'nikohealth'\ntoken_url = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'NIKO_SECRET' }}\n",
-        sandbox.token_url(Vendor::Nextech),
-        nx.client_id,
-        nx.username,
-        sandbox.token_url(Vendor::CareCentric),
-        cc.client_id,
-        cc.username,
-        sandbox.token_url(Vendor::NikoHealth),
-        niko.client_id,
-    );
+    let mut config =
+        format!("[agent]\ndatabase = 'state/ehrsync.db'\nmetrics_listen = '127.0.0.1:{port}'\n");
+    for (vendor, name) in [
+        (Vendor::Nextech, "nx"),
+        (Vendor::CareCentric, "cc"),
+        (Vendor::NikoHealth, "niko"),
+    ] {
+        config.push_str(&sandbox.account_config(vendor, name));
+    }
     let path = common::write_config(dir.path(), &config);
-    let secrets = [
-        ("NX_PASSWORD", nx.password),
-        ("CC_SECRET", cc.client_secret),
-        ("CC_PASSWORD", cc.password),
-        ("NIKO_SECRET", niko.client_secret),
-    ];
+    let secrets = sandbox::credentials_env();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ehrsync"))
         .env_clear()
-        .envs(secrets)
+        .envs(secrets.iter().copied())
         .env("EHRSYNC_LOG", "debug")
         .args(["run", "--config", path.to_str().unwrap()])
         .stdout(Stdio::piped())

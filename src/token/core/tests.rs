@@ -19,6 +19,20 @@ fn nextech() -> Policy {
     }
 }
 
+/// A Nextech core that logged in at T0: access token `a1`, refresh token `r1`, one hour.
+fn logged_in_nextech() -> Core {
+    let mut core = Core::new(nextech(), 7);
+    core.step(T0, Event::Start);
+    core.step(
+        T0,
+        success(
+            r#"{"access_token":"a1","refresh_token":"r1","expires_in":3600}"#,
+            T0,
+        ),
+    );
+    core
+}
+
 fn success(json: &str, sent_at: Timestamp) -> Event {
     Event::Success {
         response: parse_success(json.as_bytes()).unwrap(),
@@ -193,15 +207,7 @@ fn first_login_then_proactive_refresh_with_rotation() {
 
 #[test]
 fn a_refresh_without_a_new_refresh_token_keeps_the_old_one_and_its_expiry() {
-    let mut core = Core::new(nextech(), 7);
-    core.step(T0, Event::Start);
-    core.step(
-        T0,
-        success(
-            r#"{"access_token":"a1","refresh_token":"r1","expires_in":3600}"#,
-            T0,
-        ),
-    );
+    let mut core = logged_in_nextech();
     let at = core.next_refresh_at().unwrap();
     core.step(at, Event::Timer);
     core.step(
@@ -228,15 +234,7 @@ fn a_refresh_token_near_death_is_not_used() {
 
 #[test]
 fn invalid_grant_on_refresh_logs_in_again_at_once() {
-    let mut core = Core::new(nextech(), 7);
-    core.step(T0, Event::Start);
-    core.step(
-        T0,
-        success(
-            r#"{"access_token":"a1","refresh_token":"r1","expires_in":3600}"#,
-            T0,
-        ),
-    );
+    let mut core = logged_in_nextech();
     let at = core.next_refresh_at().unwrap();
     core.step(at, Event::Timer);
     let out = core.step(
@@ -510,15 +508,7 @@ fn a_failing_refresh_keeps_serving_the_token_until_it_expires() {
 
 #[test]
 fn a_401_forces_at_most_one_refresh_per_token() {
-    let mut core = Core::new(nextech(), 3);
-    core.step(T0, Event::Start);
-    core.step(
-        T0,
-        success(
-            r#"{"access_token":"a1","refresh_token":"r1","expires_in":3600}"#,
-            T0,
-        ),
-    );
+    let mut core = logged_in_nextech();
     let t = T0 + Duration::from_secs(60);
     assert_eq!(
         core.step(t, Event::Unauthorized { generation: 1 }).request,
@@ -600,15 +590,7 @@ fn a_person_grant_refreshes_before_its_refresh_token_dies_then_needs_login() {
 
 #[test]
 fn a_restart_with_a_valid_token_sends_nothing() {
-    let mut core = Core::new(nextech(), 3);
-    core.step(T0, Event::Start);
-    core.step(
-        T0,
-        success(
-            r#"{"access_token":"a1","refresh_token":"r1","expires_in":3600}"#,
-            T0,
-        ),
-    );
+    let core = logged_in_nextech();
     let planned = core.next_refresh_at().unwrap();
     let mut restarted = Core::restore(nextech(), 99, core.snapshot());
     let out = restarted.step(T0 + Duration::from_secs(600), Event::Start);
