@@ -2,10 +2,10 @@
 //! request, no token is ever in the database file as plain text, and a changed key means a
 //! clean re-login rather than an error loop.
 
+mod common;
+
 use std::time::Duration;
 
-use ehrsync::config::{Env, KeySource};
-use ehrsync::crypto::TokenCipher;
 use ehrsync::store::Store;
 use ehrsync::token::Timestamp;
 use ehrsync::token::core::{Core, Event, Policy, Request, State};
@@ -57,12 +57,9 @@ fn file_contains(path: &std::path::Path, needle: &str) -> bool {
 async fn a_valid_stored_token_is_reused_after_restart_and_never_stored_in_clear() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ehrsync.db");
-    let key = KeySource::File {
-        path: dir.path().join("ehrsync.key"),
-        create: true,
-    };
+    let key = dir.path().join("ehrsync.key");
     let store = Store::open(&db).await.unwrap();
-    let cipher = TokenCipher::load(&key, &Env::default()).unwrap();
+    let cipher = common::cipher_in(&key);
 
     let t0 = now();
     let core = logged_in_core(t0);
@@ -85,7 +82,7 @@ async fn a_valid_stored_token_is_reused_after_restart_and_never_stored_in_clear(
 
     // "Restart": a new store, a new cipher from the same key file, a new core.
     let store = Store::open(&db).await.unwrap();
-    let cipher = TokenCipher::load(&key, &Env::default()).unwrap();
+    let cipher = common::cipher_in(&key);
     let record = store.load_token("nextech-main").await.unwrap().unwrap();
     assert_eq!(record.state, "valid");
     let (saved, problem) = from_record(record, &cipher);
@@ -113,28 +110,14 @@ async fn a_valid_stored_token_is_reused_after_restart_and_never_stored_in_clear(
 async fn a_changed_key_means_a_clean_login_again() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("ehrsync.db")).await.unwrap();
-    let first = TokenCipher::load(
-        &KeySource::File {
-            path: dir.path().join("a.key"),
-            create: true,
-        },
-        &Env::default(),
-    )
-    .unwrap();
+    let first = common::cipher_in(&dir.path().join("a.key"));
     let t0 = now();
     store
         .save_token(&to_record("acct", &logged_in_core(t0), t0, &first).unwrap())
         .await
         .unwrap();
 
-    let second = TokenCipher::load(
-        &KeySource::File {
-            path: dir.path().join("b.key"),
-            create: true,
-        },
-        &Env::default(),
-    )
-    .unwrap();
+    let second = common::cipher_in(&dir.path().join("b.key"));
     let (saved, problem) = from_record(store.load_token("acct").await.unwrap().unwrap(), &second);
     assert!(problem.is_some());
     assert!(saved.tokens.is_none());
@@ -150,14 +133,7 @@ async fn a_changed_key_means_a_clean_login_again() {
 async fn needs_login_survives_a_restart_without_a_new_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("ehrsync.db")).await.unwrap();
-    let cipher = TokenCipher::load(
-        &KeySource::File {
-            path: dir.path().join("k"),
-            create: true,
-        },
-        &Env::default(),
-    )
-    .unwrap();
+    let cipher = common::cipher_in(&dir.path().join("k"));
     let t0 = now();
     let mut core = Core::new(policy(), 1);
     core.step(t0, Event::Start);

@@ -62,15 +62,10 @@ pub async fn shared_in(
     dir: &Path,
     clock: ehrsync::clock::SharedClock,
 ) -> ehrsync::token::owner::Shared {
-    use ehrsync::config::{Env, KeySource};
     let store = ehrsync::store::Store::open(&dir.join("ehrsync.db"))
         .await
         .expect("open the store");
-    let key = KeySource::File {
-        path: dir.join("ehrsync.key"),
-        create: true,
-    };
-    let cipher = ehrsync::crypto::TokenCipher::load(&key, &Env::default()).expect("token key");
+    let cipher = cipher_in(&dir.join("ehrsync.key"));
     let http = ehrsync::token::client::http_client(std::time::Duration::from_secs(30))
         .expect("HTTP client");
     let metrics = ehrsync::metrics::Metrics::new().expect("metrics");
@@ -104,4 +99,13 @@ pub async fn stop_all(owners: Owners, stop: tokio::sync::watch::Sender<bool>) {
     for (_, task) in owners {
         let _ = task.await;
     }
+}
+
+/// The token cipher for the key file at `path`, created on first use.
+pub fn cipher_in(path: &Path) -> ehrsync::crypto::TokenCipher {
+    let key = ehrsync::config::KeySource::File {
+        path: path.to_owned(),
+        create: true,
+    };
+    ehrsync::crypto::TokenCipher::load(&key, &ehrsync::config::Env::default()).expect("token key")
 }
