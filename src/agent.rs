@@ -1,6 +1,7 @@
 //! `ehrsync run`: every account's token owner, plus the HTTP listener for `/metrics`,
 //! `/healthz` (the process is alive) and `/readyz` (200 only when every account holds a valid
-//! token). Runs until `shutdown` resolves, then stops the owners and returns.
+//! token), and each job's schedule. Runs until `shutdown` resolves, then stops the jobs (each
+//! finishing its page), then the owners, and returns.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,9 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, Env};
 use crate::crypto::{KeyError, TokenCipher};
 use crate::metrics::Metrics;
+use crate::scheduler;
 use crate::store::{Store, StoreError};
+use crate::sync::{JobRunner, SyncShared, api_client};
 use crate::token::client::http_client;
 use crate::token::owner::{Shared, TokenHandle, spawn};
 
@@ -47,15 +50,15 @@ struct Web {
     clock: SharedClock,
 }
 
-/// Runs the agent for `config` until `shutdown` completes.
-pub async fn run(
-    config: Config,
+/// Opens what token owners and job runners share: the store (migrated), the token key, the
+/// HTTP clients and the metrics registry.
+pub async fn open_engine(
+    config: &Config,
     env: &Env,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), AgentError> {
+    clock: SharedClock,
+) -> Result<(Shared, SyncShared), AgentError> {
     let store = Store::open(&config.agent.database).await?;
     let cipher = TokenCipher::load(&config.agent.token_key, env)?;
-    let clock: SharedClock = Arc::new(SystemClock);
     let shared = Shared::new(
         store.clone(),
         cipher,
@@ -63,6 +66,25 @@ pub async fn run(
         clock.clone(),
         Metrics::new()?,
     );
+    let sync = SyncShared {
+        store,
+        http: api_client()?,
+        clock,
+        metrics: shared.metrics.clone(),
+        holder: shared.holder.clone(),
+    };
+    Ok((shared, sync))
+}
+
+/// Runs the agent for `config` until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    env: &Env,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let (shared, sync) = open_engine(&config, env, clock.clone()).await?;
+    let store = shared.store.clone();
     let listen = config.agent.metrics_listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -72,10 +94,22 @@ pub async fn run(
         })?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (jobs_stop_tx, jobs_stop_rx) = watch::channel(false);
     let mut handles = Vec::new();
     let mut tasks = Vec::new();
+    let mut schedulers = Vec::new();
     for account in config.accounts {
-        let (handle, task) = spawn(Arc::new(account), shared.clone(), stop_rx.clone()).await?;
+        let account = Arc::new(account);
+        let (handle, task) = spawn(account.clone(), shared.clone(), stop_rx.clone()).await?;
+        for job in &account.jobs {
+            let runner = JobRunner {
+                account: account.clone(),
+                job: job.clone(),
+                tokens: handle.clone(),
+                shared: sync.clone(),
+            };
+            schedulers.push(schedule_job(runner, jobs_stop_rx.clone()).await?);
+        }
         handles.push(handle);
         tasks.push(task);
     }
@@ -89,7 +123,7 @@ pub async fn run(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(web);
-    tracing::info!(listen = %listen, accounts = tasks.len(), "ehrsync is running");
+    tracing::info!(listen = %listen, accounts = tasks.len(), jobs = schedulers.len(), "ehrsync is running");
 
     let mut server_stop = stop_rx.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -99,7 +133,13 @@ pub async fn run(
     let server = tokio::spawn(async move { server.await });
     shutdown.await;
     tracing::info!("stopping");
-    // Receivers are held by the tasks being stopped; if they are all gone there is nothing to do.
+    // Jobs stop first (a run finishes its page and records itself interrupted), while the token
+    // owners still serve them; then the owners. Receivers are held by the tasks being stopped;
+    // if they are all gone there is nothing to do.
+    let _ = jobs_stop_tx.send(true);
+    for task in schedulers {
+        let _ = task.await;
+    }
     let _ = stop_tx.send(true);
     for task in tasks {
         let _ = task.await;
@@ -108,6 +148,42 @@ pub async fn run(
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts `runner`'s schedule: a run at once if one was missed while the agent was down (or the
+/// job never ran), then one per occurrence, skipping (and counting) occurrences that find the
+/// previous run still going.
+pub async fn schedule_job(
+    runner: JobRunner,
+    stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+    let (account, job) = (runner.account.name.to_string(), runner.job.name.to_string());
+    let clock = runner.shared.clock.clone();
+    let last = runner.shared.store.last_run_started(&account, &job).await?;
+    let due = scheduler::missed(&runner.job.schedule, last, clock.now());
+    if due {
+        tracing::info!(account = %account, job = %job, "running the job now: it never ran, or missed a run while ehrsync was down");
+    }
+    let schedule = runner.job.schedule.clone();
+    let metrics = runner.shared.metrics.clone();
+    let runner = Arc::new(runner);
+    let run_stop = stop.clone();
+    let start = move || {
+        let (runner, stop) = (runner.clone(), run_stop.clone());
+        async move {
+            runner.run_once(false, &stop).await;
+        }
+    };
+    let skipped = move |due: chrono::DateTime<chrono::Utc>| {
+        metrics
+            .sync_runs
+            .with_label_values(&[account.as_str(), job.as_str(), "skipped"])
+            .inc();
+        tracing::info!(account = %account, job = %job, due = %due, "skipped a scheduled run: the previous run is still going");
+    };
+    Ok(tokio::spawn(scheduler::drive(
+        schedule, clock, stop, due, start, skipped,
+    )))
 }
 
 async fn metrics(AxumState(web): AxumState<Web>) -> impl IntoResponse {

@@ -12,6 +12,8 @@ pub mod crypto;
 pub mod logging;
 pub mod metrics;
 pub mod sandbox;
+pub mod scheduler;
 pub mod store;
+pub mod sync;
 pub mod token;
 pub mod vendor;

@@ -16,6 +16,11 @@ pub struct Metrics {
     pub needs_login: IntGaugeVec,
     pub token_requests: IntCounterVec,
     pub token_request_duration: HistogramVec,
+    pub sync_runs: IntCounterVec,
+    pub sync_records: IntCounterVec,
+    pub sync_duration: HistogramVec,
+    pub sync_last_success: GaugeVec,
+    pub api_requests: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -62,6 +67,44 @@ impl Metrics {
                 ]),
                 &["account", "grant"],
             )?,
+            sync_runs: IntCounterVec::new(
+                Opts::new(
+                    "ehrsync_sync_runs_total",
+                    "Pull runs by outcome (success, failed, skipped, interrupted).",
+                ),
+                &["account", "job", "outcome"],
+            )?,
+            sync_records: IntCounterVec::new(
+                Opts::new(
+                    "ehrsync_sync_records_total",
+                    "Records stored by pull runs (committed pages only).",
+                ),
+                &["account", "job"],
+            )?,
+            sync_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "ehrsync_sync_duration_seconds",
+                    "Duration of pull runs that started (skipped ones excluded).",
+                )
+                .buckets(vec![
+                    0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0,
+                ]),
+                &["account", "job"],
+            )?,
+            sync_last_success: GaugeVec::new(
+                Opts::new(
+                    "ehrsync_sync_last_success_timestamp_seconds",
+                    "When the job's last successful run finished (Unix seconds).",
+                ),
+                &["account", "job"],
+            )?,
+            api_requests: IntCounterVec::new(
+                Opts::new(
+                    "ehrsync_api_requests_total",
+                    "Vendor API requests by answer (2xx, 4xx, 401, 429, 5xx, error).",
+                ),
+                &["account", "status"],
+            )?,
             build_info: int_gauge(
                 "ehrsync_build_info",
                 "Always 1; the version label names the running build.",
@@ -76,6 +119,11 @@ impl Metrics {
             Box::new(m.needs_login.clone()),
             Box::new(m.token_requests.clone()),
             Box::new(m.token_request_duration.clone()),
+            Box::new(m.sync_runs.clone()),
+            Box::new(m.sync_records.clone()),
+            Box::new(m.sync_duration.clone()),
+            Box::new(m.sync_last_success.clone()),
+            Box::new(m.api_requests.clone()),
             Box::new(m.build_info.clone()),
         ] {
             m.registry.register(c)?;
@@ -97,6 +145,20 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// `ehrsync_sync_runs_total` for one outcome (for tests and the demo's status table).
+    pub fn sync_runs(&self, account: &str, job: &str, outcome: &str) -> u64 {
+        self.sync_runs
+            .get_metric_with_label_values(&[account, job, outcome])
+            .map_or(0, |c| c.get())
+    }
+
+    /// `ehrsync_api_requests_total` for one status class.
+    pub fn api_requests(&self, account: &str, status: &str) -> u64 {
+        self.api_requests
+            .get_metric_with_label_values(&[account, status])
+            .map_or(0, |c| c.get())
     }
 
     /// A counter's current value (for tests and the demo's status table).

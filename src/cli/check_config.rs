@@ -141,6 +141,25 @@ fn render_account(out: &mut fmt::Formatter<'_>, a: &Account) -> fmt::Result {
             j.page_size,
             j.schedule.as_str()
         )?;
+        match &j.kind {
+            crate::config::JobKind::Fhir { overlap, .. } => writeln!(
+                out,
+                "      incremental on meta.lastUpdated, {} overlap",
+                humantime::format_duration(*overlap)
+            )?,
+            crate::config::JobKind::NikohealthPatients(p) => writeln!(
+                out,
+                "      GET {}?{}={}..&{}={}, records at \"{}\", id field {}, updated field {}",
+                p.path,
+                p.page_param,
+                p.first_page,
+                p.page_size_param,
+                j.page_size,
+                p.items,
+                p.id_field,
+                p.updated_field.as_deref().unwrap_or("(none)")
+            )?,
+        }
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod check_config;
 mod status;
+mod sync;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,12 +41,23 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the agent in the foreground: keep every account's token valid and serve
-    /// /metrics, /healthz and /readyz. Stops cleanly on SIGINT or SIGTERM.
+    /// Run the agent in the foreground: keep every account's token valid, run every job on its
+    /// schedule, and serve /metrics, /healthz and /readyz. Stops cleanly on SIGINT or SIGTERM.
     Run,
     /// Validate the config and print the resolved plan (accounts, endpoints, grants, schedules),
     /// secrets redacted. Exits 2 listing every problem when the config is invalid.
     CheckConfig,
+    /// Run one job of one account now, print a one-line summary, and exit (0 when the run
+    /// succeeded). May run beside `ehrsync run` on the same database.
+    Sync {
+        /// The account, as named in the config (`[accounts.NAME]`).
+        account: String,
+        /// The job's `name`.
+        job: String,
+        /// Pull everything, ignoring the watermark of the last completed run.
+        #[arg(long)]
+        full: bool,
+    },
     /// Show each account's token state and each job's last and next run, from the database.
     Status {
         /// Print JSON instead of a table.
@@ -60,6 +72,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Run => run_agent(&cli.config).await,
         Command::CheckConfig => check_config::run(&cli.config),
         Command::Status { json } => status::run(&cli.config, json).await,
+        Command::Sync { account, job, full } => sync::run(&cli.config, &account, &job, full).await,
     }
 }
 

@@ -212,7 +212,7 @@ impl fmt::Display for HeaderValue {
 }
 
 /// One scheduled pull.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Job {
     pub name: JobName,
     pub kind: JobKind,
@@ -222,17 +222,32 @@ pub struct Job {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobKind {
-    /// FHIR R4 search of one resource type.
-    Fhir { resource: String },
-    /// NikoHealth's paged patient list.
-    NikohealthPatients,
+    /// FHIR R4 search of one resource type; incremental from `meta.lastUpdated − overlap`.
+    Fhir { resource: String, overlap: Duration },
+    /// NikoHealth's paged patient list (always pulled whole: it has no change filter).
+    NikohealthPatients(ListPaging),
+}
+
+/// How a paged JSON list (NikoHealth's patients) is walked. The vendor does not publish its
+/// paging, so every part is configurable; the defaults are in `config::raw`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPaging {
+    /// Below `api_base`, starting with `/`.
+    pub path: String,
+    pub page_param: String,
+    pub page_size_param: String,
+    pub first_page: u32,
+    /// RFC 6901 JSON pointer to the records array; `""` is the whole page.
+    pub items: String,
+    pub id_field: String,
+    pub updated_field: Option<String>,
 }
 
 impl fmt::Display for JobKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            JobKind::Fhir { resource } => write!(f, "fhir {resource}"),
-            JobKind::NikohealthPatients => f.write_str("nikohealth_patients"),
+            JobKind::Fhir { resource, .. } => write!(f, "fhir {resource}"),
+            JobKind::NikohealthPatients(_) => f.write_str("nikohealth_patients"),
         }
     }
 }

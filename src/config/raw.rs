@@ -89,6 +89,27 @@ pub struct RawJob {
     pub schedule: Option<String>,
     /// Records per page requested from the API. Default 100, at most 1000.
     pub page_size: Option<u32>,
+    /// `fhir` jobs: incremental runs ask for records updated after the last run's newest
+    /// `meta.lastUpdated` minus this margin (covers clock skew and late commits on the
+    /// vendor's side; re-fetched records are simply upserted again). Default `"5m"`.
+    pub overlap: Option<HumanDuration>,
+    /// `nikohealth_patients` jobs: the list's path below `api_base`.
+    /// Default `/api/external/v1/patients`.
+    pub path: Option<String>,
+    /// `nikohealth_patients`: query parameter carrying the page number. Default `page`.
+    pub page_param: Option<String>,
+    /// `nikohealth_patients`: query parameter carrying the page size. Default `pageSize`.
+    pub page_size_param: Option<String>,
+    /// `nikohealth_patients`: number of the first page (0 or 1). Default 1.
+    pub first_page: Option<u32>,
+    /// `nikohealth_patients`: JSON pointer (RFC 6901) to the array of records in a page, `""`
+    /// when the page is the array itself. Default `/items`.
+    pub items: Option<String>,
+    /// `nikohealth_patients`: the record field holding its id. Default `id`.
+    pub id_field: Option<String>,
+    /// `nikohealth_patients`: the record field holding when it last changed, stored as
+    /// `last_updated`; `""` for none. Default `modifiedDate`.
+    pub updated_field: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

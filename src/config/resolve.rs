@@ -14,7 +14,7 @@ use super::raw::{RawAccount, RawAgent, RawJob, RawJobKind};
 use super::secret::{self, Secret, SecretSpec};
 use super::{
     Account, AccountName, Agent, DEFAULT_METRICS_LISTEN, Env, Header, HeaderValue, Job, JobKind,
-    JobName, KeySource, Lifetimes, Schedule, TokenEndpoint, default_database,
+    JobName, KeySource, Lifetimes, ListPaging, Schedule, TokenEndpoint, default_database,
 };
 use crate::vendor::{ClientAuth, Grant, TokenEndpointDefault, Vendor};
 
@@ -24,6 +24,8 @@ const DEFAULT_MIN_LEAD: Duration = Duration::from_secs(60);
 const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 const DEFAULT_FHIR_RESOURCE: &str = "Patient";
+const DEFAULT_OVERLAP: Duration = Duration::from_secs(300);
+const DEFAULT_LIST_PATH: &str = "/api/external/v1/patients";
 
 /// What resolution needs and what it finds.
 pub struct Ctx<'a> {
@@ -731,6 +733,23 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
                 None
             }
             Some(RawJobKind::Fhir) => {
+                let list_keys = [
+                    ("path", raw.path.is_some()),
+                    ("page_param", raw.page_param.is_some()),
+                    ("page_size_param", raw.page_size_param.is_some()),
+                    ("first_page", raw.first_page.is_some()),
+                    ("items", raw.items.is_some()),
+                    ("id_field", raw.id_field.is_some()),
+                    ("updated_field", raw.updated_field.is_some()),
+                ];
+                for (field, set) in list_keys {
+                    if set {
+                        ctx.problem(
+                            &k(field),
+                            "applies only to kind = \"nikohealth_patients\"; remove it",
+                        );
+                    }
+                }
                 let resource = raw
                     .resource
                     .unwrap_or_else(|| DEFAULT_FHIR_RESOURCE.to_owned());
@@ -740,13 +759,30 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
                 if !valid {
                     ctx.problem(&k("resource"), format!("`{resource}` is not a FHIR resource type (such as Patient or Encounter)"));
                 }
-                Some(JobKind::Fhir { resource })
+                let overlap = raw.overlap.map_or(DEFAULT_OVERLAP, |d| d.0);
+                Some(JobKind::Fhir { resource, overlap })
             }
             Some(RawJobKind::NikohealthPatients) => {
-                if raw.resource.is_some() {
-                    ctx.problem(&k("resource"), "applies only to kind = \"fhir\"; remove it");
+                for (field, set) in [
+                    ("resource", raw.resource.is_some()),
+                    ("overlap", raw.overlap.is_some()),
+                ] {
+                    if set {
+                        ctx.problem(&k(field), "applies only to kind = \"fhir\"; remove it");
+                    }
                 }
-                Some(JobKind::NikohealthPatients)
+                list_paging(
+                    &jkey,
+                    raw.path,
+                    raw.page_param,
+                    raw.page_size_param,
+                    raw.first_page,
+                    raw.items,
+                    raw.id_field,
+                    raw.updated_field,
+                    ctx,
+                )
+                .map(JobKind::NikohealthPatients)
             }
         };
         let schedule = match raw.schedule.as_deref().map(Schedule::parse) {
@@ -786,6 +822,74 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
         }
     }
     jobs
+}
+
+/// The paging of a `nikohealth_patients` job, defaults filled in.
+#[allow(clippy::too_many_arguments)] // one argument per config key, each named at the call
+fn list_paging(
+    jkey: &str,
+    path: Option<String>,
+    page_param: Option<String>,
+    page_size_param: Option<String>,
+    first_page: Option<u32>,
+    items: Option<String>,
+    id_field: Option<String>,
+    updated_field: Option<String>,
+    ctx: &mut Ctx,
+) -> Option<ListPaging> {
+    let before = ctx.problems.len();
+    let k = |field: &str| join(jkey, field);
+    let path = path.unwrap_or_else(|| DEFAULT_LIST_PATH.to_owned());
+    let path_ok = path.starts_with('/')
+        && !path.contains(['?', '#'])
+        && path.chars().all(|c| c.is_ascii_graphic());
+    if !path_ok {
+        ctx.problem(
+            &k("path"),
+            format!("`{path}` is not a path: start it with `/`, without a query (`?`) or spaces"),
+        );
+    }
+    let mut word = |field: &str, value: Option<String>, default: &str, may_be_empty: bool| {
+        let value = value.unwrap_or_else(|| default.to_owned());
+        let ok = (may_be_empty || !value.is_empty())
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.$".contains(c));
+        if !ok {
+            ctx.problem(
+                &k(field),
+                format!("`{value}` is not a field or parameter name (letters, digits, `_`, `-`, `.`, `$`)"),
+            );
+        }
+        value
+    };
+    let page_param = word("page_param", page_param, "page", false);
+    let page_size_param = word("page_size_param", page_size_param, "pageSize", false);
+    let id_field = word("id_field", id_field, "id", false);
+    let updated_field = word("updated_field", updated_field, "modifiedDate", true);
+    let first_page = first_page.unwrap_or(1);
+    if first_page > 1 {
+        ctx.problem(
+            &k("first_page"),
+            format!("{first_page} is not a first page number: use 0 or 1"),
+        );
+    }
+    let items = items.unwrap_or_else(|| "/items".to_owned());
+    if !(items.is_empty() || items.starts_with('/')) {
+        ctx.problem(
+            &k("items"),
+            format!("`{items}` is not a JSON pointer: write `/items`, `/data/patients`, or `\"\"` for a page that is itself the array"),
+        );
+    }
+    (ctx.problems.len() == before).then(|| ListPaging {
+        path,
+        page_param,
+        page_size_param,
+        first_page,
+        items,
+        id_field,
+        updated_field: (!updated_field.is_empty()).then_some(updated_field),
+    })
 }
 
 #[cfg(test)]

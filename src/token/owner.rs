@@ -150,6 +150,31 @@ impl TokenHandle {
         }
     }
 
+    /// A valid access token of another generation than `generation`: what an API caller waits
+    /// for after reporting a 401 with [`TokenHandle::unauthorized`]. Waits for as long as the
+    /// owner needs, so callers bound it with a timeout.
+    pub async fn token_after(&self, generation: u64) -> Result<CurrentToken, Unavailable> {
+        let mut rx = self.snapshot.clone();
+        loop {
+            {
+                let s = rx.borrow_and_update();
+                let fresh = s
+                    .token
+                    .as_ref()
+                    .filter(|t| t.generation != generation && self.clock.now() < t.expires_at);
+                if let Some(t) = fresh {
+                    return Ok(t.clone());
+                }
+                if s.state == State::NeedsLogin {
+                    return Err(Unavailable::NeedsLogin(
+                        s.last_error.clone().unwrap_or_default(),
+                    ));
+                }
+            }
+            rx.changed().await.map_err(|_| Unavailable::Stopped)?;
+        }
+    }
+
     /// Reports that the API refused the token of `generation` (HTTP 401). The owner refreshes
     /// once per token; reports about an older token are ignored.
     pub fn unauthorized(&self, generation: u64) {

@@ -7,6 +7,10 @@
 //! embedded and applied at open, and a database written by a newer ehrsync is refused rather
 //! than touched. Read-only opens (for `status`) never create, migrate or modify anything.
 
+mod sync;
+
+pub use sync::{JobLease, PageRow, RunStart};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

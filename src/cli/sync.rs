@@ -1,0 +1,105 @@
+//! `ehrsync sync ACCOUNT JOB [--full]`: one run of one job now, with the same token handling,
+//! leases and bookkeeping as the agent (so it may run beside `ehrsync run` on one database),
+//! then a one-line summary. Ctrl-C or SIGTERM stops it between pages, as `interrupted`.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{self, Config};
+use crate::sync::{JobRunner, Outcome};
+
+pub async fn run(config_path: &Path, account: &str, job: &str, full: bool) -> ExitCode {
+    let env = config::Env::from_process();
+    let loaded = match config::load_with_env(config_path, &env) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(super::EXIT_CONFIG);
+        }
+    };
+    for w in &loaded.warnings {
+        tracing::warn!(key = %w.key, "{}", w.message);
+    }
+    let mut config = loaded.config;
+    let (account, job) = match pick(&mut config, account, job) {
+        Ok(found) => found,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(super::EXIT_CONFIG);
+        }
+    };
+    let clock: SharedClock = Arc::new(SystemClock);
+    let (shared, sync) = match crate::agent::open_engine(&config, &env, clock).await {
+        Ok(engine) => engine,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(super::EXIT_FAILURE);
+        }
+    };
+    let store = shared.store.clone();
+    let (owner_stop_tx, owner_stop) = watch::channel(false);
+    let (handle, owner) =
+        match crate::token::owner::spawn(account.clone(), shared, owner_stop).await {
+            Ok(started) => started,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(super::EXIT_FAILURE);
+            }
+        };
+    let (stop_tx, stop) = watch::channel(false);
+    let signals = tokio::spawn(async move {
+        crate::agent::termination_signal().await;
+        tracing::warn!("stopping after the page in progress");
+        let _ = stop_tx.send(true);
+    });
+    let runner = JobRunner {
+        account,
+        job,
+        tokens: handle,
+        shared: sync,
+    };
+    let summary = runner.run_once(full, &stop).await;
+    signals.abort();
+    let _ = owner_stop_tx.send(true);
+    let _ = owner.await;
+    store.close().await;
+    println!("{summary}");
+    if summary.outcome == Outcome::Success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::EXIT_FAILURE)
+    }
+}
+
+/// The named account (taken out of `config`) and its named job, or what to write instead.
+fn pick(
+    config: &mut Config,
+    account: &str,
+    job: &str,
+) -> Result<(Arc<crate::config::Account>, crate::config::Job), String> {
+    let names = |it: &mut dyn Iterator<Item = &str>| it.collect::<Vec<_>>().join(", ");
+    let Some(i) = config
+        .accounts
+        .iter()
+        .position(|a| a.name.as_str() == account)
+    else {
+        return Err(format!(
+            "no account `{account}` in {}; configured: {}",
+            config.path.display(),
+            names(&mut config.accounts.iter().map(|a| a.name.as_str()))
+        ));
+    };
+    let a = config.accounts.swap_remove(i);
+    let Some(j) = a.jobs.iter().find(|j| j.name.as_str() == job) else {
+        return Err(format!(
+            "account `{account}` has no job `{job}`; its jobs: {}",
+            names(&mut a.jobs.iter().map(|j| j.name.as_str()))
+        ));
+    };
+    let j = j.clone();
+    Ok((Arc::new(a), j))
+}

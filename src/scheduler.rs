@@ -1,0 +1,134 @@
+//! Cron scheduling of pull jobs: one small tokio task per job that sleeps until the schedule's
+//! next occurrence (UTC, computed by croner exactly as `check-config` validated it) and starts a
+//! run, unless the previous run is still going — then the occurrence is skipped and counted.
+//!
+//! Why not tokio-cron-scheduler: see ARCHITECTURE.md ("Scheduling"). In short, it reads
+//! `chrono::Utc::now()` in a 500 ms polling loop, so it cannot run under tokio's paused clock
+//! (no simulated days in tests) and fires up to half a second late; it lets a job overlap
+//! itself; its shutdown does not wait for running jobs; and its time-zone jobs drift after a
+//! daylight-saving change. This loop has none of those properties and fits in a page.
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+use crate::clock::SharedClock;
+use crate::config::Schedule;
+use crate::token::Timestamp;
+
+/// The longest single sleep. Tokio's timers follow the monotonic clock; waking at least this
+/// often re-reads the wall clock, so a suspended VM or a stepped clock delays a run by at most
+/// this much.
+const MAX_SLEEP: Duration = Duration::from_secs(300);
+
+/// What the scheduler reports.
+pub trait Hooks: Send + 'static {
+    /// A due occurrence found the previous run still going.
+    fn skipped(&mut self, due: DateTime<Utc>);
+}
+
+impl<F: FnMut(DateTime<Utc>) + Send + 'static> Hooks for F {
+    fn skipped(&mut self, due: DateTime<Utc>) {
+        self(due)
+    }
+}
+
+/// Whether a job whose latest run started at `last_started` (Unix seconds; `None` if it never
+/// ran) missed an occurrence before `now`, and so runs once at start-up.
+pub fn missed(schedule: &Schedule, last_started: Option<i64>, now: Timestamp) -> bool {
+    let Some(last) = last_started.and_then(|s| DateTime::from_timestamp(s, 0)) else {
+        return true;
+    };
+    schedule
+        .next_after(last)
+        .is_some_and(|next| next.timestamp_millis() <= now.unix_millis())
+}
+
+/// Runs `schedule` until `stop` turns true: at each occurrence calls `start` (and spawns the
+/// future it returns) unless the previous run has not finished. With `run_now`, a first run
+/// starts at once. On stop, waits for the run in progress (which sees `stop` itself) and
+/// returns.
+pub async fn drive<S, Fut>(
+    schedule: Schedule,
+    clock: SharedClock,
+    mut stop: watch::Receiver<bool>,
+    run_now: bool,
+    mut start: S,
+    mut hooks: impl Hooks,
+) where
+    S: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut running: Option<tokio::task::JoinHandle<()>> = None;
+    if run_now {
+        running = Some(tokio::spawn(start()));
+    }
+    let mut last_due: Option<DateTime<Utc>> = None;
+    loop {
+        let now = to_utc(clock.now());
+        // Never fire the same occurrence twice, even if the wall clock steps back; after a
+        // stall spanning several occurrences, fire once rather than in a burst.
+        let after = match last_due {
+            Some(d) => d.max(now - chrono::Duration::seconds(1)),
+            None => now,
+        };
+        let Some(due) = schedule.next_after(after) else {
+            tracing::warn!(
+                schedule = schedule.as_str(),
+                "the schedule has no further occurrence"
+            );
+            break;
+        };
+        tokio::select! {
+            _ = sleep_until(&clock, due) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        last_due = Some(due);
+        match &running {
+            Some(run) if !run.is_finished() => hooks.skipped(due),
+            _ => running = Some(tokio::spawn(start())),
+        }
+    }
+    if let Some(run) = running {
+        // A run that panicked has already been reported by the panic hook.
+        let _ = run.await;
+    }
+}
+
+fn to_utc(t: Timestamp) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t.unix_millis()).unwrap_or_default()
+}
+
+/// Sleeps until the wall clock reaches `due`, in steps of at most [`MAX_SLEEP`].
+async fn sleep_until(clock: &SharedClock, due: DateTime<Utc>) {
+    let due = Timestamp::from_unix_millis(due.timestamp_millis());
+    loop {
+        let now = clock.now();
+        if now >= due {
+            return;
+        }
+        tokio::time::sleep(due.since(now).min(MAX_SLEEP)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> Timestamp {
+        Timestamp::from_unix_millis(DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis())
+    }
+
+    #[test]
+    fn a_run_missed_while_down_is_due_at_start() {
+        let hourly = Schedule::parse("0 0 * * * *").unwrap();
+        let started = |s: &str| Some(at(s).unix_seconds());
+        let now = at("2026-11-22T10:30:00Z");
+        assert!(missed(&hourly, None, now), "never ran");
+        assert!(missed(&hourly, started("2026-11-22T09:00:00Z"), now));
+        assert!(!missed(&hourly, started("2026-11-22T10:00:00Z"), now));
+        assert!(!missed(&hourly, started("2026-11-22T10:29:00Z"), now));
+    }
+}

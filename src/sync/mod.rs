@@ -1,0 +1,592 @@
+//! Pull runs: one run of one job, from the job lease to the `sync_runs` row's outcome.
+//!
+//! A run takes the job's lease (so it never overlaps itself, in this process or another),
+//! records itself in `sync_runs`, and walks the pages: while page k is written (one
+//! transaction, records and counts together), page k+1 is already being fetched. Only the
+//! page in hand and the one being written are in memory, whatever the run's size. The
+//! watermark moves in the transaction that marks the run `success`; a run that fails or is
+//! dropped halfway leaves its committed pages and the old watermark, and the next run repeats
+//! the rest (upserts are idempotent).
+
+pub mod fetch;
+pub mod fhir;
+pub mod list;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use url::Url;
+
+use crate::clock::SharedClock;
+use crate::config::{Account, Job, JobKind, ListPaging};
+use crate::metrics::Metrics;
+use crate::store::{PageRow, Store, StoreError};
+use crate::token::owner::TokenHandle;
+use fetch::Fetcher;
+
+/// How long a job lease lasts without renewal; a crashed run blocks its job at most this long.
+pub const JOB_LEASE_TTL: Duration = Duration::from_secs(120);
+/// How often a running job renews its lease.
+const JOB_LEASE_RENEW: Duration = Duration::from_secs(30);
+/// A page request's deadline, per attempt.
+pub const API_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a run failed. Messages name the page and URL, never a token or record content.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("page {page} (GET {url}): HTTP {status}: {detail}")]
+    Http {
+        url: String,
+        page: u32,
+        status: u16,
+        detail: String,
+    },
+    #[error("page {page} (GET {url}): no answer after {attempts} attempts: {reason}")]
+    Unreachable {
+        url: String,
+        page: u32,
+        attempts: u32,
+        reason: String,
+    },
+    #[error("page {page} (GET {url}): {reason}")]
+    Malformed {
+        url: String,
+        page: u32,
+        reason: String,
+    },
+    #[error("no access token: {0}")]
+    Token(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{reason}")]
+    Config { reason: String },
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failed,
+    /// Stopped between pages by a shutdown.
+    Interrupted,
+    /// Not run: the job was already running.
+    Skipped,
+}
+
+impl Outcome {
+    /// The `outcome` label of `ehrsync_sync_runs_total` and the `sync_runs.outcome` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failed => "failed",
+            Outcome::Interrupted => "interrupted",
+            Outcome::Skipped => "skipped",
+        }
+    }
+}
+
+/// What a run pulled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Everything: `--full`, or no completed run yet.
+    Full,
+    /// Records updated after `since`.
+    Incremental { since: String },
+    /// A list without a change filter, pulled whole every time.
+    Whole,
+}
+
+/// The result of one run, printed by `ehrsync sync` as one line.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub account: String,
+    pub job: String,
+    pub outcome: Outcome,
+    pub mode: Mode,
+    pub pages: u32,
+    pub records: u64,
+    pub duration: Duration,
+    /// Set for failed and skipped runs.
+    pub error: Option<String>,
+}
+
+impl fmt::Display for RunSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}: {}",
+            self.account,
+            self.job,
+            self.outcome.as_str()
+        )?;
+        if self.outcome == Outcome::Skipped {
+            return write!(
+                f,
+                " ({})",
+                self.error.as_deref().unwrap_or("already running")
+            );
+        }
+        write!(
+            f,
+            ", {} pages, {} records in {:.1}s",
+            self.pages,
+            self.records,
+            self.duration.as_secs_f64()
+        )?;
+        match &self.mode {
+            Mode::Full => write!(f, " (full)")?,
+            Mode::Incremental { since } => write!(f, " (changes after {since})")?,
+            Mode::Whole => write!(f, " (whole list)")?,
+        }
+        if let Some(e) = &self.error {
+            write!(f, ": {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The HTTP client for API pages: keep-alive connections (a run sends its pages back to back).
+pub fn api_client() -> Result<reqwest::Client, reqwest::Error> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(API_REQUEST_TIMEOUT)
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(20))
+        .user_agent(concat!("ehrsync/", env!("CARGO_PKG_VERSION")))
+        // A redirect would carry the token to wherever it points.
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
+/// What every job runner in a process shares.
+#[derive(Clone)]
+pub struct SyncShared {
+    pub store: Store,
+    pub http: reqwest::Client,
+    pub clock: SharedClock,
+    pub metrics: Metrics,
+    /// This process's name in `job_leases`.
+    pub holder: Arc<str>,
+}
+
+/// Runs one job of one account.
+pub struct JobRunner {
+    pub account: Arc<Account>,
+    pub job: Job,
+    pub tokens: TokenHandle,
+    pub shared: SyncShared,
+}
+
+/// Pages and records committed so far in a run, and the newest record seen.
+#[derive(Default)]
+struct Progress {
+    pages: u32,
+    records: u64,
+    newest: Option<DateTime<Utc>>,
+}
+
+/// What a page holds, however the source is shaped.
+struct ReadPage {
+    rows: Vec<PageRow>,
+    next: Option<Url>,
+    newest: Option<DateTime<Utc>>,
+}
+
+/// Where the pages come from and how they are read.
+enum Source<'a> {
+    Fhir {
+        resource: &'a str,
+        origin: &'a Url,
+    },
+    List {
+        api_base: &'a Url,
+        paging: &'a ListPaging,
+        page_size: u32,
+        number: u32,
+        /// The first and last id of the previous page, to notice paging that does not advance.
+        previous: Option<(String, String)>,
+    },
+}
+
+impl Source<'_> {
+    fn resource_type(&self) -> &str {
+        match self {
+            Source::Fhir { resource, .. } => resource,
+            Source::List { .. } => list::RESOURCE_TYPE,
+        }
+    }
+
+    fn read(&mut self, body: &[u8], url: &Url, first: bool) -> Result<ReadPage, String> {
+        match self {
+            Source::Fhir { resource, origin } => {
+                let page = fhir::read_page(body, url, origin, resource, first)?;
+                Ok(ReadPage {
+                    rows: page.rows,
+                    next: page.next,
+                    newest: page.newest,
+                })
+            }
+            Source::List {
+                api_base,
+                paging,
+                page_size,
+                number,
+                previous,
+            } => {
+                let rows = list::read_page(body, paging)?;
+                let ends = rows
+                    .first()
+                    .zip(rows.last())
+                    .map(|(a, b)| (a.id.clone(), b.id.clone()));
+                if ends.is_some() && ends == *previous {
+                    return Err(format!(
+                        "page number {number} holds the same records as the page before: the \
+                         server does not seem to page on `{}`; check the job's page_param and \
+                         first_page",
+                        paging.page_param
+                    ));
+                }
+                *previous = ends;
+                let full = u32::try_from(rows.len()).is_ok_and(|n| n >= *page_size);
+                *number += 1;
+                let next = full.then(|| list::page_url(api_base, paging, *page_size, *number));
+                Ok(ReadPage {
+                    rows,
+                    next,
+                    newest: None,
+                })
+            }
+        }
+    }
+}
+
+impl JobRunner {
+    fn labels(&self) -> [&str; 2] {
+        [self.account.name.as_str(), self.job.name.as_str()]
+    }
+
+    /// Runs the job once; `full` ignores the watermark. Stops between pages, as `interrupted`,
+    /// when `stop` turns true. Records the outcome in `sync_runs` and the metrics.
+    pub async fn run_once(&self, full: bool, stop: &watch::Receiver<bool>) -> RunSummary {
+        let started = tokio::time::Instant::now();
+        let [account, job] = self.labels();
+        let mut summary = RunSummary {
+            account: account.to_owned(),
+            job: job.to_owned(),
+            outcome: Outcome::Failed,
+            mode: Mode::Full,
+            pages: 0,
+            records: 0,
+            duration: Duration::ZERO,
+            error: None,
+        };
+        let store = &self.shared.store;
+        let holder = &*self.shared.holder;
+        let now = self.shared.clock.now().unix_seconds();
+        match store
+            .try_job_lease(
+                account,
+                job,
+                holder,
+                now,
+                now + JOB_LEASE_TTL.as_secs() as i64,
+            )
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                summary.outcome = Outcome::Skipped;
+                summary.error = Some("already running in another process".to_owned());
+                self.count(&summary);
+                return summary;
+            }
+            Err(e) => {
+                summary.error = Some(e.to_string());
+                self.count(&summary);
+                return summary;
+            }
+        }
+        let result = tokio::select! {
+            r = self.run_leased(full, stop, &mut summary) => r,
+            _ = self.renew_lease() => unreachable_renewal(),
+        };
+        if let Err(e) = store.release_job_lease(account, job, holder).await {
+            // It expires on its own within JOB_LEASE_TTL.
+            tracing::warn!(account, job, error = %e, "cannot release the job lease");
+        }
+        if let Err(e) = result {
+            summary.outcome = Outcome::Failed;
+            summary.error = Some(e.to_string());
+        }
+        summary.duration = started.elapsed();
+        self.count(&summary);
+        match summary.outcome {
+            Outcome::Success => tracing::info!(
+                account,
+                job,
+                pages = summary.pages,
+                records = summary.records,
+                duration_s = summary.duration.as_secs_f64(),
+                "sync run succeeded"
+            ),
+            Outcome::Interrupted => tracing::warn!(
+                account,
+                job,
+                pages = summary.pages,
+                records = summary.records,
+                "sync run interrupted by shutdown; the next run repeats the rest"
+            ),
+            _ => tracing::error!(
+                account,
+                job,
+                pages = summary.pages,
+                records = summary.records,
+                error = summary.error.as_deref().unwrap_or(""),
+                "sync run failed; committed pages are kept and the next run repeats the rest"
+            ),
+        }
+        summary
+    }
+
+    /// The run proper, once the lease is held: `sync_runs` bookkeeping around [`Self::walk`].
+    async fn run_leased(
+        &self,
+        full: bool,
+        stop: &watch::Receiver<bool>,
+        summary: &mut RunSummary,
+    ) -> Result<(), SyncError> {
+        let [account, job] = self.labels();
+        let store = &self.shared.store;
+        let start = store
+            .begin_run(account, job, full, self.shared.clock.now().unix_seconds())
+            .await?;
+        if start.interrupted > 0 {
+            tracing::warn!(
+                account,
+                job,
+                runs = start.interrupted,
+                "marked runs left unfinished by a stopped process as interrupted"
+            );
+        }
+        let watermark = start.watermark.as_deref().and_then(fhir::parse_instant);
+        let mut progress = Progress::default();
+        let walked = self
+            .walk(full, watermark, stop, &mut progress, summary, start.run_id)
+            .await;
+        summary.pages = progress.pages;
+        summary.records = progress.records;
+        let (outcome, error) = match &walked {
+            Ok(true) => (Outcome::Success, None),
+            Ok(false) => (Outcome::Interrupted, None),
+            Err(e) => (Outcome::Failed, Some(e.to_string())),
+        };
+        summary.outcome = outcome;
+        summary.error = error.clone();
+        // The newest record of this run; an incremental run that found nothing keeps the old
+        // watermark, and one that only saw the overlap window never moves it backwards.
+        let new_watermark = match (progress.newest, watermark) {
+            (Some(n), Some(w)) if !full => Some(n.max(w)),
+            (n, w) => n.or(w),
+        }
+        .map(fhir::instant);
+        store
+            .finish_run(
+                start.run_id,
+                account,
+                job,
+                outcome.as_str(),
+                self.shared.clock.now().unix_seconds(),
+                error,
+                new_watermark,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Walks every page; `Ok(false)` when stopped by `stop` between pages.
+    async fn walk(
+        &self,
+        full: bool,
+        watermark: Option<DateTime<Utc>>,
+        stop: &watch::Receiver<bool>,
+        progress: &mut Progress,
+        summary: &mut RunSummary,
+        run_id: i64,
+    ) -> Result<bool, SyncError> {
+        let api_base = self
+            .account
+            .api_base
+            .as_ref()
+            .ok_or_else(|| SyncError::Config {
+                reason: format!("account {} has no api_base", self.account.name),
+            })?;
+        let (mut source, first) = match &self.job.kind {
+            JobKind::Fhir { resource, overlap } => {
+                let since = if full {
+                    None
+                } else {
+                    watermark.map(|w| w - chrono::Duration::from_std(*overlap).unwrap_or_default())
+                };
+                summary.mode = match since {
+                    Some(s) => Mode::Incremental {
+                        since: fhir::instant(s),
+                    },
+                    None => Mode::Full,
+                };
+                (
+                    Source::Fhir {
+                        resource,
+                        origin: api_base,
+                    },
+                    fhir::first_url(api_base, resource, self.job.page_size, since),
+                )
+            }
+            JobKind::NikohealthPatients(paging) => {
+                summary.mode = Mode::Whole;
+                (
+                    Source::List {
+                        api_base,
+                        paging,
+                        page_size: self.job.page_size,
+                        number: paging.first_page,
+                        previous: None,
+                    },
+                    list::page_url(api_base, paging, self.job.page_size, paging.first_page),
+                )
+            }
+        };
+        let fetcher = Fetcher {
+            http: &self.shared.http,
+            account: &self.account,
+            tokens: &self.tokens,
+            metrics: &self.shared.metrics,
+            clock: &self.shared.clock,
+        };
+        let [account, job] = self.labels();
+        let resource_type = source.resource_type().to_owned();
+        let hasher = RandomState::new();
+        let mut visited: HashSet<u64> = HashSet::new();
+        let mut next = Some(first);
+        let mut to_write: Option<Vec<PageRow>> = None;
+        let mut page_no = 0u32;
+        loop {
+            let stopping = *stop.borrow();
+            let url = if stopping { None } else { next.take() };
+            if let Some(u) = &url {
+                page_no += 1;
+                if !visited.insert(hasher.hash_one(u.as_str())) {
+                    return Err(SyncError::Malformed {
+                        url: u.to_string(),
+                        page: page_no,
+                        reason: "the next link leads back to a page already read".to_owned(),
+                    });
+                }
+            }
+            let fetch = async {
+                match &url {
+                    Some(u) => Some(fetcher.get(u, page_no).await),
+                    None => None,
+                }
+            };
+            let rows = to_write.take();
+            let write = async {
+                match rows {
+                    Some(rows) => {
+                        let n = rows.len() as u64;
+                        let at = self.shared.clock.now().unix_seconds();
+                        Some(
+                            self.shared
+                                .store
+                                .commit_page(run_id, account, &resource_type, rows, at)
+                                .await
+                                .map(|()| n),
+                        )
+                    }
+                    None => None,
+                }
+            };
+            let (fetched, written) = tokio::join!(fetch, write);
+            if let Some(written) = written {
+                let n = written?;
+                progress.pages += 1;
+                progress.records += n;
+                self.shared
+                    .metrics
+                    .sync_records
+                    .with_label_values(&[account, job])
+                    .inc_by(n);
+            }
+            let page = match fetched {
+                // Stopping leaves `next` untaken: the run is complete only if nothing is left.
+                None => return Ok(next.is_none()),
+                Some(result) => result?,
+            };
+            let read = source
+                .read(&page.body, &page.url, page_no == 1)
+                .map_err(|reason| SyncError::Malformed {
+                    url: page.url.to_string(),
+                    page: page_no,
+                    reason,
+                })?;
+            drop(page);
+            progress.newest = progress.newest.max(read.newest);
+            next = read.next;
+            to_write = Some(read.rows);
+        }
+    }
+
+    /// Renews the job lease every [`JOB_LEASE_RENEW`] while a run lasts. Never returns.
+    async fn renew_lease(&self) {
+        let [account, job] = self.labels();
+        loop {
+            tokio::time::sleep(JOB_LEASE_RENEW).await;
+            let now = self.shared.clock.now().unix_seconds();
+            let until = now + JOB_LEASE_TTL.as_secs() as i64;
+            match self
+                .shared
+                .store
+                .try_job_lease(account, job, &self.shared.holder, now, until)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
+                    account,
+                    job,
+                    "another process took this job's lease (this run was stalled past its expiry)"
+                ),
+                Err(e) => tracing::warn!(account, job, error = %e, "cannot renew the job lease"),
+            }
+        }
+    }
+
+    fn count(&self, summary: &RunSummary) {
+        let [account, job] = self.labels();
+        let m = &self.shared.metrics;
+        m.sync_runs
+            .with_label_values(&[account, job, summary.outcome.as_str()])
+            .inc();
+        if summary.outcome == Outcome::Skipped {
+            return;
+        }
+        m.sync_duration
+            .with_label_values(&[account, job])
+            .observe(summary.duration.as_secs_f64());
+        if summary.outcome == Outcome::Success {
+            m.sync_last_success
+                .with_label_values(&[account, job])
+                .set(self.shared.clock.now().unix_millis() as f64 / 1000.0);
+        }
+    }
+}
+
+/// [`JobRunner::renew_lease`] loops forever; this arm of the select cannot complete.
+fn unreachable_renewal() -> Result<(), SyncError> {
+    Err(SyncError::Config {
+        reason: "the job lease renewal stopped".to_owned(),
+    })
+}
