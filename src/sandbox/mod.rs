@@ -17,6 +17,12 @@
 //! token request is counted. Time comes from a [`Clock`](crate::clock::Clock) shared with the
 //! engine under test, so tokio's paused time moves both.
 
+mod api;
+
+pub use api::{
+    ApiFault, DEFAULT_PATIENTS, NEXTECH_PRACTICE_ID, fhir_id, fhir_patient, niko_patient,
+};
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -179,6 +185,8 @@ struct Inner {
     clock: SharedClock,
     lifetimes: Mutex<Lifetimes>,
     books: Mutex<Books>,
+    /// The data APIs' patients, faults and counters.
+    api: Mutex<api::ApiBooks>,
 }
 
 impl Inner {
@@ -219,6 +227,7 @@ impl Sandbox {
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             base: format!("http://{addr}"),
+            api: Mutex::new(api::ApiBooks::new(clock.now())),
             clock,
             lifetimes: Mutex::new(lifetimes),
             books: Mutex::new(Books::default()),
@@ -236,6 +245,12 @@ impl Sandbox {
             )
             .route("/nethealth/authorize", get(nethealth_authorize))
             .route("/nethealth/token", post(nethealth_token))
+            .route("/{vendor}/fhir/Patient", get(api::fhir_search))
+            .route("/{vendor}/api/Patient", get(api::fhir_search))
+            .route(
+                "/nikohealth/{domain}/api/external/v1/patients",
+                get(api::niko_patients),
+            )
             .with_state(inner.clone());
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
@@ -270,10 +285,20 @@ impl Sandbox {
         Url::parse(&text).unwrap_or_else(|_| unreachable!("valid sandbox URL {text}"))
     }
 
+    /// The base URL of `vendor`'s data API (for `api_base = …` in an account).
+    pub fn api_base(&self, vendor: Vendor) -> Url {
+        let text = format!("{}/{}", self.inner.base, api::fhir_path(vendor));
+        // A loopback socket address and a fixed path always form a valid URL.
+        Url::parse(&text).unwrap_or_else(|_| unreachable!("valid sandbox URL {text}"))
+    }
+
     /// A `[accounts.NAME]` section for a `vendor` account that talks to this sandbox. Secrets
     /// are `{ env = … }` references to the variables [`credentials_env`] provides.
     pub fn account_config(&self, vendor: Vendor, name: &str) -> String {
-        let head = format!("[accounts.{name}]\nvendor = '{vendor}'\n");
+        let head = format!(
+            "[accounts.{name}]\nvendor = '{vendor}'\napi_base = '{}'\n",
+            self.api_base(vendor)
+        );
         match vendor {
             Vendor::Nextech => format!(
                 "{head}token_url = '{}'\nclient_id = '{}'\nclient_secret = {{ env = 'SANDBOX_NEXTECH_SECRET' }}\n\

@@ -1,0 +1,560 @@
+//! Pull runs against the vendor sandbox's data APIs over real HTTP on loopback, under tokio's
+//! paused clock: full and incremental FHIR pulls, NikoHealth's list, runs dropped halfway and
+//! repeated, 401/429/5xx/malformed pages, and a schedule whose runs outlast its interval.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ehrsync::clock::{SharedClock, TokioClock};
+use ehrsync::config::{self, Account, Env};
+use ehrsync::sandbox::{self, ApiFault, Fault, Lifetimes, Sandbox, fhir_id};
+use ehrsync::store::shielded;
+use ehrsync::sync::{JobRunner, Mode, Outcome, RunSummary, SyncShared, api_client};
+use ehrsync::token::Timestamp;
+use ehrsync::token::owner::{Shared, TokenHandle, spawn};
+use ehrsync::vendor::Vendor;
+use sqlx::Row;
+use tokio::sync::watch;
+
+const ACCOUNT: &str = "acct";
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    sandbox: Sandbox,
+    shared: Shared,
+    sync: SyncShared,
+    account: Arc<Account>,
+    tokens: TokenHandle,
+    owner: tokio::task::JoinHandle<()>,
+    owner_stop: watch::Sender<bool>,
+    /// Never set: runs in these tests are not shut down.
+    no_stop: watch::Receiver<bool>,
+    _no_stop_tx: watch::Sender<bool>,
+}
+
+/// A `vendor` account with one job (`job_toml` is the job's keys; name `patients`), against a
+/// sandbox serving `patients` generated patients.
+async fn start(vendor: Vendor, job_toml: &str, patients: u64) -> Harness {
+    start_edited(vendor, job_toml, patients, |config| config).await
+}
+
+/// [`start`], with the config text passed through `edit` first.
+async fn start_edited(
+    vendor: Vendor,
+    job_toml: &str,
+    patients: u64,
+    edit: impl FnOnce(String) -> String,
+) -> Harness {
+    let clock: SharedClock = Arc::new(TokioClock::new(Timestamp::from_unix_millis(
+        1_800_000_000_000,
+    )));
+    let sandbox = Sandbox::start(clock.clone(), Lifetimes::documented(), 0)
+        .await
+        .unwrap();
+    sandbox.set_patients(patients);
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{}\n[[accounts.{ACCOUNT}.jobs]]\nname = 'patients'\n{job_toml}\n",
+        sandbox.account_config(vendor, ACCOUNT)
+    );
+    let path = common::write_config(dir.path(), &edit(text));
+    let env: Env = sandbox::credentials_env().into_iter().collect();
+    let loaded = config::load_with_env(&path, &env).unwrap();
+    let account = Arc::new(loaded.config.accounts.into_iter().next().unwrap());
+    let shared = common::shared_in(dir.path(), clock.clone()).await;
+    let (owner_stop, rx) = watch::channel(false);
+    let (tokens, owner) = spawn(account.clone(), shared.clone(), rx).await.unwrap();
+    let sync = SyncShared {
+        store: shared.store.clone(),
+        http: api_client().unwrap(),
+        clock,
+        metrics: shared.metrics.clone(),
+        holder: shared.holder.clone(),
+    };
+    let (no_stop_tx, no_stop) = watch::channel(false);
+    Harness {
+        _dir: dir,
+        sandbox,
+        shared,
+        sync,
+        account,
+        tokens,
+        owner,
+        owner_stop,
+        no_stop,
+        _no_stop_tx: no_stop_tx,
+    }
+}
+
+/// A FHIR Patient job, `page_size` per page, no overlap (so an incremental run fetches exactly
+/// the changed records).
+fn fhir_job(page_size: u32) -> String {
+    format!("kind = 'fhir'\nschedule = '0 0 * * * *'\npage_size = {page_size}\noverlap = '0s'")
+}
+
+impl Harness {
+    fn runner(&self) -> JobRunner {
+        JobRunner {
+            account: self.account.clone(),
+            job: self.account.jobs[0].clone(),
+            tokens: self.tokens.clone(),
+            shared: self.sync.clone(),
+        }
+    }
+
+    async fn run(&self, full: bool) -> RunSummary {
+        self.runner().run_once(full, &self.no_stop).await
+    }
+
+    async fn scalar(&self, sql: &'static str) -> i64 {
+        let pool = self.shared.store.pool().clone();
+        // Shielded like every store call, so paused time does not jump during the query.
+        shielded(async move { Ok(sqlx::query_scalar(sql).fetch_one(&pool).await?) })
+            .await
+            .unwrap()
+    }
+
+    /// One row of `sql` with `bind` as its parameter.
+    async fn row(&self, sql: &'static str, bind: &str) -> sqlx::sqlite::SqliteRow {
+        let (pool, bind) = (self.shared.store.pool().clone(), bind.to_owned());
+        shielded(async move { Ok(sqlx::query(sql).bind(bind).fetch_one(&pool).await?) })
+            .await
+            .unwrap()
+    }
+
+    async fn rows(&self) -> i64 {
+        self.scalar("SELECT count(*) FROM resources").await
+    }
+
+    async fn watermark(&self) -> Option<String> {
+        self.shared
+            .store
+            .watermark(ACCOUNT, "patients")
+            .await
+            .unwrap()
+    }
+
+    fn api(&self, status: &str) -> u64 {
+        self.shared.metrics.api_requests(ACCOUNT, status)
+    }
+
+    async fn stop(self) {
+        let _ = self.owner_stop.send(true);
+        let _ = self.owner.await;
+    }
+}
+
+/// The newest `lastUpdated` among generated patients `0..n` (none changed), as stored.
+fn newest_generated(h: &Harness, n: u64) -> String {
+    let json: serde_json::Value = serde_json::from_str(&h.sandbox.patient_json(n - 1)).unwrap();
+    json["meta"]["lastUpdated"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_pull_then_an_incremental_one_fetches_only_the_changes() {
+    let h = start(Vendor::Nextech, &fhir_job(500), 20_000).await;
+    let first = h.run(false).await;
+    assert_eq!(first.outcome, Outcome::Success, "{first}");
+    assert_eq!(first.mode, Mode::Full);
+    assert_eq!((first.pages, first.records), (40, 20_000));
+    assert_eq!(h.rows().await, 20_000);
+    assert_eq!(
+        h.scalar(
+            "SELECT count(*) FROM patients WHERE family IS NOT NULL AND birth_date IS NOT NULL"
+        )
+        .await,
+        20_000,
+        "every row is visible in the patients view"
+    );
+    assert_eq!(h.watermark().await, Some(newest_generated(&h, 20_000)));
+
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let changed = h.sandbox.change_patients((0..37).map(|k| k * 531));
+    assert_eq!(changed.len(), 37);
+    let second = h.run(false).await;
+    assert_eq!(second.outcome, Outcome::Success, "{second}");
+    assert!(matches!(second.mode, Mode::Incremental { .. }), "{second}");
+    assert_eq!(second.records, 37, "only the changed patients: {second}");
+    assert_eq!(h.rows().await, 20_000);
+    for (k, id) in changed.iter().enumerate() {
+        let row = h
+            .row("SELECT version_id, data FROM resources WHERE id = ?", id)
+            .await;
+        assert_eq!(row.get::<String, _>("version_id"), "2", "{id}");
+        assert_eq!(
+            row.get::<String, _>("data"),
+            h.sandbox.patient_json(k as u64 * 531),
+            "{id} holds the new data byte for byte"
+        );
+    }
+    let newest: serde_json::Value =
+        serde_json::from_str(&h.sandbox.patient_json(36 * 531)).unwrap();
+    assert_eq!(
+        h.watermark().await.as_deref(),
+        newest["meta"]["lastUpdated"].as_str()
+    );
+
+    let third = h.run(false).await;
+    assert_eq!(
+        (third.outcome, third.records),
+        (Outcome::Success, 0),
+        "{third}"
+    );
+    assert_eq!(
+        h.watermark().await.as_deref(),
+        newest["meta"]["lastUpdated"].as_str(),
+        "a run that finds nothing keeps the watermark"
+    );
+    let full = h.run(true).await;
+    assert_eq!((&full.mode, full.records), (&Mode::Full, 20_000), "{full}");
+    assert_eq!(h.rows().await, 20_000);
+    assert_eq!(h.sandbox.max_concurrent_api_requests(Vendor::Nextech), 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_overlap_refetches_a_margin_but_stores_each_record_once() {
+    let h = start(
+        Vendor::CareCentric,
+        "kind = 'fhir'\nschedule = '0 0 * * * *'\npage_size = 100",
+        1_000,
+    )
+    .await;
+    assert_eq!(h.run(false).await.records, 1_000);
+    h.sandbox.change_patients([3, 4]);
+    let second = h.run(false).await;
+    // Generated patients are a second apart: the 5-minute overlap re-reads the newest 300.
+    assert_eq!(second.records, 302, "{second}");
+    assert_eq!(h.rows().await, 1_000);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_dropped_halfway_is_completed_by_the_next_run() {
+    let h = start(Vendor::Nextech, &fhir_job(100), 5_000).await;
+    assert_eq!(h.run(false).await.records, 5_000);
+    let before = h.watermark().await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let changed = h.sandbox.change_patients(0..300);
+    // The third page hangs; the run is dropped while it waits, after two committed pages.
+    h.sandbox.inject_api_after(
+        Vendor::Nextech,
+        2,
+        ApiFault::Http(Fault::Slow(Duration::from_secs(3600))),
+        1,
+    );
+    let runner = h.runner();
+    let stop = h.no_stop.clone();
+    let run = tokio::spawn(async move { runner.run_once(false, &stop).await });
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let runs = h.shared.store.runs(ACCOUNT, "patients").await.unwrap();
+        if runs.last().is_some_and(|r| r.pages == 2) {
+            break;
+        }
+    }
+    run.abort();
+    assert!(run.await.unwrap_err().is_cancelled());
+    let runs = h.shared.store.runs(ACCOUNT, "patients").await.unwrap();
+    assert_eq!(runs.last().unwrap().outcome, "running");
+    assert_eq!(
+        h.watermark().await,
+        before,
+        "an unfinished run leaves the watermark"
+    );
+
+    let again = h.run(false).await;
+    assert_eq!(again.outcome, Outcome::Success, "{again}");
+    assert_eq!(
+        again.records, 300,
+        "the whole change set again, from the old watermark"
+    );
+    let runs = h.shared.store.runs(ACCOUNT, "patients").await.unwrap();
+    let outcomes: Vec<&str> = runs.iter().map(|r| r.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["success", "interrupted", "success"]);
+    assert_eq!(h.rows().await, 5_000);
+    assert_eq!(
+        h.scalar("SELECT count(DISTINCT id) FROM resources").await,
+        5_000,
+        "every patient exactly once"
+    );
+    assert_eq!(
+        h.scalar("SELECT count(*) FROM resources WHERE version_id = '2'")
+            .await,
+        300
+    );
+    let newest: serde_json::Value = serde_json::from_str(&h.sandbox.patient_json(299)).unwrap();
+    assert_eq!(
+        h.watermark().await.as_deref(),
+        newest["meta"]["lastUpdated"].as_str()
+    );
+    assert_eq!(changed.len(), 300);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_revoked_mid_run_costs_one_refresh_and_one_retry() {
+    let h = start(Vendor::Nextech, &fhir_job(100), 1_000).await;
+    h.sandbox
+        .inject_api_after(Vendor::Nextech, 3, ApiFault::RevokeAccessTokens, 1);
+    let run = h.run(false).await;
+    assert_eq!(
+        (run.outcome, run.records),
+        (Outcome::Success, 1_000),
+        "{run}"
+    );
+    assert_eq!(h.api("401"), 1);
+    assert_eq!(h.api("2xx"), 10);
+    assert_eq!(h.sandbox.requests(Vendor::Nextech, "refresh_token"), 1);
+    assert_eq!(h.sandbox.requests(Vendor::Nextech, "password"), 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_limits_wait_for_retry_after() {
+    let h = start(Vendor::Nextech, &fhir_job(100), 300).await;
+    h.sandbox.inject_api_after(
+        Vendor::Nextech,
+        1,
+        ApiFault::Http(Fault::RateLimited {
+            retry_after_secs: 45,
+        }),
+        2,
+    );
+    let started = tokio::time::Instant::now();
+    let run = h.run(false).await;
+    assert_eq!((run.outcome, run.records), (Outcome::Success, 300), "{run}");
+    assert_eq!(h.api("429"), 2);
+    assert!(
+        started.elapsed() >= Duration::from_secs(90),
+        "waited 2 × Retry-After: {:?}",
+        started.elapsed()
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_errors_are_retried_a_few_times_then_the_run_fails_keeping_its_pages() {
+    let h = start(Vendor::Nextech, &fhir_job(100), 500).await;
+    h.sandbox
+        .inject_api_after(Vendor::Nextech, 1, ApiFault::Http(Fault::ServerError), 2);
+    let run = h.run(false).await;
+    assert_eq!((run.outcome, run.records), (Outcome::Success, 500), "{run}");
+    assert_eq!(h.api("5xx"), 2);
+
+    let h = start(Vendor::Nextech, &fhir_job(100), 500).await;
+    h.sandbox
+        .inject_api_after(Vendor::Nextech, 2, ApiFault::Http(Fault::ServerError), 100);
+    let run = h.run(false).await;
+    assert_eq!(run.outcome, Outcome::Failed);
+    let error = run.error.clone().unwrap();
+    assert!(
+        error.starts_with("page 3 (GET http://127.0.0.1:"),
+        "{error}"
+    );
+    assert!(
+        error.contains("no answer after 5 attempts: HTTP 503"),
+        "{error}"
+    );
+    assert_eq!((run.pages, run.records), (2, 200));
+    assert_eq!(h.rows().await, 200, "the committed pages stay");
+    assert_eq!(h.watermark().await, None);
+    let row = h
+        .shared
+        .store
+        .runs(ACCOUNT, "patients")
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        (row.outcome.as_str(), row.pages, row.records),
+        ("failed", 2, 200)
+    );
+    assert_eq!(row.error.as_deref(), Some(error.as_str()));
+    assert_eq!(h.shared.metrics.sync_runs(ACCOUNT, "patients", "failed"), 1);
+    h.sandbox.clear_api_faults(Vendor::Nextech);
+    assert_eq!(h.run(false).await.records, 500, "the next run recovers");
+    assert_eq!(h.rows().await, 500);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_pages_fail_the_run_with_the_page_and_the_reason() {
+    let cases = [
+        (ApiFault::Http(Fault::MalformedJson), "not valid JSON"),
+        (
+            ApiFault::MissingEntries,
+            "no `entry` where records were expected",
+        ),
+        (
+            ApiFault::ForeignNextLink,
+            "refusing to send the token there",
+        ),
+    ];
+    for (fault, expected) in cases {
+        let h = start(Vendor::Nextech, &fhir_job(100), 1_000).await;
+        h.sandbox.inject_api_after(Vendor::Nextech, 2, fault, 1);
+        let run = h.run(false).await;
+        assert_eq!(run.outcome, Outcome::Failed, "{expected}");
+        let error = run.error.unwrap();
+        assert!(error.starts_with("page 3 (GET "), "{error}");
+        assert!(error.contains(expected), "{error}");
+        // ForeignNextLink spoils page 3's link, so page 3 itself is still stored.
+        assert!([200, 300].contains(&h.rows().await), "{error}");
+        assert_eq!(h.watermark().await, None);
+        let rerun = h.run(false).await;
+        assert_eq!((rerun.outcome, h.rows().await), (Outcome::Success, 1_000));
+        h.stop().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn api_errors_report_the_operation_outcome() {
+    // The Nextech route refuses a practice the client may not access (HTTP 403).
+    let h = start_edited(Vendor::Nextech, &fhir_job(10), 10, |config| {
+        config.replace("practice_id = '1001'", "practice_id = '999'")
+    })
+    .await;
+    let run = h.run(false).await;
+    assert_eq!(run.outcome, Outcome::Failed);
+    let error = run.error.unwrap();
+    assert!(
+        error.contains("HTTP 403: OperationOutcome: error forbidden: The nx-practice-id header"),
+        "{error}"
+    );
+    assert_eq!(h.api("4xx"), 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn nikohealth_patient_lists_are_paged_until_a_short_page() {
+    let h = start(
+        Vendor::NikoHealth,
+        "kind = 'nikohealth_patients'\nschedule = '0 0 * * * *'\npage_size = 100",
+        1_234,
+    )
+    .await;
+    let run = h.run(false).await;
+    assert_eq!(run.outcome, Outcome::Success, "{run}");
+    assert_eq!(run.mode, Mode::Whole);
+    assert_eq!((run.pages, run.records), (13, 1_234));
+    let row = h
+        .row(
+            "SELECT family, given, birth_date, gender, last_updated FROM patients \
+             WHERE account = ? AND id = '43'",
+            ACCOUNT,
+        )
+        .await;
+    let niko: serde_json::Value = serde_json::from_str(&sandbox::niko_patient(42, 0, 1)).unwrap();
+    assert_eq!(row.get::<String, _>("family"), niko["lastName"]);
+    assert_eq!(
+        row.get::<String, _>("given"),
+        format!(
+            "{} {}",
+            niko["firstName"].as_str().unwrap(),
+            niko["middleName"].as_str().unwrap()
+        )
+    );
+    assert_eq!(
+        row.get::<String, _>("birth_date"),
+        niko["dateOfBirth"].as_str().unwrap()[..10]
+    );
+    assert!(["male", "female"].contains(&row.get::<String, _>("gender").as_str()));
+    assert!(row.get::<Option<String>, _>("last_updated").is_some());
+    // The list has no change filter: every run reads it whole, leaving each record once.
+    assert_eq!(h.run(false).await.records, 1_234);
+    assert_eq!(h.rows().await, 1_234);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_whose_runs_outlast_its_interval_skips_instead_of_overlapping() {
+    let h = start(
+        Vendor::CareCentric,
+        "kind = 'fhir'\nschedule = '* * * * * *'\npage_size = 100",
+        50,
+    )
+    .await;
+    // Every page takes 3 s: a run lasts three occurrences of its every-second schedule.
+    h.sandbox.inject_api(
+        Vendor::CareCentric,
+        std::iter::repeat_n(ApiFault::Http(Fault::Slow(Duration::from_secs(3))), 1_000),
+    );
+    let (stop_tx, stop) = watch::channel(false);
+    let task = ehrsync::agent::schedule_job(h.runner(), stop)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let _ = stop_tx.send(true);
+    task.await.unwrap();
+
+    let runs = h.shared.store.runs(ACCOUNT, "patients").await.unwrap();
+    let skipped = h.shared.metrics.sync_runs(ACCOUNT, "patients", "skipped");
+    assert!(
+        (7..=11).contains(&runs.len()),
+        "{} runs of ~3 s in 30 s",
+        runs.len()
+    );
+    assert!(skipped >= 15, "{skipped} skipped occurrences");
+    assert_eq!(
+        h.sandbox.max_concurrent_api_requests(Vendor::CareCentric),
+        1
+    );
+    for pair in runs.windows(2) {
+        assert!(
+            pair[1].started_at >= pair[0].finished_at.unwrap(),
+            "runs never overlap: {pair:?}"
+        );
+    }
+    assert!(
+        runs.iter()
+            .all(|r| r.outcome == "success" && r.records == 50)
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_finds_the_job_leased_by_another_process_and_skips() {
+    let h = start(Vendor::Nextech, &fhir_job(100), 100).await;
+    let now = h.shared.clock.now().unix_seconds();
+    assert!(
+        h.shared
+            .store
+            .try_job_lease(ACCOUNT, "patients", "other-process", now, now + 120)
+            .await
+            .unwrap()
+    );
+    let run = h.run(false).await;
+    assert_eq!(run.outcome, Outcome::Skipped, "{run}");
+    assert_eq!(
+        h.shared.metrics.sync_runs(ACCOUNT, "patients", "skipped"),
+        1
+    );
+    assert!(
+        h.shared
+            .store
+            .runs(ACCOUNT, "patients")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A crashed holder's lease expires.
+    tokio::time::sleep(Duration::from_secs(121)).await;
+    assert_eq!(h.run(false).await.outcome, Outcome::Success);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_page_request_carries_the_token_and_the_practice_header() {
+    // The sandbox refuses a request without a valid bearer token (401) or, on the Nextech route,
+    // without the account's nx-practice-id (403): a successful pull proves both were sent.
+    let h = start(Vendor::Nextech, &fhir_job(10), 95).await;
+    let run = h.run(false).await;
+    assert_eq!((run.pages, run.records), (10, 95));
+    assert_eq!(h.api("2xx"), 10);
+    assert_eq!(h.api("401") + h.api("4xx"), 0);
+    assert_eq!(fhir_id(94), "pat-0000094");
+    h.stop().await;
+}
