@@ -140,6 +140,26 @@ impl Harness {
         self.shared.metrics.api_requests(ACCOUNT, status)
     }
 
+    /// Runs the job's schedule (as `ehrsync run` does) for `span` of simulated time.
+    async fn schedule_for(&self, span: Duration) {
+        let (stop_tx, stop) = watch::channel(false);
+        let task = ehrsync::agent::schedule_job(self.runner(), stop)
+            .await
+            .unwrap();
+        tokio::time::sleep(span).await;
+        let _ = stop_tx.send(true);
+        task.await.unwrap();
+    }
+
+    async fn run_count(&self) -> usize {
+        self.shared
+            .store
+            .runs(ACCOUNT, "patients")
+            .await
+            .unwrap()
+            .len()
+    }
+
     async fn stop(self) {
         let _ = self.owner_stop.send(true);
         let _ = self.owner.await;
@@ -482,13 +502,7 @@ async fn a_job_whose_runs_outlast_its_interval_skips_instead_of_overlapping() {
         Vendor::CareCentric,
         std::iter::repeat_n(ApiFault::Http(Fault::Slow(Duration::from_secs(3))), 1_000),
     );
-    let (stop_tx, stop) = watch::channel(false);
-    let task = ehrsync::agent::schedule_job(h.runner(), stop)
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    let _ = stop_tx.send(true);
-    task.await.unwrap();
+    h.schedule_for(Duration::from_secs(30)).await;
 
     let runs = h.shared.store.runs(ACCOUNT, "patients").await.unwrap();
     let skipped = h.shared.metrics.sync_runs(ACCOUNT, "patients", "skipped");
@@ -556,5 +570,32 @@ async fn every_page_request_carries_the_token_and_the_practice_header() {
     assert_eq!(h.api("2xx"), 10);
     assert_eq!(h.api("401") + h.api("4xx"), 0);
     assert_eq!(fhir_id(94), "pat-0000094");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_runs_at_start_when_it_never_ran_or_missed_a_run_while_down() {
+    let h = start(
+        Vendor::Nextech,
+        "kind = 'fhir'\nschedule = '0 0 3 * * *'\npage_size = 100",
+        100,
+    )
+    .await;
+    h.schedule_for(Duration::from_secs(10)).await;
+    assert_eq!(h.run_count().await, 1, "never ran: runs at start");
+    h.schedule_for(Duration::from_secs(10)).await;
+    assert_eq!(
+        h.run_count().await,
+        1,
+        "ran moments ago: a restart waits for 03:00"
+    );
+    // Down for a day: 03:00 passed unseen, so the next start runs it once.
+    tokio::time::sleep(Duration::from_secs(86_400)).await;
+    h.schedule_for(Duration::from_secs(10)).await;
+    assert_eq!(
+        h.run_count().await,
+        2,
+        "missed while down: runs once at start"
+    );
     h.stop().await;
 }

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use url::Url;
 
 pub use problems::{ConfigError, Problem};
@@ -281,9 +281,12 @@ impl Schedule {
         &self.text
     }
 
-    /// The first time strictly after `after` that the schedule fires.
+    /// The first time strictly after `after` that the schedule fires (always a whole second).
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.cron.find_next_occurrence(&after, false).ok()
+        // croner carries the sub-second part of `after` into its answer (12:00:00.354 → next
+        // 12:00:01.354); occurrences are whole seconds, so start from the whole second.
+        let whole = after.with_nanosecond(0).unwrap_or(after);
+        self.cron.find_next_occurrence(&whole, false).ok()
     }
 }
 
@@ -497,6 +500,15 @@ mod tests {
         assert_eq!(
             s.next_after(t).unwrap().to_rfc3339(),
             "2026-11-22T06:00:00+00:00"
+        );
+        let every_second = Schedule::parse("* * * * * *").unwrap();
+        let t = DateTime::parse_from_rfc3339("2026-11-22T05:30:00.354Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            every_second.next_after(t).unwrap().to_rfc3339(),
+            "2026-11-22T05:30:01+00:00",
+            "occurrences are whole seconds"
         );
     }
 
