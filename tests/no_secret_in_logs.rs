@@ -11,7 +11,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use ehrsync::clock::{SharedClock, TokioClock};
 use ehrsync::config::{self, Env};
-use ehrsync::sandbox::{self, Fault, Lifetimes, Sandbox};
+use ehrsync::sandbox::{self, ApiFault, Fault, Lifetimes, Sandbox};
+use ehrsync::sync::{JobRunner, Outcome, SyncShared, api_client};
 use ehrsync::token::Timestamp;
 use ehrsync::vendor::Vendor;
 
@@ -76,6 +77,16 @@ async fn no_secret_or_token_in_trace_logs_or_the_database() {
         nx.client_id,
         nx.username
     ));
+    for account in ["nx", "niko"] {
+        let kind = if account == "nx" {
+            "fhir"
+        } else {
+            "nikohealth_patients"
+        };
+        toml.push_str(&format!(
+            "[[accounts.{account}.jobs]]\nname = 'patients'\nkind = '{kind}'\nschedule = '0 0 * * * *'\npage_size = 25\n"
+        ));
+    }
     let path = dir.path().join("ehrsync.toml");
     std::fs::write(&path, toml).unwrap();
     let bad_password = "wrong-password-8c1d";
@@ -97,6 +108,53 @@ async fn no_secret_or_token_in_trace_logs_or_the_database() {
         }
     }
     tokio::time::sleep(Duration::from_secs(60)).await;
+    // Pulls, with a revoked token, a malformed page and a server error on the way.
+    let patients = 120;
+    sandbox.set_patients(patients);
+    let sync = SyncShared {
+        store: shared.store.clone(),
+        http: api_client().unwrap(),
+        clock: shared.clock.clone(),
+        metrics: shared.metrics.clone(),
+        holder: shared.holder.clone(),
+    };
+    let (_never, no_stop) = tokio::sync::watch::channel(false);
+    // Accounts are sorted by name: bad, cc, niko, nx.
+    for (vendor, index) in [(Vendor::Nextech, 3), (Vendor::NikoHealth, 2)] {
+        sandbox.inject_api(
+            vendor,
+            [
+                ApiFault::Pass,
+                ApiFault::RevokeAccessTokens,
+                ApiFault::Http(Fault::ServerError),
+                ApiFault::Pass,
+                ApiFault::Http(Fault::MalformedJson),
+            ],
+        );
+        let (handle, _) = &handles[index];
+        let account = Arc::new(
+            config::load_with_env(&path, &env)
+                .unwrap()
+                .config
+                .accounts
+                .remove(index),
+        );
+        let runner = JobRunner {
+            job: account.jobs[0].clone(),
+            account,
+            tokens: handle.clone(),
+            shared: sync.clone(),
+        };
+        assert_eq!(
+            runner.run_once(false, &no_stop).await.outcome,
+            Outcome::Failed
+        );
+        // With 2-minute tokens, a proactive refresh can land between the revocation and the
+        // retry, and the run then fails earlier, leaving faults queued: clear them.
+        sandbox.clear_api_faults(vendor);
+        let second = runner.run_once(false, &no_stop).await;
+        assert_eq!(second.outcome, Outcome::Success, "{second}");
+    }
     common::stop_all(handles, shutdown).await;
     assert!(
         shared
@@ -138,6 +196,22 @@ async fn no_secret_or_token_in_trace_logs_or_the_database() {
             "a secret or token appears in the logs: {}…",
             &secret[..8.min(secret.len())]
         );
+    }
+    // Patient data: what identifies each patient served (names are too common to grep for).
+    for i in 0..patients {
+        let fhir: serde_json::Value =
+            serde_json::from_str(&sandbox::fhir_patient(i, 0, 1)).unwrap();
+        let markers = [
+            fhir["identifier"][0]["value"].as_str().unwrap().to_owned(),
+            fhir["telecom"][0]["value"].as_str().unwrap().to_owned(),
+            format!("patient{i}@example.org"),
+        ];
+        for marker in markers {
+            assert!(
+                !logs.contains(&marker),
+                "patient data in the logs: {marker}"
+            );
+        }
     }
     for file in ["ehrsync.db", "ehrsync.db-wal"] {
         let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();

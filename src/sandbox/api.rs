@@ -280,10 +280,7 @@ impl Sandbox {
 
     /// Revokes every access token issued for `vendor`: API calls with them get 401.
     pub fn revoke_access_tokens(&self, vendor: Vendor) {
-        self.inner
-            .books()
-            .access_tokens
-            .retain(|_, (v, _)| *v != vendor);
+        self.inner.revoke_access_tokens(vendor);
     }
 
     /// The FHIR Patient JSON the sandbox serves now for patient `index`.
@@ -495,7 +492,7 @@ async fn admit(
         }
         Some(ApiFault::Http(f)) => return Err(super::fault_response(vendor, f)),
         Some(ApiFault::RevokeAccessTokens) => {
-            inner.books().access_tokens.retain(|_, (v, _)| *v != vendor);
+            inner.revoke_access_tokens(vendor);
             None
         }
         Some(ApiFault::Pass) | None => None,

@@ -176,6 +176,8 @@ struct Books {
     requests: HashMap<(Vendor, String), u32>,
     /// Every refresh token ever issued, including rotated and revoked ones.
     issued_refresh_tokens: Vec<String>,
+    /// Access tokens revoked before they expired.
+    revoked_access_tokens: Vec<String>,
     issued: u64,
 }
 
@@ -193,6 +195,21 @@ impl Inner {
     fn books(&self) -> MutexGuard<'_, Books> {
         // A panic while holding the lock leaves plain bookkeeping behind; keep serving.
         self.books.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Revokes every access token issued to `vendor`.
+    fn revoke_access_tokens(&self, vendor: Vendor) {
+        let mut books = self.books();
+        let revoked: Vec<String> = books
+            .access_tokens
+            .iter()
+            .filter(|(_, (v, _))| *v == vendor)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in &revoked {
+            books.access_tokens.remove(t);
+        }
+        books.revoked_access_tokens.extend(revoked);
     }
 
     fn lifetimes(&self) -> Lifetimes {
@@ -376,6 +393,7 @@ impl Sandbox {
         books
             .access_tokens
             .keys()
+            .chain(books.revoked_access_tokens.iter())
             .chain(books.issued_refresh_tokens.iter())
             .cloned()
             .collect()
