@@ -232,6 +232,36 @@ fn cases() -> Vec<Case> {
             &["accounts.niko.jobs[0].resource: applies only to kind = \"fhir\""],
         ),
         case(
+            "paging keys of a list job",
+            niko_with(
+                "schedule",
+                "overlap = '1m'\nfirst_page = 2\nitems = 'items'\npage_param = 'page no'\npath = 'patients?all'\nschedule",
+            ),
+            &[
+                "accounts.niko.jobs[0].overlap: applies only to kind = \"fhir\"",
+                "accounts.niko.jobs[0].first_page: 2 is not a first page number: use 0 or 1",
+                "accounts.niko.jobs[0].items: `items` is not a JSON pointer",
+                "accounts.niko.jobs[0].page_param: `page no` is not a field or parameter name",
+                "accounts.niko.jobs[0].path: `patients?all` is not a path",
+            ],
+        ),
+        case(
+            "list keys on a fhir job",
+            niko_with(
+                "kind = \"nikohealth_patients\"",
+                "kind = 'fhir'\nitems = '/x'",
+            ),
+            &["accounts.niko.jobs[0].items: applies only to kind = \"nikohealth_patients\""],
+        ),
+        case(
+            "an overlap that is not a duration",
+            niko_with(
+                "kind = \"nikohealth_patients\"",
+                "kind = 'fhir'\noverlap = 'a while'",
+            ),
+            &["accounts.niko.jobs[0].overlap: `a while` is not a duration"],
+        ),
+        case(
             "nethealth without issuer",
             "[accounts.nh]\nvendor = 'nethealth'\nclient_id = 'c'\n",
             &[
