@@ -599,3 +599,102 @@ async fn a_job_runs_at_start_when_it_never_ran_or_missed_a_run_while_down() {
     );
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_page_that_times_out_is_retried() {
+    let h = start(Vendor::Nextech, &fhir_job(100), 300).await;
+    // Longer than the 60 s request deadline, once.
+    h.sandbox.inject_api_after(
+        Vendor::Nextech,
+        1,
+        ApiFault::Http(Fault::Slow(Duration::from_secs(600))),
+        1,
+    );
+    let run = h.run(false).await;
+    assert_eq!((run.outcome, run.records), (Outcome::Success, 300), "{run}");
+    assert_eq!(h.api("error"), 1, "the timed-out attempt");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_locked_database_fails_the_run_cleanly_and_the_next_run_recovers() {
+    // SQLite busy (another process holding the write lock past the busy timeout).
+    let h = start(Vendor::Nextech, &fhir_job(100), 500).await;
+    // Page 2 takes 10 simulated seconds (less than the 30 s lease renewal, so the page's
+    // commit is the first write to meet the lock); meanwhile another process takes SQLite's
+    // write lock.
+    h.sandbox.inject_api_after(
+        Vendor::Nextech,
+        1,
+        ApiFault::Http(Fault::Slow(Duration::from_secs(10))),
+        1,
+    );
+    let runner = h.runner();
+    let stop = h.no_stop.clone();
+    let run = tokio::spawn(async move { runner.run_once(false, &stop).await });
+    while h
+        .shared
+        .store
+        .runs(ACCOUNT, "patients")
+        .await
+        .unwrap()
+        .last()
+        .is_none_or(|r| r.pages < 1)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let path = h.shared.store.path().to_owned();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    // Held for 1.5 × SQLite's 5 s busy timeout: the page's commit gives up, and the
+    // run's outcome is recorded once the lock is gone.
+    let holder = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use sqlx::Connection;
+            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+                .await
+                .unwrap();
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            locked_tx.send(()).unwrap();
+            std::thread::sleep(ehrsync::store::BUSY_TIMEOUT * 3 / 2);
+            sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+        });
+    });
+    locked_rx.recv().unwrap();
+    let failed = run.await.unwrap();
+    holder.join().unwrap();
+    assert_eq!(failed.outcome, Outcome::Failed, "{failed}");
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("database is locked"),
+        "{failed}"
+    );
+    assert_eq!(h.rows().await, 100, "the first page stays");
+    let again = h.run(false).await;
+    assert_eq!(
+        (again.outcome, again.records),
+        (Outcome::Success, 500),
+        "{again}"
+    );
+    assert_eq!(h.rows().await, 500);
+    let outcomes: Vec<String> = h
+        .shared
+        .store
+        .runs(ACCOUNT, "patients")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.outcome)
+        .collect();
+    assert_eq!(outcomes, ["failed", "success"]);
+    h.stop().await;
+}

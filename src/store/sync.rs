@@ -127,7 +127,7 @@ impl Store {
             let interrupted = sqlx::query(
                 "UPDATE sync_runs SET outcome = 'interrupted', \
                      finished_at = coalesce(finished_at, ?), \
-                     error = coalesce(error, 'the process running it stopped before it finished') \
+                     error = coalesce(error, 'no outcome was recorded: its process stopped, or could not write to the database') \
                  WHERE account = ? AND job = ? AND outcome = 'running'",
             )
             .bind(started_at)
