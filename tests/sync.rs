@@ -151,6 +151,20 @@ impl Harness {
         task.await.unwrap();
     }
 
+    /// Starts a run in the background and returns once it has committed `pages` pages.
+    async fn spawn_run_until_pages(&self, pages: i64) -> tokio::task::JoinHandle<RunSummary> {
+        let runner = self.runner();
+        let stop = self.no_stop.clone();
+        let run = tokio::spawn(async move { runner.run_once(false, &stop).await });
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let runs = self.shared.store.runs(ACCOUNT, "patients").await.unwrap();
+            if runs.last().is_some_and(|r| r.pages >= pages) {
+                return run;
+            }
+        }
+    }
+
     async fn run_count(&self) -> usize {
         self.shared
             .store
@@ -265,16 +279,7 @@ async fn a_run_dropped_halfway_is_completed_by_the_next_run() {
         ApiFault::Http(Fault::Slow(Duration::from_secs(3600))),
         1,
     );
-    let runner = h.runner();
-    let stop = h.no_stop.clone();
-    let run = tokio::spawn(async move { runner.run_once(false, &stop).await });
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let runs = h.shared.store.runs(ACCOUNT, "patients").await.unwrap();
-        if runs.last().is_some_and(|r| r.pages == 2) {
-            break;
-        }
-    }
+    let run = h.spawn_run_until_pages(2).await;
     run.abort();
     assert!(run.await.unwrap_err().is_cancelled());
     let runs = h.shared.store.runs(ACCOUNT, "patients").await.unwrap();
@@ -522,10 +527,14 @@ async fn a_job_whose_runs_outlast_its_interval_skips_instead_of_overlapping() {
             "runs never overlap: {pair:?}"
         );
     }
+    // The run in progress at the stop is interrupted; every earlier one completed.
+    let (last, earlier) = runs.split_last().unwrap();
     assert!(
-        runs.iter()
+        earlier
+            .iter()
             .all(|r| r.outcome == "success" && r.records == 50)
     );
+    assert!(["success", "interrupted"].contains(&last.outcome.as_str()));
     h.stop().await;
 }
 
@@ -629,20 +638,7 @@ async fn a_locked_database_fails_the_run_cleanly_and_the_next_run_recovers() {
         ApiFault::Http(Fault::Slow(Duration::from_secs(10))),
         1,
     );
-    let runner = h.runner();
-    let stop = h.no_stop.clone();
-    let run = tokio::spawn(async move { runner.run_once(false, &stop).await });
-    while h
-        .shared
-        .store
-        .runs(ACCOUNT, "patients")
-        .await
-        .unwrap()
-        .last()
-        .is_none_or(|r| r.pages < 1)
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let run = h.spawn_run_until_pages(1).await;
     let path = h.shared.store.path().to_owned();
     let (locked_tx, locked_rx) = std::sync::mpsc::channel();
     // Held for 1.5 × SQLite's 5 s busy timeout: the page's commit gives up, and the
@@ -696,5 +692,50 @@ async fn a_locked_database_fails_the_run_cleanly_and_the_next_run_recovers() {
         .map(|r| r.outcome)
         .collect();
     assert_eq!(outcomes, ["failed", "success"]);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_mid_run_keeps_the_written_pages_and_records_interrupted() {
+    let h = start(Vendor::Nextech, &fhir_job(100), 1_000).await;
+    // The third page hangs for an hour; the shutdown comes while the run waits for it.
+    h.sandbox.inject_api_after(
+        Vendor::Nextech,
+        2,
+        ApiFault::Http(Fault::Slow(Duration::from_secs(3600))),
+        1,
+    );
+    let (stop_tx, stop) = watch::channel(false);
+    let runner = h.runner();
+    let run = tokio::spawn(async move { runner.run_once(false, &stop).await });
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let stopped_at = tokio::time::Instant::now();
+    stop_tx.send(true).unwrap();
+    let run = run.await.unwrap();
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(1),
+        "stops without waiting for the page"
+    );
+    assert_eq!(
+        (run.outcome, run.pages, run.records),
+        (Outcome::Interrupted, 2, 200),
+        "{run}"
+    );
+    let row = h
+        .shared
+        .store
+        .runs(ACCOUNT, "patients")
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!((row.outcome.as_str(), row.pages), ("interrupted", 2));
+    assert_eq!(h.rows().await, 200);
+    assert_eq!(h.watermark().await, None);
+    assert_eq!(
+        h.shared
+            .metrics
+            .sync_runs(ACCOUNT, "patients", "interrupted"),
+        1
+    );
     h.stop().await;
 }

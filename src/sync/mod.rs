@@ -487,10 +487,14 @@ impl JobRunner {
                     });
                 }
             }
+            let mut stop_during = stop.clone();
             let fetch = async {
-                match &url {
-                    Some(u) => Some(fetcher.get(u, page_no).await),
-                    None => None,
+                let u = url.as_ref()?;
+                // A shutdown abandons the page being fetched (nothing of it is stored yet),
+                // while the page being written completes.
+                tokio::select! {
+                    r = fetcher.get(u, page_no) => Some(r),
+                    _ = stop_during.wait_for(|s| *s) => None,
                 }
             };
             let rows = to_write.take();
@@ -522,9 +526,9 @@ impl JobRunner {
                     .inc_by(n);
             }
             let page = match fetched {
-                // Stopping leaves `next` untaken: the run is complete only if nothing is left.
-                None => return Ok(next.is_none()),
                 Some(result) => result?,
+                // Nothing left to fetch: complete. Stopped before or during a fetch: interrupted.
+                None => return Ok(url.is_none() && next.is_none()),
             };
             let read = source
                 .read(&page.body, &page.url, page_no == 1)
