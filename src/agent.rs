@@ -133,8 +133,8 @@ pub async fn run(
     let server = tokio::spawn(async move { server.await });
     shutdown.await;
     tracing::info!("stopping");
-    // Jobs stop first (a run finishes its page and records itself interrupted), while the token
-    // owners still serve them; then the owners. Receivers are held by the tasks being stopped;
+    // Jobs stop first (a run abandons the page it is fetching, finishes the one it is writing
+    // and records itself interrupted), while the token owners still serve them; then the owners. Receivers are held by the tasks being stopped;
     // if they are all gone there is nothing to do.
     let _ = jobs_stop_tx.send(true);
     for task in schedulers {
@@ -165,22 +165,15 @@ pub async fn schedule_job(
         tracing::info!(account = %account, job = %job, "running the job now: it never ran, or missed a run while ehrsync was down");
     }
     let schedule = runner.job.schedule.clone();
-    let metrics = runner.shared.metrics.clone();
     let runner = Arc::new(runner);
-    let run_stop = stop.clone();
+    let (run_stop, skipping) = (stop.clone(), runner.clone());
     let start = move || {
         let (runner, stop) = (runner.clone(), run_stop.clone());
         async move {
             runner.run_once(false, &stop).await;
         }
     };
-    let skipped = move |due: chrono::DateTime<chrono::Utc>| {
-        metrics
-            .sync_runs
-            .with_label_values(&[account.as_str(), job.as_str(), "skipped"])
-            .inc();
-        tracing::info!(account = %account, job = %job, due = %due, "skipped a scheduled run: the previous run is still going");
-    };
+    let skipped = move |due| skipping.skipped(due);
     Ok(tokio::spawn(scheduler::drive(
         schedule, clock, stop, due, start, skipped,
     )))

@@ -152,14 +152,8 @@ impl fmt::Display for RunSummary {
 
 /// The HTTP client for API pages: keep-alive connections (a run sends its pages back to back).
 pub fn api_client() -> Result<reqwest::Client, reqwest::Error> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(API_REQUEST_TIMEOUT)
-        .connect_timeout(Duration::from_secs(10))
+    crate::token::client::client_builder(API_REQUEST_TIMEOUT)
         .pool_idle_timeout(Duration::from_secs(20))
-        .user_agent(concat!("ehrsync/", env!("CARGO_PKG_VERSION")))
-        // A redirect would carry the token to wherever it points.
-        .redirect(reqwest::redirect::Policy::none())
         .build()
 }
 
@@ -566,6 +560,17 @@ impl JobRunner {
                 Err(e) => tracing::warn!(account, job, error = %e, "cannot renew the job lease"),
             }
         }
+    }
+
+    /// Counts and logs an occurrence that found this job still running in this process.
+    pub fn skipped(&self, due: DateTime<Utc>) {
+        let [account, job] = self.labels();
+        self.shared
+            .metrics
+            .sync_runs
+            .with_label_values(&[account, job, Outcome::Skipped.as_str()])
+            .inc();
+        tracing::info!(account, job, due = %due, "skipped a scheduled run: the previous run is still going");
     }
 
     fn count(&self, summary: &RunSummary) {

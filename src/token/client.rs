@@ -17,8 +17,9 @@ use crate::vendor::{ClientAuth, Grant};
 /// Token responses are a few kilobytes; anything much larger is not one.
 const MAX_BODY: usize = 256 * 1024;
 
-/// The HTTP client the engine shares between accounts for token requests.
-pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+/// What every ehrsync HTTP client has: rustls on ring, a per-request deadline, ehrsync's user
+/// agent, and no redirects (one would carry credentials or a token wherever it points).
+pub fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
     // ring, not aws-lc-rs: no cmake or NASM in the build, and it cross-compiles for Windows.
     // Installing twice is harmless (the first provider stays), hence the ignored result.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -27,6 +28,11 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error>
         .connect_timeout(timeout.min(Duration::from_secs(10)))
         .user_agent(concat!("ehrsync/", env!("CARGO_PKG_VERSION")))
         .redirect(reqwest::redirect::Policy::none())
+}
+
+/// The HTTP client the engine shares between accounts for token requests.
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    client_builder(timeout)
         // Token requests are minutes apart, so a pooled connection is always long idle, and a
         // server closing it as it is reused fails the request ("connection closed before
         // message completed"). A fresh connection per token request avoids that race.
