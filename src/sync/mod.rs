@@ -307,7 +307,7 @@ impl JobRunner {
         }
         let result = tokio::select! {
             r = self.run_leased(full, stop, &mut summary) => r,
-            _ = self.renew_lease() => unreachable_renewal(),
+            never = self.renew_lease() => match never {},
         };
         if let Err(e) = store.release_job_lease(account, job, holder).await {
             // It expires on its own within JOB_LEASE_TTL.
@@ -539,7 +539,7 @@ impl JobRunner {
     }
 
     /// Renews the job lease every [`JOB_LEASE_RENEW`] while a run lasts. Never returns.
-    async fn renew_lease(&self) {
+    async fn renew_lease(&self) -> std::convert::Infallible {
         let [account, job] = self.labels();
         loop {
             tokio::time::sleep(JOB_LEASE_RENEW).await;
@@ -591,11 +591,4 @@ impl JobRunner {
                 .set(self.shared.clock.now().unix_millis() as f64 / 1000.0);
         }
     }
-}
-
-/// [`JobRunner::renew_lease`] loops forever; this arm of the select cannot complete.
-fn unreachable_renewal() -> Result<(), SyncError> {
-    Err(SyncError::Config {
-        reason: "the job lease renewal stopped".to_owned(),
-    })
 }
