@@ -19,5 +19,10 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_FAILURE);
         }
     };
-    runtime.block_on(cli::run(args))
+    let code = runtime.block_on(cli::run(args));
+    // Work still running on the blocking pool is a database call that a stop gave up waiting
+    // for (a run cut off at the end of its shutdown grace). Exiting abandons it: SQLite's
+    // journal rolls an unfinished transaction back, so the database stays consistent.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
 }

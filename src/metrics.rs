@@ -2,8 +2,8 @@
 //! names (and fixed words such as grant or outcome) only: never secrets or patient data.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Every metric the agent exports, registered in one registry.
@@ -22,6 +22,11 @@ pub struct Metrics {
     pub sync_last_success: GaugeVec,
     pub api_requests: IntCounterVec,
     pub build_info: IntGaugeVec,
+    /// Seconds between a job's schedule occurrences (for "no success in 3 intervals" alerts).
+    pub sync_interval: GaugeVec,
+    pub config_reloads: IntCounterVec,
+    pub config_last_reload_successful: IntGauge,
+    pub config_last_reload_success: Gauge,
 }
 
 impl Metrics {
@@ -110,6 +115,28 @@ impl Metrics {
                 "Always 1; the version label names the running build.",
                 &["version"],
             )?,
+            sync_interval: GaugeVec::new(
+                Opts::new(
+                    "ehrsync_sync_interval_seconds",
+                    "Seconds between the job's scheduled runs (the next two occurrences).",
+                ),
+                &["account", "job"],
+            )?,
+            config_reloads: IntCounterVec::new(
+                Opts::new(
+                    "ehrsync_config_reloads_total",
+                    "Config reloads (SIGHUP) by outcome (success, failure).",
+                ),
+                &["outcome"],
+            )?,
+            config_last_reload_successful: IntGauge::new(
+                "ehrsync_config_last_reload_successful",
+                "1 when the config in use is the last one read (at start or on SIGHUP); 0 after a rejected reload.",
+            )?,
+            config_last_reload_success: Gauge::new(
+                "ehrsync_config_last_reload_success_timestamp_seconds",
+                "When the config in use was read (Unix seconds).",
+            )?,
             registry,
         };
         for c in [
@@ -125,6 +152,10 @@ impl Metrics {
             Box::new(m.sync_last_success.clone()),
             Box::new(m.api_requests.clone()),
             Box::new(m.build_info.clone()),
+            Box::new(m.sync_interval.clone()),
+            Box::new(m.config_reloads.clone()),
+            Box::new(m.config_last_reload_successful.clone()),
+            Box::new(m.config_last_reload_success.clone()),
         ] {
             m.registry.register(c)?;
         }
@@ -166,5 +197,36 @@ impl Metrics {
         self.token_requests
             .get_metric_with_label_values(&[account, grant, outcome])
             .map_or(0, |c| c.get())
+    }
+
+    /// Records the outcome of reading the config at `now` (Unix seconds): at start and on reload.
+    pub fn config_loaded(&self, ok: bool, now: f64, reload: bool) {
+        if reload {
+            self.config_reloads
+                .with_label_values(&[if ok { "success" } else { "failure" }])
+                .inc();
+        }
+        self.config_last_reload_successful.set(i64::from(ok));
+        if ok {
+            self.config_last_reload_success.set(now);
+        }
+    }
+
+    /// Drops the gauges of an account that left the config, so that alerts on them resolve
+    /// instead of firing on a value nobody updates. Counters stay: they only ever rise.
+    pub fn forget_account(&self, account: &str) {
+        for g in [&self.token_expiry, &self.refresh_token_expiry] {
+            let _ = g.remove_label_values(&[account]);
+        }
+        for g in [&self.token_valid, &self.needs_login] {
+            let _ = g.remove_label_values(&[account]);
+        }
+    }
+
+    /// Drops the gauges of a job that left the config (see [`Metrics::forget_account`]).
+    pub fn forget_job(&self, account: &str, job: &str) {
+        for g in [&self.sync_last_success, &self.sync_interval] {
+            let _ = g.remove_label_values(&[account, job]);
+        }
     }
 }

@@ -46,6 +46,11 @@ impl fmt::Display for Plan<'_> {
             agent.metrics_listen
         )?;
         writeln!(out, "  token_key       {}", agent.token_key)?;
+        writeln!(
+            out,
+            "  shutdown_grace  {}",
+            humantime::format_duration(agent.shutdown_grace)
+        )?;
         for account in accounts {
             render_account(out, account)?;
         }

@@ -88,7 +88,14 @@ async fn run_agent(path: &std::path::Path) -> ExitCode {
     for w in &loaded.warnings {
         tracing::warn!(key = %w.key, "{}", w.message);
     }
-    match crate::agent::run(loaded.config, &env, crate::agent::termination_signal()).await {
+    let controls = match crate::signals::listen() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: cannot listen for signals: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match crate::agent::run(loaded.config, env, controls, |_| {}).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "ehrsync cannot run");

@@ -32,6 +32,13 @@ pub async fn run(config_path: &Path, account: &str, job: &str, full: bool) -> Ex
             return ExitCode::from(super::EXIT_CONFIG);
         }
     };
+    let mut controls = match crate::signals::listen() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: cannot listen for signals: {e}");
+            return ExitCode::from(super::EXIT_FAILURE);
+        }
+    };
     let clock: SharedClock = Arc::new(SystemClock);
     let (shared, sync) = match crate::agent::open_engine(&config, &env, clock).await {
         Ok(engine) => engine,
@@ -52,9 +59,14 @@ pub async fn run(config_path: &Path, account: &str, job: &str, full: bool) -> Ex
         };
     let (stop_tx, stop) = watch::channel(false);
     let signals = tokio::spawn(async move {
-        crate::agent::termination_signal().await;
-        tracing::warn!("stopping after the page in progress");
-        let _ = stop_tx.send(true);
+        // A reload means nothing to a single run; a stop ends it after the page being written.
+        while let Some(control) = controls.recv().await {
+            if control == crate::signals::Control::Stop {
+                tracing::warn!("stopping after the page in progress");
+                let _ = stop_tx.send(true);
+                break;
+            }
+        }
     });
     let runner = JobRunner {
         account,

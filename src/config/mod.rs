@@ -32,6 +32,10 @@ pub const ENV_PREFIX: &str = "EHRSYNC";
 pub const ENV_SEPARATOR: &str = "__";
 /// Default metrics listener: loopback only, since `/metrics` has no authentication.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9870";
+/// Default for `agent.shutdown_grace`; `systemd/ehrsync.service`'s `TimeoutStopSec=` is above it.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// The longest `agent.shutdown_grace` accepted.
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(600);
 
 /// A validated configuration: what the agent will do.
 #[derive(Debug)]
@@ -51,11 +55,13 @@ impl Config {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Agent {
     pub database: PathBuf,
     pub metrics_listen: SocketAddr,
     pub token_key: KeySource,
+    /// How long a stop waits for runs in progress (see `agent.shutdown_grace`).
+    pub shutdown_grace: Duration,
 }
 
 /// Where the key that encrypts stored tokens comes from. It is read (or created) when the
@@ -150,6 +156,52 @@ pub struct Account {
     pub jobs: Vec<Job>,
 }
 
+impl Account {
+    /// Whether tokens obtained under `self` are tokens of `other` too: the same vendor, token
+    /// endpoint, grant, client, user, resource and scope. When this changes, stored tokens
+    /// belong to another identity and are dropped.
+    pub fn same_identity(&self, other: &Account) -> bool {
+        self.vendor == other.vendor
+            && self.token_endpoint == other.token_endpoint
+            && self.grant == other.grant
+            && self.client_id == other.client_id
+            && self.username == other.username
+            && self.resource == other.resource
+            && self.scope == other.scope
+    }
+
+    /// Whether every setting except the jobs is equal, so the account's token owner can keep
+    /// running unchanged across a reload.
+    pub fn same_settings(&self, other: &Account) -> bool {
+        // Destructured so that a new field cannot be forgotten here.
+        let Account {
+            name,
+            vendor: _,
+            token_endpoint: _,
+            grant: _,
+            client_auth,
+            client_id: _,
+            client_secret,
+            username: _,
+            password,
+            resource: _,
+            scope: _,
+            lifetimes,
+            api_base,
+            headers,
+            jobs: _,
+        } = self;
+        self.same_identity(other)
+            && *name == other.name
+            && *client_auth == other.client_auth
+            && *client_secret == other.client_secret
+            && *password == other.password
+            && *lifetimes == other.lifetimes
+            && *api_base == other.api_base
+            && *headers == other.headers
+    }
+}
+
 /// Where an account's token endpoint is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenEndpoint {
@@ -190,13 +242,13 @@ pub struct Lifetimes {
     pub min_lead: Duration,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Header {
     pub name: String,
     pub value: HeaderValue,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum HeaderValue {
     Public(String),
     Secret(Secret),
@@ -212,7 +264,7 @@ impl fmt::Display for HeaderValue {
 }
 
 /// One scheduled pull.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     pub name: JobName,
     pub kind: JobKind,
@@ -287,6 +339,26 @@ impl Schedule {
         // 12:00:01.354); occurrences are whole seconds, so start from the whole second.
         let whole = after.with_nanosecond(0).unwrap_or(after);
         self.cron.find_next_occurrence(&whole, false).ok()
+    }
+
+    /// The longest gap between the schedule's next 16 occurrences after `after`: how long a
+    /// healthy job may go between runs (a weekday-only schedule's gap spans the weekend).
+    pub fn longest_gap(&self, after: DateTime<Utc>) -> Option<Duration> {
+        let mut at = self.next_after(after)?;
+        let mut longest = Duration::ZERO;
+        for _ in 0..16 {
+            let next = self.next_after(at)?;
+            longest = longest.max((next - at).to_std().ok()?);
+            at = next;
+        }
+        Some(longest)
+    }
+}
+
+/// Schedules are equal when written the same way.
+impl PartialEq for Schedule {
+    fn eq(&self, other: &Schedule) -> bool {
+        self.text == other.text
     }
 }
 

@@ -25,6 +25,10 @@ pub struct RawAgent {
     /// missing; default `ehrsync.key` beside the database), `{ credential = "…" }` or
     /// `{ env = "…" }` (64 hex digits, e.g. from `openssl rand -hex 32`).
     pub token_key: Option<SecretSpec>,
+    /// On SIGTERM/SIGINT (or a Windows service stop), how long runs in progress get to commit
+    /// the page they are writing before they are cut off and recorded `interrupted`.
+    /// Default `20s`; at most `10m`.
+    pub shutdown_grace: Option<HumanDuration>,
 }
 
 /// `[accounts.NAME]`: one vendor account.

@@ -13,8 +13,9 @@ use super::problems::{Problem, join, list, parse_section, suggest};
 use super::raw::{RawAccount, RawAgent, RawJob, RawJobKind};
 use super::secret::{self, Secret, SecretSpec};
 use super::{
-    Account, AccountName, Agent, DEFAULT_METRICS_LISTEN, Env, Header, HeaderValue, Job, JobKind,
-    JobName, KeySource, Lifetimes, ListPaging, Schedule, TokenEndpoint, default_database,
+    Account, AccountName, Agent, DEFAULT_METRICS_LISTEN, DEFAULT_SHUTDOWN_GRACE, Env, Header,
+    HeaderValue, Job, JobKind, JobName, KeySource, Lifetimes, ListPaging, MAX_SHUTDOWN_GRACE,
+    Schedule, TokenEndpoint, default_database,
 };
 use crate::vendor::{ClientAuth, Grant, TokenEndpointDefault, Vendor};
 
@@ -120,6 +121,7 @@ pub fn root(tree: config::Value, ctx: &mut Ctx) -> Option<(Agent, Vec<Account>)>
                 database: None,
                 metrics_listen: None,
                 token_key: None,
+                shutdown_grace: None,
             },
             ctx,
         )?,
@@ -189,6 +191,17 @@ fn resolve_agent(raw: RawAgent, ctx: &mut Ctx) -> Option<Agent> {
             return None;
         }
     };
+    let shutdown_grace = raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0);
+    if shutdown_grace > MAX_SHUTDOWN_GRACE {
+        ctx.problem(
+            "agent.shutdown_grace",
+            format!(
+                "is longer than the {} allowed; service managers kill a process that takes this long to stop",
+                humantime::format_duration(MAX_SHUTDOWN_GRACE)
+            ),
+        );
+        return None;
+    }
     if !metrics_listen.ip().is_loopback() {
         ctx.warn(
             "agent.metrics_listen",
@@ -199,6 +212,7 @@ fn resolve_agent(raw: RawAgent, ctx: &mut Ctx) -> Option<Agent> {
         database,
         metrics_listen,
         token_key,
+        shutdown_grace,
     })
 }
 

@@ -160,6 +160,15 @@ impl Secret {
     }
 }
 
+/// Equal when read from the same place with the same value: a reload uses this to tell a
+/// rotated secret from an unchanged one. (Not constant-time: it compares two config values the
+/// process already holds, never something a caller supplies.)
+impl PartialEq for Secret {
+    fn eq(&self, other: &Secret) -> bool {
+        self.origin == other.origin && self.expose() == other.expose()
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Secret([redacted] from {})", self.origin)

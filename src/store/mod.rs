@@ -9,7 +9,7 @@
 
 mod sync;
 
-pub use sync::{JobLease, PageRow, RunStart};
+pub use sync::{JobHistory, JobLease, PageRow, RunStart};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -148,6 +148,20 @@ impl Store {
         let account = account.to_owned();
         self.shield(|s| async move { s.load_token_now(&account).await })
             .await
+    }
+
+    /// Drops `account`'s stored tokens and token state (its login settings changed, so they
+    /// belong to another identity). The next owner of the account starts with a login.
+    pub async fn forget_tokens(&self, account: &str) -> Result<(), StoreError> {
+        let account = account.to_owned();
+        self.shield(|s| async move {
+            sqlx::query("DELETE FROM token_state WHERE account = ?")
+                .bind(&account)
+                .execute(&s.pool)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Takes (or renews) `account`'s token lease for `holder` until `expires_at` (Unix seconds),

@@ -23,6 +23,22 @@ pub struct PageRow {
     pub data: String,
 }
 
+/// Marks a job's `running` rows `interrupted`. Binds: finished_at, error, account, job.
+const INTERRUPT_RUNNING: &str = "UPDATE sync_runs SET outcome = 'interrupted', \
+     finished_at = coalesce(finished_at, ?), error = coalesce(error, ?) \
+     WHERE account = ? AND job = ? AND outcome = 'running'";
+
+/// The error given to a run found `running` when the next run of its job starts.
+const STALE_RUN: &str =
+    "no outcome was recorded: its process stopped, or could not write to the database";
+
+/// When a job last ran and last succeeded (Unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct JobHistory {
+    pub last_started: Option<i64>,
+    pub last_success: Option<i64>,
+}
+
 /// What a new run starts from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunStart {
@@ -111,6 +127,30 @@ impl Store {
         .await
     }
 
+    /// Records `account`/`job`'s runs still marked `running` as `interrupted` at `at`, with
+    /// `reason` unless they hold an error already; returns how many there were. For a stop
+    /// that had to cut a run off (the caller holds the job's lease, so they are its own).
+    pub async fn interrupt_runs(
+        &self,
+        account: &str,
+        job: &str,
+        at: i64,
+        reason: &str,
+    ) -> Result<u64, StoreError> {
+        let (account, job, reason) = (account.to_owned(), job.to_owned(), reason.to_owned());
+        self.shield(|s| async move {
+            Ok(sqlx::query(INTERRUPT_RUNNING)
+                .bind(at)
+                .bind(&reason)
+                .bind(&account)
+                .bind(&job)
+                .execute(&s.pool)
+                .await?
+                .rows_affected())
+        })
+        .await
+    }
+
     /// Starts a run of `account`/`job` (the caller holds the job's lease): runs of it still
     /// marked `running` belong to a process that stopped and become `interrupted`; a new
     /// `running` row is added; the job's watermark is read. One transaction.
@@ -124,18 +164,14 @@ impl Store {
         let (account, job) = (account.to_owned(), job.to_owned());
         self.shield(|s| async move {
             let mut tx = s.pool.begin().await?;
-            let interrupted = sqlx::query(
-                "UPDATE sync_runs SET outcome = 'interrupted', \
-                     finished_at = coalesce(finished_at, ?), \
-                     error = coalesce(error, 'no outcome was recorded: its process stopped, or could not write to the database') \
-                 WHERE account = ? AND job = ? AND outcome = 'running'",
-            )
-            .bind(started_at)
-            .bind(&account)
-            .bind(&job)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            let interrupted = sqlx::query(INTERRUPT_RUNNING)
+                .bind(started_at)
+                .bind(STALE_RUN)
+                .bind(&account)
+                .bind(&job)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             let run_id: i64 = sqlx::query_scalar(
                 "INSERT INTO sync_runs (account, job, full, started_at, outcome) \
                  VALUES (?, ?, ?, ?, 'running') RETURNING id",
@@ -259,21 +295,23 @@ impl Store {
         .await
     }
 
-    /// When the latest run of `account`/`job` started (Unix seconds), if it ever ran.
-    pub async fn last_run_started(
-        &self,
-        account: &str,
-        job: &str,
-    ) -> Result<Option<i64>, StoreError> {
+    /// When the latest run of `account`/`job` started and when its latest successful run
+    /// finished (Unix seconds), where they exist.
+    pub async fn job_history(&self, account: &str, job: &str) -> Result<JobHistory, StoreError> {
         let (account, job) = (account.to_owned(), job.to_owned());
         self.shield(|s| async move {
-            Ok(sqlx::query_scalar(
-                "SELECT max(started_at) FROM sync_runs WHERE account = ? AND job = ?",
+            let (last_started, last_success) = sqlx::query_as(
+                "SELECT max(started_at), max(CASE WHEN outcome = 'success' THEN finished_at END) \
+                 FROM sync_runs WHERE account = ? AND job = ?",
             )
             .bind(&account)
             .bind(&job)
             .fetch_one(&s.pool)
-            .await?)
+            .await?;
+            Ok(JobHistory {
+                last_started,
+                last_success,
+            })
         })
         .await
     }

@@ -1,0 +1,565 @@
+//! `ehrsync run`: every account's token owner, each job's schedule, and the HTTP listener for
+//! `/metrics`, `/healthz` and `/readyz`, steered by [`Control`] messages (signals, or a Windows
+//! service stop):
+//!
+//! - **Stop**: jobs stop first, while the token owners still serve them. A run abandons the
+//!   page it is fetching, finishes the one it is writing and records itself `interrupted`; a
+//!   run still writing when `agent.shutdown_grace` ends is cut off (its transaction rolls
+//!   back) and recorded `interrupted` here. Then the owners stop (token state is stored on
+//!   every change, so nothing is left to save) and their leases are released.
+//! - **Reload**: the config is read again. A bad one is rejected with its problems logged and
+//!   counted, and the running config stays. A good one is compared with what runs
+//!   ([`plan`]): only accounts and jobs that changed are stopped and started, so unchanged
+//!   accounts keep their owners and tokens.
+
+mod plan;
+mod web;
+
+pub use plan::{Change, plan};
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{self, Account, Config, Env, Job};
+use crate::crypto::{KeyError, TokenCipher};
+use crate::metrics::Metrics;
+use crate::notify;
+use crate::scheduler;
+use crate::signals::Control;
+use crate::store::{Store, StoreError};
+use crate::sync::{JobRunner, SyncShared, api_client};
+use crate::token::client::http_client;
+use crate::token::owner::{Shared, TokenHandle, spawn};
+
+/// How long a stop waits for the database's connections to close after the jobs and owners.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a token request may take before it counts as a transient failure.
+pub const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("cannot listen on {addr} for metrics: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot set up the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Opens what token owners and job runners share: the store (migrated), the token key, the
+/// HTTP clients and the metrics registry.
+pub async fn open_engine(
+    config: &Config,
+    env: &Env,
+    clock: SharedClock,
+) -> Result<(Shared, SyncShared), AgentError> {
+    let store = Store::open(&config.agent.database).await?;
+    let cipher = TokenCipher::load(&config.agent.token_key, env)?;
+    let shared = Shared::new(
+        store.clone(),
+        cipher,
+        http_client(TOKEN_REQUEST_TIMEOUT)?,
+        clock.clone(),
+        Metrics::new()?,
+    );
+    let sync = SyncShared {
+        store,
+        http: api_client()?,
+        clock,
+        metrics: shared.metrics.clone(),
+        holder: shared.holder.clone(),
+    };
+    Ok((shared, sync))
+}
+
+/// Runs the agent for `config` until a [`Control::Stop`] arrives (or every sender is gone).
+/// `env` is what the config was read with; a reload reads `config.path` with it again.
+/// `on_ready` is called once the database is open, the listener bound and the owners started.
+pub async fn run(
+    config: Config,
+    env: Env,
+    mut controls: mpsc::UnboundedReceiver<Control>,
+    on_ready: impl FnOnce(&Metrics),
+) -> Result<(), AgentError> {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let (shared, sync) = open_engine(&config, &env, clock.clone()).await?;
+    let store = shared.store.clone();
+    let listen = config.agent.metrics_listen;
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(source) => {
+            store.close().await;
+            return Err(AgentError::Listen {
+                addr: listen,
+                source,
+            });
+        }
+    };
+    let (handles_tx, handles_rx) = watch::channel(Arc::new(Vec::new()));
+    let mut agent = Agent {
+        shared,
+        sync,
+        accounts: BTreeMap::new(),
+        handles: handles_tx,
+        path: config.path.clone(),
+        env,
+        settings: config.agent.clone(),
+    };
+    for account in config.accounts {
+        if let Err(e) = agent.start_account(account).await {
+            agent.shutdown().await;
+            store.close().await;
+            return Err(e.into());
+        }
+    }
+    agent.publish();
+    let metrics = agent.shared.metrics.clone();
+    metrics.config_loaded(true, unix_now(&clock), false);
+
+    let (server_stop_tx, mut server_stop) = watch::channel(false);
+    let app = web::router(handles_rx, metrics.clone(), clock);
+    let server = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = server_stop.wait_for(|stop| *stop).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "the metrics listener stopped");
+        }
+    });
+    let status = agent.status();
+    tracing::info!(listen = %listen, "ehrsync is running: {status}");
+    notify::ready(&status);
+    let watchdog = notify::spawn_watchdog();
+    on_ready(&metrics);
+
+    while let Some(Control::Reload) = controls.recv().await {
+        agent.reload().await;
+    }
+
+    let grace = agent.settings.shutdown_grace;
+    tracing::info!(grace = %humantime::format_duration(grace), "stopping");
+    notify::stopping("stopping: runs in progress finish their page");
+    agent.shutdown().await;
+    let _ = server_stop_tx.send(true);
+    let _ = server.await;
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    // A run cut off at the end of the grace may still hold a connection, waiting for a lock.
+    if tokio::time::timeout(CLOSE_TIMEOUT, store.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the database did not close in time; exiting anyway (SQLite rolls back what was unfinished)"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn unix_now(clock: &SharedClock) -> f64 {
+    clock.now().unix_millis() as f64 / 1000.0
+}
+
+/// What runs: one token owner per account, one schedule per job.
+struct Agent {
+    shared: Shared,
+    sync: SyncShared,
+    accounts: BTreeMap<String, AccountRun>,
+    handles: watch::Sender<Arc<Vec<TokenHandle>>>,
+    /// Where the config came from, and the environment it was read with (for reloads).
+    path: PathBuf,
+    env: Env,
+    /// The `[agent]` settings in force (a reload applies only `shutdown_grace`).
+    settings: config::Agent,
+}
+
+struct AccountRun {
+    /// The account as last configured (its `jobs` may be newer than the owner's copy).
+    account: Arc<Account>,
+    handle: TokenHandle,
+    stop: watch::Sender<bool>,
+    owner: JoinHandle<()>,
+    jobs: BTreeMap<String, JobRun>,
+}
+
+struct JobRun {
+    job: Job,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Agent {
+    async fn start_account(&mut self, account: Account) -> Result<(), StoreError> {
+        let name = account.name.to_string();
+        let account = Arc::new(account);
+        let (stop, stop_rx) = watch::channel(false);
+        let (handle, owner) = spawn(account.clone(), self.shared.clone(), stop_rx).await?;
+        let mut run = AccountRun {
+            account: account.clone(),
+            handle,
+            stop,
+            owner,
+            jobs: BTreeMap::new(),
+        };
+        for job in &account.jobs {
+            let job_run = self.start_job(&run, job.clone()).await;
+            match job_run {
+                Ok(j) => {
+                    run.jobs.insert(job.name.to_string(), j);
+                }
+                Err(e) => {
+                    self.stop_accounts(vec![run]).await;
+                    return Err(e);
+                }
+            }
+        }
+        self.accounts.insert(name, run);
+        Ok(())
+    }
+
+    async fn start_job(&self, account: &AccountRun, job: Job) -> Result<JobRun, StoreError> {
+        let (stop, stop_rx) = watch::channel(false);
+        let runner = JobRunner {
+            account: account.account.clone(),
+            job: job.clone(),
+            tokens: account.handle.clone(),
+            shared: self.sync.clone(),
+        };
+        let task = schedule_job(runner, stop_rx).await?;
+        Ok(JobRun { job, stop, task })
+    }
+
+    /// Stops `jobs` (account name, job name, run) together: each finishes the page it is
+    /// writing, within one shutdown grace for all of them.
+    async fn stop_jobs(&self, jobs: Vec<(String, String, JobRun)>) {
+        for (_, _, run) in &jobs {
+            let _ = run.stop.send(true);
+        }
+        let grace = self.settings.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
+        for (account, job, run) in jobs {
+            let mut task = run.task;
+            if tokio::time::timeout_at(deadline, &mut task).await.is_ok() {
+                continue;
+            }
+            task.abort();
+            let _ = task.await;
+            tracing::warn!(account = %account, job = %job, grace = %humantime::format_duration(grace),
+                "the run did not finish its page within the shutdown grace; it was cut off and its page rolled back");
+            self.cut_off(&account, &job).await;
+        }
+    }
+
+    /// Records a run that was cut off as interrupted, and gives up its job lease.
+    async fn cut_off(&self, account: &str, job: &str) {
+        let store = &self.sync.store;
+        let at = self.sync.clock.now().unix_seconds();
+        let reason = "cut off at shutdown: the page being written did not commit within agent.shutdown_grace";
+        let recorded = store.interrupt_runs(account, job, at, reason).await;
+        let released = store
+            .release_job_lease(account, job, &self.sync.holder)
+            .await;
+        for e in [recorded.err(), released.err()].into_iter().flatten() {
+            tracing::warn!(account = %account, job = %job, error = %e,
+                "cannot record the cut-off run; the next run of the job marks it interrupted");
+        }
+        self.sync
+            .metrics
+            .sync_runs
+            .with_label_values(&[account, job, "interrupted"])
+            .inc();
+    }
+
+    /// Stops whole accounts: all their jobs first (one grace for all), then their owners.
+    async fn stop_accounts(&self, runs: Vec<AccountRun>) {
+        let mut jobs = Vec::new();
+        let mut owners = Vec::new();
+        for run in runs {
+            let name = run.account.name.to_string();
+            for (job, j) in run.jobs {
+                jobs.push((name.clone(), job, j));
+            }
+            owners.push((run.stop, run.owner));
+        }
+        self.stop_jobs(jobs).await;
+        for (stop, _) in &owners {
+            let _ = stop.send(true);
+        }
+        for (_, owner) in owners {
+            let _ = owner.await;
+        }
+    }
+
+    /// Stops everything.
+    async fn shutdown(&mut self) {
+        let runs = std::mem::take(&mut self.accounts).into_values().collect();
+        self.stop_accounts(runs).await;
+        self.publish();
+    }
+
+    /// Tells the web listener which accounts run.
+    fn publish(&self) {
+        let handles = self.accounts.values().map(|a| a.handle.clone()).collect();
+        self.handles.send_replace(Arc::new(handles));
+    }
+
+    /// One line for logs and `systemctl status`.
+    fn status(&self) -> String {
+        let jobs: usize = self.accounts.values().map(|a| a.jobs.len()).sum();
+        format!("{} accounts, {jobs} jobs", self.accounts.len())
+    }
+
+    /// Re-reads the config and applies what changed; a bad config changes nothing.
+    async fn reload(&mut self) {
+        notify::reloading();
+        let metrics = self.shared.metrics.clone();
+        let now = unix_now(&self.sync.clock);
+        let loaded = match config::load_with_env(&self.path, &self.env) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("config reload rejected; the running config stays in use. {e}");
+                metrics.config_loaded(false, now, true);
+                notify::ready(&format!(
+                    "{}; the last reload was rejected (see the log)",
+                    self.status()
+                ));
+                return;
+            }
+        };
+        for w in &loaded.warnings {
+            tracing::warn!(key = %w.key, "{}", w.message);
+        }
+        let config = loaded.config;
+        self.apply_agent_settings(&config.agent);
+        let changes = plan(
+            self.accounts
+                .values()
+                .map(|a| (&*a.account, a.jobs.values().map(|j| &j.job).collect())),
+            &config.accounts,
+        );
+        let unchanged = self
+            .accounts
+            .keys()
+            .filter(|name| !changes.iter().any(|c| c.account() == name.as_str()))
+            .count();
+        let failed = self.apply(changes.clone(), config.accounts).await;
+        self.publish();
+        metrics.config_loaded(failed == 0, now, true);
+        let status = self.status();
+        if failed == 0 {
+            tracing::info!(
+                changes = changes.len(),
+                unchanged_accounts = unchanged,
+                "config reloaded: {status}"
+            );
+        } else {
+            tracing::error!(
+                failed,
+                "config reloaded with {failed} changes that could not be applied (see above): {status}"
+            );
+        }
+        notify::ready(&status);
+    }
+
+    fn apply_agent_settings(&mut self, new: &config::Agent) {
+        let old = &self.settings;
+        for (key, changed) in [
+            ("agent.database", old.database != new.database),
+            (
+                "agent.metrics_listen",
+                old.metrics_listen != new.metrics_listen,
+            ),
+            ("agent.token_key", old.token_key != new.token_key),
+        ] {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "changed in the config; it takes effect when ehrsync restarts"
+                );
+            }
+        }
+        self.settings.shutdown_grace = new.shutdown_grace;
+    }
+
+    /// Applies `changes` (from [`plan`]) with the accounts of the new config; returns how many
+    /// could not be applied (each is logged).
+    async fn apply(&mut self, changes: Vec<Change>, new: Vec<Account>) -> usize {
+        let mut new: BTreeMap<String, Account> =
+            new.into_iter().map(|a| (a.name.to_string(), a)).collect();
+        let metrics = self.sync.metrics.clone();
+        // Stops first, all within one grace.
+        let mut stopped_accounts = Vec::new();
+        let mut stopped_jobs = Vec::new();
+        let mut forget = Vec::new();
+        let mut starts = Vec::new();
+        for change in changes {
+            match change {
+                Change::RemoveAccount(name) | Change::RestartAccount { account: name, .. }
+                    if !self.accounts.contains_key(&name) => {}
+                Change::RemoveAccount(name) => {
+                    if let Some(run) = self.accounts.remove(&name) {
+                        tracing::info!(account = %name, "account removed from the config: stopping it");
+                        metrics.forget_account(&name);
+                        for job in run.jobs.keys() {
+                            metrics.forget_job(&name, job);
+                        }
+                        stopped_accounts.push(run);
+                    }
+                }
+                Change::RestartAccount {
+                    account: name,
+                    identity_changed,
+                } => {
+                    if let Some(run) = self.accounts.remove(&name) {
+                        tracing::info!(account = %name, identity_changed,
+                            "account settings changed: restarting its token owner and jobs");
+                        for job in run.jobs.keys() {
+                            metrics.forget_job(&name, job);
+                        }
+                        if identity_changed {
+                            forget.push(name.clone());
+                        }
+                        stopped_accounts.push(run);
+                        starts.push(Change::AddAccount(name));
+                    }
+                }
+                Change::StopJob {
+                    account,
+                    job,
+                    restart,
+                } => {
+                    let run = self
+                        .accounts
+                        .get_mut(&account)
+                        .and_then(|a| a.jobs.remove(&job));
+                    if let Some(run) = run {
+                        tracing::info!(account = %account, job = %job,
+                            "{}", if restart { "job changed: restarting it" } else { "job removed from the config: stopping it" });
+                        metrics.forget_job(&account, &job);
+                        stopped_jobs.push((account, job, run));
+                    }
+                }
+                start @ (Change::AddAccount(_) | Change::StartJob { .. }) => starts.push(start),
+            }
+        }
+        self.stop_jobs(stopped_jobs).await;
+        self.stop_accounts(stopped_accounts).await;
+        let mut failed = 0;
+        for name in forget {
+            if let Err(e) = self.shared.store.forget_tokens(&name).await {
+                tracing::error!(account = %name, error = %e, "cannot drop the tokens of the account's previous login");
+                failed += 1;
+            }
+        }
+        for start in starts {
+            match start {
+                Change::AddAccount(name) => {
+                    let Some(account) = new.remove(&name) else {
+                        continue;
+                    };
+                    tracing::info!(account = %name, "starting the account");
+                    if let Err(e) = self.start_account(account).await {
+                        tracing::error!(account = %name, error = %e, "cannot start the account");
+                        failed += 1;
+                    }
+                }
+                Change::StartJob { account, job } => {
+                    let Some(next) = new.get(&account) else {
+                        continue;
+                    };
+                    let Some(spec) = next.jobs.iter().find(|j| j.name.as_str() == job) else {
+                        continue;
+                    };
+                    let Some(run) = self.accounts.get(&account) else {
+                        continue;
+                    };
+                    tracing::info!(account = %account, job = %job, "starting the job");
+                    match self.start_job(run, spec.clone()).await {
+                        Ok(j) => {
+                            if let Some(run) = self.accounts.get_mut(&account) {
+                                run.jobs.insert(job, j);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(account = %account, job = %job, error = %e, "cannot start the job");
+                            failed += 1;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Accounts that keep their owner adopt the new config's copy, so the next reload
+        // compares against it (their settings are equal; only the jobs list may differ).
+        for (name, account) in new {
+            if let Some(run) = self.accounts.get_mut(&name) {
+                if run.account.same_settings(&account) {
+                    run.account = Arc::new(account);
+                }
+            }
+        }
+        failed
+    }
+}
+
+/// Starts `runner`'s schedule: a run at once if one was missed while the agent was down (or the
+/// job never ran), then one per occurrence, skipping (and counting) occurrences that find the
+/// previous run still going.
+pub async fn schedule_job(
+    runner: JobRunner,
+    stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+    let (account, job) = (runner.account.name.to_string(), runner.job.name.to_string());
+    let clock = runner.shared.clock.clone();
+    let history = runner.shared.store.job_history(&account, &job).await?;
+    let now = clock.now();
+    let due = scheduler::missed(&runner.job.schedule, history.last_started, now);
+    if due {
+        tracing::info!(account = %account, job = %job, "running the job now: it never ran, or missed a run while ehrsync was down");
+    }
+    let metrics = &runner.shared.metrics;
+    let labels = [account.as_str(), job.as_str()];
+    if let Some(at) = history.last_success {
+        metrics
+            .sync_last_success
+            .with_label_values(&labels)
+            .set(at as f64);
+    }
+    if let Some(gap) = chrono::DateTime::from_timestamp_millis(now.unix_millis())
+        .and_then(|now| runner.job.schedule.longest_gap(now))
+    {
+        metrics
+            .sync_interval
+            .with_label_values(&labels)
+            .set(gap.as_secs_f64());
+    }
+    let schedule = runner.job.schedule.clone();
+    let runner = Arc::new(runner);
+    let (run_stop, skipping) = (stop.clone(), runner.clone());
+    let start = move || {
+        let (runner, stop) = (runner.clone(), run_stop.clone());
+        async move {
+            runner.run_once(false, &stop).await;
+        }
+    };
+    let skipped = move |due| skipping.skipped(due);
+    Ok(tokio::spawn(scheduler::drive(
+        schedule, clock, stop, due, start, skipped,
+    )))
+}
