@@ -1,0 +1,511 @@
+//! `ehrsync run` as a service manager drives it: real signals to the real binary against the
+//! vendor sandbox. SIGTERM mid-pull (within and beyond the shutdown grace), a second SIGTERM,
+//! SIGHUP with good and bad configs, and systemd's notification protocol.
+#![cfg(unix)]
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ehrsync::clock::SystemClock;
+use ehrsync::sandbox::{self, ApiFault, Fault, Lifetimes, Sandbox};
+use ehrsync::vendor::Vendor;
+use sqlx::Connection;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `ehrsync run`; killed on drop if a test fails before it exits.
+struct Agent {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config_text(port: u16, body: &str, grace: &str) -> String {
+    format!(
+        "[agent]\ndatabase = 'state/ehrsync.db'\nmetrics_listen = '127.0.0.1:{port}'\nshutdown_grace = '{grace}'\n{body}"
+    )
+}
+
+impl Agent {
+    fn start(body: &str, grace: &str, extra_env: &[(&str, &str)]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let path = common::write_config(dir.path(), &config_text(port, body, grace));
+        let log = dir.path().join("ehrsync.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_ehrsync"))
+            .env_clear()
+            .envs(sandbox::credentials_env())
+            .envs(extra_env.iter().copied())
+            .env("EHRSYNC_LOG", "debug")
+            .args(["run", "--config", path.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Agent {
+            child,
+            dir,
+            port,
+            log,
+        }
+    }
+
+    fn rewrite(&self, body: &str, grace: &str) {
+        common::write_config(self.dir.path(), &config_text(self.port, body, grace));
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("state/ehrsync.db")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let since = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                since.elapsed() < limit,
+                "no exit within {limit:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let response = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}{path}", self.port))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
+    }
+
+    async fn metrics(&self) -> String {
+        self.get("/metrics").await.map(|r| r.1).unwrap_or_default()
+    }
+
+    /// Waits until `/metrics` satisfies `ok`, returning it.
+    async fn metrics_until(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let since = Instant::now();
+        loop {
+            let m = self.metrics().await;
+            if ok(&m) {
+                return m;
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(20),
+                "{what} not seen within 20 s; metrics:\n{m}\nlog:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_ready(&self) {
+        let since = Instant::now();
+        while self.get("/readyz").await.map(|r| r.0) != Some(200) {
+            assert!(
+                since.elapsed() < Duration::from_secs(20),
+                "not ready within 20 s; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn connect(db: &Path) -> sqlx::SqliteConnection {
+    sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap()
+}
+
+/// The latest run of `job`: (outcome, pages, records, error).
+async fn latest_run(db: &Path, job: &str) -> Option<(String, i64, i64, Option<String>)> {
+    let mut c = connect(db).await;
+    sqlx::query_as(
+        "SELECT outcome, pages, records, error FROM sync_runs WHERE job = ? ORDER BY id DESC LIMIT 1",
+    )
+    .bind(job)
+    .fetch_optional(&mut c)
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Waits until the agent's first run of `job` has committed `pages` pages.
+async fn wait_for_pages(agent: &Agent, job: &str, pages: i64) {
+    let since = Instant::now();
+    loop {
+        if agent.db().exists() {
+            if let Some((outcome, done, ..)) = latest_run(&agent.db(), job).await {
+                assert_eq!(outcome, "running", "log:\n{}", agent.log());
+                if done >= pages {
+                    return;
+                }
+            }
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(20),
+            "{pages} pages not committed within 20 s; log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What a stop must leave: an intact database, the run `interrupted` with exactly the records
+/// of its committed pages stored, no run left `running`, no lease held, the token kept.
+async fn assert_consistent_after_stop(db: &Path, expect_error: Option<&str>) {
+    let mut c = connect(db).await;
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
+    let (outcome, pages, records, error) = latest_run(db, "patients").await.unwrap();
+    assert_eq!(outcome, "interrupted");
+    if let Some(expected) = expect_error {
+        let error = error.unwrap_or_default();
+        assert!(error.contains(expected), "{error}");
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM resources")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert!(pages >= 1);
+    assert_eq!(
+        (stored, records),
+        (pages * 100, pages * 100),
+        "every committed page, and only those"
+    );
+    let running: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sync_runs WHERE outcome = 'running'")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+    assert_eq!(running, 0);
+    for (table, sql) in [
+        ("job_leases", "SELECT count(*) FROM job_leases"),
+        ("token_leases", "SELECT count(*) FROM token_leases"),
+    ] {
+        let held: i64 = sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap();
+        assert_eq!(held, 0, "{table} released");
+    }
+    let state: String = sqlx::query_scalar("SELECT state FROM token_state WHERE account = 'nx'")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(state, "valid", "the token is kept for the next start");
+}
+
+const JOB: &str = "[[accounts.nx.jobs]]\nname = 'patients'\nkind = 'fhir'\nresource = 'Patient'\n\
+                   schedule = '0 0 0 1 1 *'\npage_size = 100\n";
+
+/// A sandbox whose Nextech API serves 3,000 patients, each page taking `page_delay`.
+async fn slow_sandbox(page_delay: Duration) -> Sandbox {
+    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
+        .await
+        .unwrap();
+    sandbox.set_patients(3_000);
+    sandbox.inject_api(
+        Vendor::Nextech,
+        std::iter::repeat_n(ApiFault::Http(Fault::Slow(page_delay)), 40),
+    );
+    sandbox
+}
+
+/// Holds SQLite's write lock on `db` from another connection for `hold`.
+fn lock_database(db: PathBuf, hold: Duration) -> std::thread::JoinHandle<()> {
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut c = connect(&db).await;
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            locked_tx.send(()).unwrap();
+            std::thread::sleep(hold);
+            sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+        });
+    });
+    locked_rx.recv().unwrap();
+    holder
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_pull_commits_the_page_and_exits_0_within_the_grace() {
+    let sandbox = slow_sandbox(Duration::from_millis(300)).await;
+    let config = format!("{}{JOB}", sandbox.account_config(Vendor::Nextech, "nx"));
+    let mut agent = Agent::start(&config, "5s", &[]);
+    wait_for_pages(&agent, "patients", 2).await;
+
+    agent.signal("TERM");
+    let stopping = Instant::now();
+    let status = agent.wait_exit(Duration::from_secs(10));
+    let took = stopping.elapsed();
+    assert_eq!(status.code(), Some(0), "log:\n{}", agent.log());
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?}, beyond the 5 s grace"
+    );
+    assert_consistent_after_stop(&agent.db(), None).await;
+    let log = agent.log();
+    assert!(log.contains("stopping") && log.contains("stopped"), "{log}");
+    assert!(!log.contains("cut off"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_write_that_outlasts_the_grace_is_cut_off_and_recorded_interrupted() {
+    let sandbox = slow_sandbox(Duration::from_millis(200)).await;
+    let config = format!("{}{JOB}", sandbox.account_config(Vendor::Nextech, "nx"));
+    let mut agent = Agent::start(&config, "1s", &[]);
+    wait_for_pages(&agent, "patients", 1).await;
+    // Another process holds the write lock for 3 s (under SQLite's 5 s busy timeout): the next
+    // page's commit waits on it past the 1 s grace.
+    let holder = lock_database(agent.db(), Duration::from_secs(3));
+    let locked = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.signal("TERM");
+    let status = agent.wait_exit(Duration::from_secs(10));
+    let took = locked.elapsed();
+    holder.join().unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", agent.log());
+    // Cut off after the grace, then recorded once the lock is gone; bounded by the lock.
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    let log = agent.log();
+    assert!(log.contains("cut off"), "{log}");
+    assert_consistent_after_stop(&agent.db(), None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigterm_exits_at_once() {
+    let sandbox = slow_sandbox(Duration::from_millis(200)).await;
+    let config = format!("{}{JOB}", sandbox.account_config(Vendor::Nextech, "nx"));
+    let mut agent = Agent::start(&config, "20s", &[]);
+    wait_for_pages(&agent, "patients", 1).await;
+    // The page commit is stuck behind another process's lock, so the first SIGTERM waits.
+    let holder = lock_database(agent.db(), Duration::from_secs(4));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(agent.child.try_wait().unwrap().is_none(), "still stopping");
+    agent.signal("TERM");
+    let second = Instant::now();
+    let status = agent.wait_exit(Duration::from_secs(3));
+    assert!(second.elapsed() < Duration::from_secs(1));
+    assert_eq!(status.code(), Some(128 + 15), "128 + SIGTERM");
+    holder.join().unwrap();
+    // Exiting mid-transaction loses nothing committed: SQLite's journal rolls back the rest.
+    let mut c = connect(&agent.db()).await;
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
+    let (pages, records): (i64, i64) =
+        sqlx::query_as("SELECT pages, records FROM sync_runs ORDER BY id DESC LIMIT 1")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM resources")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!((stored, records), (pages * 100, pages * 100));
+}
+
+fn token_requests(sandbox: &Sandbox, vendor: Vendor) -> u32 {
+    sandbox.total_requests(vendor)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
+    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
+        .await
+        .unwrap();
+    let nx = sandbox.account_config(Vendor::Nextech, "nx");
+    let niko = sandbox.account_config(Vendor::NikoHealth, "niko");
+    let cc = sandbox.account_config(Vendor::CareCentric, "cc");
+    let mut agent = Agent::start(&format!("{nx}{niko}"), "5s", &[]);
+    agent.wait_ready().await;
+    let before = (
+        token_requests(&sandbox, Vendor::Nextech),
+        token_requests(&sandbox, Vendor::NikoHealth),
+    );
+    assert_eq!(before, (1, 1));
+
+    // Added: cc. Unchanged: nx and niko keep their tokens (no new token request).
+    agent.rewrite(&format!("{nx}{niko}{cc}"), "5s");
+    agent.signal("HUP");
+    let m = agent
+        .metrics_until("cc's token after the reload", |m| {
+            m.contains("ehrsync_token_valid{account=\"cc\"} 1")
+        })
+        .await;
+    assert!(
+        m.contains("ehrsync_config_reloads_total{outcome=\"success\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("ehrsync_config_last_reload_successful 1"), "{m}");
+    assert_eq!(
+        (
+            token_requests(&sandbox, Vendor::Nextech),
+            token_requests(&sandbox, Vendor::NikoHealth)
+        ),
+        before,
+        "unchanged accounts made no token request"
+    );
+    assert_eq!(token_requests(&sandbox, Vendor::CareCentric), 1);
+    agent.wait_ready().await;
+    // Their owners kept running (a restarted owner would adopt the stored tokens, also
+    // without a request, so the log is the witness).
+    let log = agent.log();
+    assert!(log.contains("starting the account account=cc"), "{log}");
+    assert!(!log.contains("restarting"), "{log}");
+
+    // A bad config: rejected, logged with its key, counted; the running one stays.
+    agent.rewrite(
+        &format!("{nx}{niko}{cc}[accounts.bad]\nvendor = 'nope'\n"),
+        "5s",
+    );
+    agent.signal("HUP");
+    let m = agent
+        .metrics_until("the rejected reload", |m| {
+            m.contains("ehrsync_config_last_reload_successful 0")
+        })
+        .await;
+    assert!(
+        m.contains("ehrsync_config_reloads_total{outcome=\"failure\"} 1"),
+        "{m}"
+    );
+    for account in ["nx", "niko", "cc"] {
+        assert!(
+            m.contains(&format!("ehrsync_token_valid{{account=\"{account}\"}} 1")),
+            "{m}"
+        );
+    }
+    assert_eq!(agent.get("/readyz").await.map(|r| r.0), Some(200));
+    let log = agent.log();
+    assert!(
+        log.contains("config reload rejected") && log.contains("accounts.bad.vendor"),
+        "{log}"
+    );
+
+    // Removed: niko (its gauges go, so alerts on it resolve). nx is still untouched.
+    agent.rewrite(&format!("{nx}{cc}"), "5s");
+    agent.signal("HUP");
+    let m = agent
+        .metrics_until("niko's removal", |m| {
+            m.contains("ehrsync_config_reloads_total{outcome=\"success\"} 2")
+        })
+        .await;
+    assert!(!m.contains("ehrsync_token_valid{account=\"niko\"}"), "{m}");
+    assert!(m.contains("ehrsync_config_last_reload_successful 1"), "{m}");
+    assert_eq!(token_requests(&sandbox, Vendor::Nextech), before.0);
+
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    for (_, secret) in sandbox::credentials_env() {
+        assert!(
+            !agent.log().contains(secret),
+            "{secret} leaked into the log"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn systemd_hears_ready_watchdog_reloading_and_stopping() {
+    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
+        .await
+        .unwrap();
+    let socket_dir = tempfile::tempdir().unwrap();
+    let socket_path = socket_dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let nx = sandbox.account_config(Vendor::Nextech, "nx");
+    let mut agent = Agent::start(
+        &nx,
+        "5s",
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            // WatchdogSec=0.4s: pings every 200 ms.
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut messages = Vec::new();
+    let read_until = |want: &str, messages: &mut Vec<String>| {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = socket.recv(&mut buf).unwrap_or_else(|e| {
+                panic!("no {want} (got {messages:?}): {e}");
+            });
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            messages.push(message.clone());
+            if message.lines().any(|l| l == want) {
+                return message;
+            }
+        }
+    };
+    let ready = read_until("READY=1", &mut messages);
+    assert!(ready.contains("STATUS=1 accounts, 0 jobs"), "{ready}");
+    // The database is open and the listener bound when READY=1 arrives.
+    assert_eq!(agent.get("/healthz").await.map(|r| r.0), Some(200));
+    let since = Instant::now();
+    read_until("WATCHDOG=1", &mut messages);
+    read_until("WATCHDOG=1", &mut messages);
+    assert!(since.elapsed() < Duration::from_secs(2));
+
+    agent.signal("HUP");
+    let reloading = read_until("RELOADING=1", &mut messages);
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    read_until("READY=1", &mut messages);
+
+    agent.signal("TERM");
+    read_until("STOPPING=1", &mut messages);
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
