@@ -192,6 +192,16 @@ fn cases() -> Vec<Case> {
             &["agent.metrics_listen: `localhost` is not an IP address and port"],
         ),
         case(
+            "shutdown_grace too long",
+            format!("[agent]\nshutdown_grace = '1h'\n{NIKO}"),
+            &["agent.shutdown_grace: is longer than the 10m allowed"],
+        ),
+        case(
+            "shutdown_grace not a duration",
+            format!("[agent]\nshutdown_grace = 'soon'\n{NIKO}"),
+            &["agent.shutdown_grace: `soon` is not a duration"],
+        ),
+        case(
             "nextech without practice id",
             "[accounts.nx]\nvendor = 'nextech'\nclient_id = 'c'\nusername = 'u'\npassword = 'p'\n",
             &[
