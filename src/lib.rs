@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod notify;
 pub mod sandbox;
 pub mod scheduler;
+pub mod service;
 pub mod signals;
 pub mod store;
 pub mod sync;

@@ -8,6 +8,11 @@ use ehrsync::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let args = Cli::parse();
+    if args.command.is_service_run() {
+        // The Windows Service Control Manager's dispatcher takes this thread and runs the
+        // service on another, which logs to a file and builds its own runtime.
+        return cli::service_run(&args);
+    }
     ehrsync::logging::init(args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

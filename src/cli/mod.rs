@@ -2,6 +2,7 @@
 //! results on stdout and their errors on stderr, and map failures to the documented exit codes.
 
 mod check_config;
+mod demo;
 mod status;
 mod sync;
 
@@ -58,12 +59,64 @@ pub enum Command {
         #[arg(long)]
         full: bool,
     },
+    /// Try ehrsync with no credentials: start the built-in vendor sandbox on loopback and the
+    /// agent against it (one account per preset, token lifetimes of tens of seconds), print a
+    /// status table every 10 s, and pull patients into a demo database. Stops on Ctrl-C.
+    Demo {
+        /// Stop after this long (e.g. `90s`, `5m`) instead of waiting for Ctrl-C.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        run_for: Option<std::time::Duration>,
+        /// Directory for the demo's config, database and key (emptied of them at start).
+        #[arg(long, default_value = "ehrsync-demo")]
+        dir: PathBuf,
+        /// Port for /metrics on 127.0.0.1 (another free port is used if it is taken).
+        #[arg(long, default_value_t = 9870)]
+        metrics_port: u16,
+    },
     /// Show each account's token state and each job's last and next run, from the database.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// Install, remove or run ehrsync as a Windows service (Windows only; on Linux, use the
+    /// systemd unit systemd/ehrsync.service).
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
+}
+
+impl Command {
+    /// `service run`: the one command that must not start a runtime or log to stderr before it
+    /// hands the main thread to the Windows Service Control Manager.
+    pub fn is_service_run(&self) -> bool {
+        matches!(
+            self,
+            Command::Service {
+                action: ServiceAction::Run
+            }
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum ServiceAction {
+    /// Register the Windows service `ehrsync` (from an elevated prompt).
+    ///
+    /// The service starts at boot as the virtual account NT SERVICE\ehrsync, is restarted when
+    /// it fails, and runs `ehrsync service run --config <--config, made absolute>` (plus
+    /// `--log-format json` when given here). The config must be valid: exits 2 listing its
+    /// problems otherwise.
+    Install,
+    /// Stop the Windows service if it runs (gracefully, as `ehrsync run` stops), then remove it.
+    Uninstall,
+    /// Run as the Windows service: called by the Service Control Manager; not for interactive
+    /// use.
+    ///
+    /// To run ehrsync in the foreground, use `ehrsync run`. The service logs to
+    /// %ProgramData%\ehrsync\logs\ehrsync.log.
+    Run,
 }
 
 /// Runs the parsed command line to completion.
@@ -73,7 +126,97 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig => check_config::run(&cli.config),
         Command::Status { json } => status::run(&cli.config, json).await,
         Command::Sync { account, job, full } => sync::run(&cli.config, &account, &job, full).await,
+        Command::Demo {
+            run_for,
+            dir,
+            metrics_port,
+        } => demo::run(&dir, run_for, metrics_port).await,
+        Command::Service { action } => match action {
+            ServiceAction::Install => service_install(&cli.config, cli.log_format),
+            ServiceAction::Uninstall => service_uninstall(),
+            // `main` calls `service_run` before any runtime exists; this is only a fallback.
+            ServiceAction::Run => service_run(&cli),
+        },
     }
+}
+
+/// `ehrsync service run`: hands the calling thread to the Windows Service Control Manager until
+/// the service stops. Call it outside any tokio runtime and before installing a logger: the
+/// service logs to a file and builds its own runtime.
+pub fn service_run(cli: &Cli) -> ExitCode {
+    match crate::service::run(&cli.config, cli.log_format) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => service_failed(&e),
+    }
+}
+
+fn service_install(path: &std::path::Path, log_format: crate::logging::LogFormat) -> ExitCode {
+    if let Err(e) = crate::service::supported() {
+        return service_failed(&e);
+    }
+    // The service starts in C:\Windows\System32: a relative path would not find the file.
+    let path = match std::path::absolute(path) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "error: cannot resolve the config path {}: {e}",
+                path.display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let loaded = match load_config(&path) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !loaded.config.env_overrides.is_empty() {
+        eprintln!(
+            "warning: the service does not see this shell's environment; these overrides will \
+             not apply to it: {}",
+            loaded.config.env_overrides.join(", ")
+        );
+    }
+    match crate::service::install(&path, log_format) {
+        Ok(()) => {
+            println!(
+                "installed the service {name} (runs as {account}, config {config})\n\
+                 next: grant {account} access to the config, secrets and data directory \
+                 (README, \"Install on Windows\"), then `sc.exe start {name}`",
+                name = crate::service::SERVICE_NAME,
+                account = crate::service::ACCOUNT,
+                config = path.display(),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => service_failed(&e),
+    }
+}
+
+fn service_uninstall() -> ExitCode {
+    use crate::service::{SERVICE_NAME, Uninstalled};
+    match crate::service::uninstall() {
+        Ok(Uninstalled::Removed) => {
+            println!("removed the service {SERVICE_NAME}");
+            ExitCode::SUCCESS
+        }
+        Ok(Uninstalled::MarkedForDeletion) => {
+            println!(
+                "the service {SERVICE_NAME} is marked for deletion: it is removed once it has \
+                 stopped and nothing holds it open (close the Services console), or at the next \
+                 reboot"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => service_failed(&e),
+    }
+}
+
+fn service_failed(e: &crate::service::ServiceError) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(e.exit_code())
 }
 
 async fn run_agent(path: &std::path::Path) -> ExitCode {

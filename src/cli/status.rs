@@ -235,9 +235,27 @@ fn account_report(
     }
 }
 
+impl AccountReport {
+    /// When the stored access token expires.
+    pub(super) fn token_expires(&self) -> Option<DateTime<Utc>> {
+        self.times[0]
+    }
+}
+
+impl RunReport {
+    pub(super) fn started(&self) -> Option<DateTime<Utc>> {
+        self.started
+    }
+}
+
 /// `2026-11-22 06:01:00Z (in 45m)`, or `-`.
 fn when(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
     let Some(t) = t else { return "-".to_owned() };
+    format!("{} ({})", t.format("%Y-%m-%d %H:%M:%SZ"), relative(t, now))
+}
+
+/// `in 45m` or `3s ago`.
+pub(super) fn relative(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
     let secs = (t - now).num_seconds();
     let (n, unit) = match secs.unsigned_abs() {
         s if s < 120 => (s, "s"),
@@ -245,12 +263,20 @@ fn when(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
         s if s < 48 * 3600 => (s / 3600, "h"),
         s => (s / 86400, "d"),
     };
-    let rel = if secs >= 0 {
+    if secs >= 0 {
         format!("in {n}{unit}")
     } else {
         format!("{n}{unit} ago")
-    };
-    format!("{} ({rel})", t.format("%Y-%m-%d %H:%M:%SZ"))
+    }
+}
+
+/// Rows printed as [`table`] prints them.
+pub(super) struct Table<'a>(pub &'a [Vec<String>]);
+
+impl fmt::Display for Table<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        table(f, self.0)
+    }
 }
 
 /// Left-aligned columns separated by two spaces.
