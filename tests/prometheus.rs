@@ -33,14 +33,6 @@ const ALERT_NAMES: [&str; 8] = [
     "EhrsyncConfigReloadFailed",
 ];
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Fails (never skips) when a Prometheus tool is missing.
 fn require(tool: &str) {
     match Command::new(tool).arg("--version").output() {
@@ -115,23 +107,11 @@ impl Drop for Processes {
     }
 }
 
-async fn get(url: &str) -> Option<(u16, String)> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let response = reqwest::Client::new()
-        .get(url)
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?;
-    let status = response.status().as_u16();
-    Some((status, response.text().await.ok()?))
-}
-
 /// `GET {prometheus}/api/v1/{path}` answered with status "success": its `data`; else what came
 /// back (until it is ready, Prometheus answers 503 in plain text).
 async fn api(prometheus: &str, path: &str, params: &[(&str, &str)]) -> Result<Value, String> {
     let url = url::Url::parse_with_params(&format!("{prometheus}/api/v1/{path}"), params).unwrap();
-    let (status, body) = get(url.as_str())
+    let (status, body) = common::http_get(url.as_str())
         .await
         .ok_or_else(|| format!("no answer from {url}"))?;
     match serde_json::from_str::<Value>(&body) {
@@ -252,7 +232,7 @@ async fn prometheus_scrapes_the_agent_and_evaluates_the_alert_rules() {
     let mut processes = Processes(Vec::new());
 
     // The agent.
-    let agent_port = free_port();
+    let agent_port = common::free_port();
     let path = common::write_config(dir.path(), &agent_config(&sandbox, agent_port));
     let mut env = sandbox::credentials_env();
     env.push(("BAD_NEXTECH_PASSWORD", "not-the-password-5e2a"));
@@ -283,7 +263,9 @@ async fn prometheus_scrapes_the_agent_and_evaluates_the_alert_rules() {
             processes.assert_running("ehrsync");
             let url = format!("{agent}/metrics");
             async move {
-                let (status, metrics) = get(&url).await.ok_or("no answer from /metrics")?;
+                let (status, metrics) = common::http_get(&url)
+                    .await
+                    .ok_or("no answer from /metrics")?;
                 match wanted.iter().find(|w| !metrics.contains(*w)) {
                     None if status == 200 => Ok(metrics),
                     missing => Err(format!("{status}, missing {missing:?} in:\n{metrics}")),
@@ -293,7 +275,7 @@ async fn prometheus_scrapes_the_agent_and_evaluates_the_alert_rules() {
     )
     .await;
     // Not ready while an account holds no token; the answer names it.
-    let (status, body) = get(&format!("{agent}/readyz")).await.unwrap();
+    let (status, body) = common::http_get(&format!("{agent}/readyz")).await.unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("bad"), "{body}");
 
@@ -305,7 +287,7 @@ async fn prometheus_scrapes_the_agent_and_evaluates_the_alert_rules() {
     );
 
     // b. A real Prometheus scraping the agent with the shipped alert rules.
-    let prometheus_port = free_port();
+    let prometheus_port = common::free_port();
     let config = prometheus_config(dir.path(), agent_port);
     let tsdb = dir.path().join("tsdb");
     processes.spawn(

@@ -12,33 +12,13 @@ use ehrsync::clock::SystemClock;
 use ehrsync::sandbox::{self, Lifetimes, Sandbox};
 use ehrsync::vendor::Vendor;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn get(url: &str) -> Option<(u16, String)> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let response = reqwest::Client::new()
-        .get(url)
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?;
-    let status = response.status().as_u16();
-    Some((status, response.text().await.ok()?))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn run_serves_metrics_and_readiness_and_stops_on_sigterm() {
     let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let mut config =
         format!("[agent]\ndatabase = 'state/ehrsync.db'\nmetrics_listen = '127.0.0.1:{port}'\n");
     for (vendor, name) in [
@@ -63,7 +43,7 @@ async fn run_serves_metrics_and_readiness_and_stops_on_sigterm() {
     let base = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
     loop {
-        if let Some((200, _)) = get(&format!("{base}/readyz")).await {
+        if let Some((200, _)) = common::http_get(&format!("{base}/readyz")).await {
             break;
         }
         assert!(
@@ -73,10 +53,12 @@ async fn run_serves_metrics_and_readiness_and_stops_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
-        get(&format!("{base}/healthz")).await.map(|r| r.0),
+        common::http_get(&format!("{base}/healthz"))
+            .await
+            .map(|r| r.0),
         Some(200)
     );
-    let (status, metrics) = get(&format!("{base}/metrics")).await.unwrap();
+    let (status, metrics) = common::http_get(&format!("{base}/metrics")).await.unwrap();
     assert_eq!(status, 200);
     for account in ["nx", "cc", "niko"] {
         for line in [

@@ -16,14 +16,6 @@ use ehrsync::sandbox::{self, ApiFault, Fault, Lifetimes, Sandbox};
 use ehrsync::vendor::Vendor;
 use sqlx::Connection;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A running `ehrsync run`; killed on drop if a test fails before it exits.
 struct Agent {
     child: Child,
@@ -48,7 +40,7 @@ fn config_text(port: u16, body: &str, grace: &str) -> String {
 impl Agent {
     fn start(body: &str, grace: &str, extra_env: &[(&str, &str)]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = common::free_port();
         let path = common::write_config(dir.path(), &config_text(port, body, grace));
         let log = dir.path().join("ehrsync.log");
         let child = Command::new(env!("CARGO_BIN_EXE_ehrsync"))
@@ -106,15 +98,7 @@ impl Agent {
     }
 
     async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let response = reqwest::Client::new()
-            .get(format!("http://127.0.0.1:{}{path}", self.port))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?;
-        let status = response.status().as_u16();
-        Some((status, response.text().await.ok()?))
+        common::http_get(&format!("http://127.0.0.1:{}{path}", self.port)).await
     }
 
     async fn metrics(&self) -> String {
@@ -252,29 +236,6 @@ async fn slow_sandbox(page_delay: Duration) -> Sandbox {
     sandbox
 }
 
-/// Holds SQLite's write lock on `db` from another connection for `hold`.
-fn lock_database(db: PathBuf, hold: Duration) -> std::thread::JoinHandle<()> {
-    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
-    let holder = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let mut c = connect(&db).await;
-            sqlx::query("BEGIN IMMEDIATE")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            locked_tx.send(()).unwrap();
-            std::thread::sleep(hold);
-            sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
-        });
-    });
-    locked_rx.recv().unwrap();
-    holder
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_pull_commits_the_page_and_exits_0_within_the_grace() {
     let sandbox = slow_sandbox(Duration::from_millis(300)).await;
@@ -305,7 +266,7 @@ async fn a_page_write_that_outlasts_the_grace_is_cut_off_and_recorded_interrupte
     wait_for_pages(&agent, "patients", 1).await;
     // Another process holds the write lock for 3 s (under SQLite's 5 s busy timeout): the next
     // page's commit waits on it past the 1 s grace.
-    let holder = lock_database(agent.db(), Duration::from_secs(3));
+    let holder = common::lock_database(agent.db(), Duration::from_secs(3));
     let locked = Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
     agent.signal("TERM");
@@ -327,7 +288,7 @@ async fn a_second_sigterm_exits_at_once() {
     let mut agent = Agent::start(&config, "20s", &[]);
     wait_for_pages(&agent, "patients", 1).await;
     // The page commit is stuck behind another process's lock, so the first SIGTERM waits.
-    let holder = lock_database(agent.db(), Duration::from_secs(4));
+    let holder = common::lock_database(agent.db(), Duration::from_secs(4));
     tokio::time::sleep(Duration::from_millis(500)).await;
     agent.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;

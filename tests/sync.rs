@@ -640,29 +640,9 @@ async fn a_locked_database_fails_the_run_cleanly_and_the_next_run_recovers() {
     );
     let run = h.spawn_run_until_pages(1).await;
     let path = h.shared.store.path().to_owned();
-    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
     // Held for 1.5 × SQLite's 5 s busy timeout: the page's commit gives up, and the
     // run's outcome is recorded once the lock is gone.
-    let holder = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            use sqlx::Connection;
-            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
-                .await
-                .unwrap();
-            sqlx::query("BEGIN IMMEDIATE")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            locked_tx.send(()).unwrap();
-            std::thread::sleep(ehrsync::store::BUSY_TIMEOUT * 3 / 2);
-            sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
-        });
-    });
-    locked_rx.recv().unwrap();
+    let holder = common::lock_database(path, ehrsync::store::BUSY_TIMEOUT * 3 / 2);
     let failed = run.await.unwrap();
     holder.join().unwrap();
     assert_eq!(failed.outcome, Outcome::Failed, "{failed}");

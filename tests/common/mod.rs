@@ -109,3 +109,55 @@ pub fn cipher_in(path: &Path) -> ehrsync::crypto::TokenCipher {
     };
     ehrsync::crypto::TokenCipher::load(&key, &ehrsync::config::Env::default()).expect("token key")
 }
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("its address")
+        .port()
+}
+
+/// `GET url` with a 2 s timeout: the status and body, or `None` when nothing answered.
+pub async fn http_get(url: &str) -> Option<(u16, String)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let response = reqwest::Client::new()
+        .get(url)
+        .timeout(std::time::Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.ok()?))
+}
+
+/// Holds SQLite's write lock on the database at `db` from another connection (as another
+/// process would) for `hold`, on a thread of its own; returns once the lock is taken.
+pub fn lock_database(db: PathBuf, hold: std::time::Duration) -> std::thread::JoinHandle<()> {
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async {
+            use sqlx::Connection;
+            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+                .await
+                .expect("connect");
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut c)
+                .await
+                .expect("take the write lock");
+            locked_tx.send(()).expect("signal the lock");
+            std::thread::sleep(hold);
+            sqlx::query("ROLLBACK")
+                .execute(&mut c)
+                .await
+                .expect("release the lock");
+        });
+    });
+    locked_rx.recv().expect("the lock is taken");
+    holder
+}
