@@ -128,7 +128,7 @@ pub async fn run(
     }
     agent.publish();
     let metrics = agent.shared.metrics.clone();
-    metrics.config_loaded(true, unix_now(&clock), false);
+    metrics.config_loaded(true, clock.now().unix_seconds_f64(), false);
 
     let (server_stop_tx, mut server_stop) = watch::channel(false);
     let app = web::router(handles_rx, metrics.clone(), clock);
@@ -170,10 +170,6 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-fn unix_now(clock: &SharedClock) -> f64 {
-    clock.now().unix_millis() as f64 / 1000.0
 }
 
 /// What runs: one token owner per account, one schedule per job.
@@ -329,7 +325,7 @@ impl Agent {
     async fn reload(&mut self) {
         notify::reloading();
         let metrics = self.shared.metrics.clone();
-        let now = unix_now(&self.sync.clock);
+        let now = self.sync.clock.now().unix_seconds_f64();
         let loaded = match config::load_with_env(&self.path, &self.env) {
             Ok(l) => l,
             Err(e) => {
@@ -410,8 +406,6 @@ impl Agent {
         let mut starts = Vec::new();
         for change in changes {
             match change {
-                Change::RemoveAccount(name) | Change::RestartAccount { account: name, .. }
-                    if !self.accounts.contains_key(&name) => {}
                 Change::RemoveAccount(name) => {
                     if let Some(run) = self.accounts.remove(&name) {
                         tracing::info!(account = %name, "account removed from the config: stopping it");

@@ -588,7 +588,7 @@ impl JobRunner {
         if summary.outcome == Outcome::Success {
             m.sync_last_success
                 .with_label_values(&[account, job])
-                .set(self.shared.clock.now().unix_millis() as f64 / 1000.0);
+                .set(self.shared.clock.now().unix_seconds_f64());
         }
     }
 }

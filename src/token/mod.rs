@@ -35,6 +35,11 @@ impl Timestamp {
         self.0.div_euclid(1000)
     }
 
+    /// Seconds with their fraction, as Prometheus timestamps are written.
+    pub fn unix_seconds_f64(self) -> f64 {
+        self.0 as f64 / 1000.0
+    }
+
     /// The time from `earlier` to `self`, zero if `earlier` is later.
     pub fn since(self, earlier: Timestamp) -> Duration {
         Duration::from_millis(u64::try_from(self.0.saturating_sub(earlier.0)).unwrap_or(0))

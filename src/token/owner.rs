@@ -399,7 +399,7 @@ impl Owner {
     fn update_gauges(&self, snap: &Snapshot, now: Timestamp) {
         let name = self.account.name.as_str();
         let m = &self.shared.metrics;
-        let secs = |t: Timestamp| t.unix_millis() as f64 / 1000.0;
+        let secs = Timestamp::unix_seconds_f64;
         if let Some(t) = &snap.token {
             m.token_expiry
                 .with_label_values(&[name])
