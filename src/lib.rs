@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod oidc;
 pub mod sandbox;
 pub mod scheduler;
 pub mod service;

@@ -168,6 +168,9 @@ pub enum TokenEndpointDefault {
 pub struct Preset {
     pub vendor: Vendor,
     pub token_endpoint: TokenEndpointDefault,
+    /// Where a person logs in for the authorization_code grant, when the token endpoint comes
+    /// from the same template (`{tenant}` filled alike); discovery supplies it otherwise.
+    pub authorization_endpoint: Option<&'static str>,
     /// Default for `{tenant}` in the token URL template.
     pub tenant: Option<&'static str>,
     /// `None` where the account must choose (`generic`).
@@ -199,6 +202,8 @@ pub static NEXTECH: Preset = Preset {
     token_endpoint: TokenEndpointDefault::Template(
         "https://login.microsoftonline.com/{tenant}/oauth2/token",
     ),
+    // seeds/000 "Authorization With Postman": the Auth URL for the authorization_code grant.
+    authorization_endpoint: Some("https://login.microsoftonline.com/{tenant}/oauth2/authorize"),
     tenant: Some("nextech-api.com"),
     grant: Some(Grant::Password),
     client_auth: Some(ClientAuth::Post),
@@ -216,6 +221,7 @@ pub static NEXTECH: Preset = Preset {
 pub static NETHEALTH: Preset = Preset {
     vendor: Vendor::NetHealth,
     token_endpoint: TokenEndpointDefault::Discovery,
+    authorization_endpoint: None,
     tenant: None,
     grant: Some(Grant::AuthorizationCode),
     client_auth: None,
@@ -233,6 +239,7 @@ pub static NETHEALTH: Preset = Preset {
 pub static CARECENTRIC: Preset = Preset {
     vendor: Vendor::CareCentric,
     token_endpoint: TokenEndpointDefault::Template("https://prv-is.grhapp.com/connect/token"),
+    authorization_endpoint: None,
     tenant: None,
     grant: Some(Grant::Password),
     client_auth: Some(ClientAuth::Post),
@@ -252,6 +259,7 @@ pub static NIKOHEALTH: Preset = Preset {
     token_endpoint: TokenEndpointDefault::Template(
         "https://{domain}.nikohealth.com/api/identity/connect/token",
     ),
+    authorization_endpoint: None,
     tenant: None,
     grant: Some(Grant::ClientCredentials),
     client_auth: Some(ClientAuth::Basic),
@@ -269,6 +277,7 @@ pub static NIKOHEALTH: Preset = Preset {
 pub static GENERIC: Preset = Preset {
     vendor: Vendor::Generic,
     token_endpoint: TokenEndpointDefault::None,
+    authorization_endpoint: None,
     tenant: None,
     grant: None,
     client_auth: Some(ClientAuth::Basic),

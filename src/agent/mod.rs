@@ -75,7 +75,8 @@ pub async fn open_engine(
         http_client(TOKEN_REQUEST_TIMEOUT)?,
         clock.clone(),
         Metrics::new()?,
-    );
+    )
+    .with_config_path(&config.path);
     let sync = SyncShared {
         store,
         http: api_client()?,

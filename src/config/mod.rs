@@ -138,6 +138,15 @@ pub struct Account {
     pub name: AccountName,
     pub vendor: Vendor,
     pub token_endpoint: TokenEndpoint,
+    /// The OpenID issuer, when configured: discovery supplies what the config does not set
+    /// (token, authorization and device endpoints, client authentication, PKCE support, JWKS).
+    pub issuer: Option<Url>,
+    /// Where `ehrsync login` sends the person (explicit or from the preset); `None`: discovery's.
+    pub authorization_endpoint: Option<Url>,
+    /// RFC 8628 device authorization endpoint for `ehrsync login --device`; `None`: discovery's.
+    pub device_authorization_endpoint: Option<Url>,
+    /// Port of `ehrsync login`'s loopback redirect; `None`: a free port per login.
+    pub redirect_port: Option<u16>,
     pub grant: Grant,
     /// `None`: chosen from OpenID discovery's supported methods, else `basic`.
     pub client_auth: Option<ClientAuth>,
@@ -178,6 +187,10 @@ impl Account {
             name,
             vendor: _,
             token_endpoint: _,
+            issuer,
+            authorization_endpoint,
+            device_authorization_endpoint,
+            redirect_port,
             grant: _,
             client_auth,
             client_id: _,
@@ -193,6 +206,10 @@ impl Account {
         } = self;
         self.same_identity(other)
             && *name == other.name
+            && *issuer == other.issuer
+            && *authorization_endpoint == other.authorization_endpoint
+            && *device_authorization_endpoint == other.device_authorization_endpoint
+            && *redirect_port == other.redirect_port
             && *client_auth == other.client_auth
             && *client_secret == other.client_secret
             && *password == other.password

@@ -57,6 +57,14 @@ pub struct RawAccount {
     pub domain: Option<String>,
     /// OpenID issuer; the token endpoint is discovered at `{issuer}/.well-known/openid-configuration`.
     pub issuer: Option<String>,
+    /// Authorization endpoint for `ehrsync login` (authorization_code grant); overrides the
+    /// preset's and discovery's.
+    pub authorization_url: Option<String>,
+    /// Device authorization endpoint (RFC 8628) for `ehrsync login --device`; overrides discovery's.
+    pub device_authorization_url: Option<String>,
+    /// Port of `ehrsync login`'s loopback redirect `http://127.0.0.1:{port}/callback`, for
+    /// providers that only accept a registered port. Default: a free port chosen per login.
+    pub redirect_port: Option<u16>,
     /// `resource` form field (Azure AD v1). `""` sends none.
     pub resource: Option<String>,
     /// `scope` form field. `""` sends none.

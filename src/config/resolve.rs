@@ -391,8 +391,10 @@ fn resolve_account(
             .map(TokenEndpoint::Url)
             .map_err(|e| ctx.problem(&k("token_url"), e))
             .ok()
-    } else if let Some(issuer) = issuer {
-        Some(TokenEndpoint::Discovery { issuer })
+    } else if let Some(issuer) = &issuer {
+        Some(TokenEndpoint::Discovery {
+            issuer: issuer.clone(),
+        })
     } else if raw.issuer.is_some() {
         None // already reported
     } else {
@@ -425,6 +427,33 @@ fn resolve_account(
         }
     };
     let template_used = raw.token_url.is_none() && raw.issuer.is_none();
+    let optional_url = |ctx: &mut Ctx, field: &str, text: &Option<String>| {
+        text.as_deref().and_then(|t| {
+            endpoint_url(t)
+                .map_err(|e| ctx.problem(&k(field), e))
+                .ok()
+        })
+    };
+    let authorization_endpoint = match (&raw.authorization_url, preset.authorization_endpoint) {
+        (Some(_), _) => optional_url(ctx, "authorization_url", &raw.authorization_url),
+        // The preset's authorization page belongs with the preset's token URL only.
+        (None, Some(t)) if template_used => fill(t, &vars)
+            .ok()
+            .and_then(|url| endpoint_url(&url).ok()),
+        _ => None,
+    };
+    let device_authorization_endpoint =
+        optional_url(ctx, "device_authorization_url", &raw.device_authorization_url);
+    let redirect_port = match raw.redirect_port {
+        Some(0) => {
+            ctx.problem(
+                &k("redirect_port"),
+                "must be 1–65535; leave it out to let each login pick a free port",
+            );
+            None
+        }
+        other => other,
+    };
     if raw.tenant.is_some() && !(template_used && uses_var(template, "tenant")) {
         ctx.warn(
             &k("tenant"),
@@ -448,6 +477,31 @@ fn resolve_account(
         return None;
     };
     let client_auth = raw.client_auth.or(preset.client_auth);
+    if grant == Grant::AuthorizationCode {
+        let known = authorization_endpoint.is_some()
+            || issuer.is_some()
+            || ctx.has_problem(&k("authorization_url"))
+            || ctx.has_problem(&k("issuer"));
+        if !known {
+            ctx.problem(
+                &k("authorization_url"),
+                "missing; the authorization_code grant sends a person to the provider's login page: \
+                 set authorization_url, or issuer for OpenID discovery",
+            );
+        }
+    } else {
+        for (field, set) in [
+            ("authorization_url", raw.authorization_url.is_some()),
+            ("redirect_port", raw.redirect_port.is_some()),
+        ] {
+            if set {
+                ctx.warn(
+                    &k(field),
+                    format!("is not used: `ehrsync login` needs it only for the authorization_code grant, and this account's grant is {grant}"),
+                );
+            }
+        }
+    }
 
     let client_id = match raw.client_id {
         Some(id) if !id.0.is_empty() => Some(id.0),
@@ -601,6 +655,10 @@ fn resolve_account(
         name,
         vendor,
         token_endpoint: token_endpoint?,
+        issuer,
+        authorization_endpoint,
+        device_authorization_endpoint,
+        redirect_port,
         grant,
         client_auth,
         client_id: client_id?,

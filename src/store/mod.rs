@@ -164,6 +164,45 @@ impl Store {
         .await
     }
 
+    /// The cached discovery document of `issuer` and when it was fetched (Unix seconds).
+    pub async fn load_provider(&self, issuer: &str) -> Result<Option<(String, i64)>, StoreError> {
+        let issuer = issuer.to_owned();
+        self.shield(|s| async move {
+            let row: Option<(String, i64)> = sqlx::query_as(
+                "SELECT document, fetched_at FROM oidc_providers WHERE issuer = ?",
+            )
+            .bind(&issuer)
+            .fetch_optional(&s.pool)
+            .await?;
+            Ok(row)
+        })
+        .await
+    }
+
+    /// Stores `issuer`'s discovery document as fetched at `fetched_at` (Unix seconds).
+    pub async fn save_provider(
+        &self,
+        issuer: &str,
+        document: &str,
+        fetched_at: i64,
+    ) -> Result<(), StoreError> {
+        let (issuer, document) = (issuer.to_owned(), document.to_owned());
+        self.shield(|s| async move {
+            sqlx::query(
+                "INSERT INTO oidc_providers (issuer, document, fetched_at) VALUES (?, ?, ?) \
+                 ON CONFLICT (issuer) DO UPDATE SET document = excluded.document, \
+                 fetched_at = excluded.fetched_at",
+            )
+            .bind(&issuer)
+            .bind(&document)
+            .bind(fetched_at)
+            .execute(&s.pool)
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Takes (or renews) `account`'s token lease for `holder` until `expires_at` (Unix seconds),
     /// unless another holder's lease is still running at `now`. True when `holder` has it.
     pub async fn try_lease(

@@ -11,7 +11,8 @@ use url::Url;
 
 use super::core::{Failure, Request};
 use super::response::{OAuthError, TokenResponse, parse_error, parse_success};
-use crate::config::Account;
+use crate::config::{Account, TokenEndpoint};
+use crate::oidc::ProviderMetadata;
 use crate::vendor::{ClientAuth, Grant};
 
 /// Token responses are a few kilobytes; anything much larger is not one.
@@ -40,58 +41,76 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error>
         .build()
 }
 
-/// What an OpenID provider's discovery document says that ehrsync uses.
-#[derive(Debug, Clone)]
-pub struct Discovery {
-    pub token_endpoint: Url,
-    pub authorization_endpoint: Option<Url>,
-    /// `token_endpoint_auth_methods_supported` (empty when not stated).
-    pub auth_methods: Vec<String>,
-    /// `code_challenge_methods_supported` (empty when not stated).
-    pub pkce_methods: Vec<String>,
+/// How the client authenticates at the token endpoint (RFC 6749 §2.3.1, OpenID Connect Core §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// `client_secret_basic`: HTTP Basic with `client_id:client_secret`.
+    Basic,
+    /// `client_secret_post`: both as form fields.
+    Post,
+    /// A public client (no secret): `client_id` as a form field, nothing else (`none`).
+    None,
 }
 
-/// Reads `{issuer}/.well-known/openid-configuration` (OpenID Connect Discovery 1.0).
-pub async fn discover(http: &reqwest::Client, issuer: &Url) -> Result<Discovery, Failure> {
-    let url = crate::config::discovery_url(issuer);
-    let fail = |why: String| Failure::Transient {
-        reason: format!("OpenID discovery at {url}: {why}"),
-    };
-    let response = http
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let status = response.status().as_u16();
-    let body = read_limited(response).await?;
-    if !(200..300).contains(&status) {
-        return Err(fail(format!("HTTP {status}")));
+impl AuthMethod {
+    /// The method for `account`: none without a secret; else the configured one; else the first
+    /// of basic and post the provider's discovery document lists; else basic (RFC 8414 §2's
+    /// default).
+    pub fn for_account(account: &Account, provider: Option<&ProviderMetadata>) -> AuthMethod {
+        if account.client_secret.is_none() {
+            return AuthMethod::None;
+        }
+        match account.client_auth {
+            Some(ClientAuth::Basic) => AuthMethod::Basic,
+            Some(ClientAuth::Post) => AuthMethod::Post,
+            None => {
+                let listed = |m: &str| {
+                    provider.is_some_and(|p| p.token_endpoint_auth_methods.iter().any(|x| x == m))
+                };
+                if !listed("client_secret_basic") && listed("client_secret_post") {
+                    AuthMethod::Post
+                } else {
+                    AuthMethod::Basic
+                }
+            }
+        }
     }
-    let doc: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|_| fail("not a JSON document".into()))?;
-    let endpoint = |key: &str| -> Result<Option<Url>, Failure> {
-        doc.get(key)
-            .and_then(|v| v.as_str())
-            .map(|s| Url::parse(s).map_err(|e| fail(format!("{key} is not a URL ({e})"))))
-            .transpose()
-    };
-    let list = |key: &str| -> Vec<String> {
-        doc.get(key)
-            .and_then(|v| v.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    Ok(Discovery {
-        token_endpoint: endpoint("token_endpoint")?
-            .ok_or_else(|| fail("no token_endpoint".into()))?,
-        authorization_endpoint: endpoint("authorization_endpoint")?,
-        auth_methods: list("token_endpoint_auth_methods_supported"),
-        pkce_methods: list("code_challenge_methods_supported"),
-    })
+}
+
+/// Where an account's token requests go and how the client authenticates there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenTarget {
+    pub url: Url,
+    pub auth: AuthMethod,
+}
+
+impl TokenTarget {
+    /// The target from the config, with discovery's `provider` filling what it leaves open.
+    pub fn resolve(
+        account: &Account,
+        provider: Option<&ProviderMetadata>,
+    ) -> Result<TokenTarget, Failure> {
+        let url = match (&account.token_endpoint, provider) {
+            (TokenEndpoint::Url(u), _) => u.clone(),
+            (TokenEndpoint::Discovery { .. }, Some(p)) => p.token_endpoint.clone(),
+            (TokenEndpoint::Discovery { issuer }, None) => {
+                return Err(Failure::Transient {
+                    reason: format!("the token endpoint of {issuer} is not discovered yet"),
+                });
+            }
+        };
+        Ok(TokenTarget {
+            url,
+            auth: AuthMethod::for_account(account, provider),
+        })
+    }
+
+    /// Whether resolving needs the provider's discovery document.
+    pub fn needs_discovery(account: &Account) -> bool {
+        account.issuer.is_some()
+            && (matches!(account.token_endpoint, TokenEndpoint::Discovery { .. })
+                || (account.client_auth.is_none() && account.client_secret.is_some()))
+    }
 }
 
 /// `application/x-www-form-urlencoded` encoding (RFC 6749 §2.3.1 applies it to Basic credentials too).
@@ -111,7 +130,12 @@ pub enum GrantForm<'a> {
         verifier: &'a SecretString,
         redirect_uri: &'a str,
     },
+    /// A poll of the device authorization grant (RFC 8628 §3.4).
+    DeviceCode(&'a SecretString),
 }
+
+/// The `grant_type` of RFC 8628's device access token request.
+pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 
 impl GrantForm<'_> {
     /// The form for the core's `request`, given the refresh token held (if any).
@@ -126,13 +150,25 @@ impl GrantForm<'_> {
     }
 }
 
-/// Sends a token request for `account` to `token_url` and maps the answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Other,
+    Code,
+    Device,
+}
+
+/// Sends a token request for `account` to `target` and maps the answer.
 pub async fn request_token(
     http: &reqwest::Client,
     account: &Account,
-    token_url: &Url,
+    target: &TokenTarget,
     grant: GrantForm<'_>,
 ) -> Result<TokenResponse, Failure> {
+    let grant_kind = match grant {
+        GrantForm::Code { .. } => Kind::Code,
+        GrantForm::DeviceCode(_) => Kind::Device,
+        _ => Kind::Other,
+    };
     let mut form: Vec<(&str, String)> = Vec::new();
     match grant {
         GrantForm::Login(Grant::Password) => {
@@ -163,18 +199,25 @@ pub async fn request_token(
             form.push(("code_verifier", verifier.expose_secret().to_owned()));
             form.push(("redirect_uri", redirect_uri.to_owned()));
         }
+        GrantForm::DeviceCode(device_code) => {
+            form.push(("grant_type", DEVICE_CODE_GRANT.to_owned()));
+            form.push(("device_code", device_code.expose_secret().to_owned()));
+        }
     }
-    if let Some(scope) = &account.scope {
+    // The code and device grants were scoped at the authorization request; repeating the scope
+    // is harmless for the others and some providers (Azure AD v1) want `resource` every time.
+    let scoped = !matches!(grant_kind, Kind::Code | Kind::Device);
+    if let Some(scope) = account.scope.as_ref().filter(|_| scoped) {
         form.push(("scope", scope.clone()));
     }
     if let Some(resource) = &account.resource {
         form.push(("resource", resource.clone()));
     }
     let mut builder = http
-        .post(token_url.clone())
+        .post(target.url.clone())
         .header(reqwest::header::ACCEPT, "application/json");
-    match account.client_auth.unwrap_or(ClientAuth::Basic) {
-        ClientAuth::Basic => {
+    match target.auth {
+        AuthMethod::Basic => {
             let secret = account.client_secret.as_ref().map_or("", |s| s.expose());
             let pair = SecretString::from(format!(
                 "{}:{}",
@@ -192,9 +235,13 @@ pub async fn request_token(
             value.set_sensitive(true);
             builder = builder.header(reqwest::header::AUTHORIZATION, value);
         }
-        ClientAuth::Post => {
+        AuthMethod::Post | AuthMethod::None => {
             form.push(("client_id", account.client_id.clone()));
-            if let Some(secret) = &account.client_secret {
+            if let Some(secret) = account
+                .client_secret
+                .as_ref()
+                .filter(|_| target.auth == AuthMethod::Post)
+            {
                 form.push(("client_secret", secret.expose().to_owned()));
             }
         }

@@ -11,14 +11,14 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{mpsc, watch};
-use url::Url;
 
 use super::Timestamp;
-use super::client::{GrantForm, discover, request_token};
+use super::client::{GrantForm, TokenTarget, request_token};
 use super::core::{Core, Event, Failure, Output, Policy, State};
 use super::persist::{from_record, to_record};
 use crate::clock::SharedClock;
 use crate::config::{Account, TokenEndpoint};
+use crate::oidc::Discovery;
 use crate::crypto::TokenCipher;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -42,6 +42,11 @@ pub struct Shared {
     pub metrics: Metrics,
     /// This process's name in `token_leases`: unique per process run.
     pub holder: Arc<str>,
+    /// OpenID provider metadata, shared by the accounts of one provider.
+    pub discovery: Arc<Discovery>,
+    /// The command line an operator runs to log in again, up to the account name
+    /// (`ehrsync --config /etc/ehrsync/ehrsync.toml login`): logged when an account needs it.
+    pub login_command: Arc<str>,
 }
 
 impl Shared {
@@ -57,6 +62,7 @@ impl Shared {
             std::process::id(),
             getrandom::u64().unwrap_or_default()
         );
+        let discovery = Discovery::new(http.clone(), Some(store.clone()), clock.clone());
         Shared {
             store,
             cipher: Arc::new(cipher),
@@ -64,7 +70,21 @@ impl Shared {
             clock,
             metrics,
             holder: holder.into(),
+            discovery: Arc::new(discovery),
+            login_command: "ehrsync login".into(),
         }
+    }
+
+    /// Names the config file in the login command logged for accounts that need a person.
+    pub fn with_config_path(mut self, path: &std::path::Path) -> Shared {
+        let config = path.display().to_string();
+        let quoted = if config.contains(char::is_whitespace) {
+            format!("\"{config}\"")
+        } else {
+            config
+        };
+        self.login_command = format!("ehrsync --config {quoted} login").into();
+        self
     }
 }
 
@@ -214,7 +234,8 @@ pub async fn spawn(
         account,
         shared,
         core,
-        token_url: None,
+        target: None,
+        rediscover: false,
         published: snap_tx,
         unauthorized: cmd_rx,
         holding_lease: false,
@@ -255,8 +276,10 @@ struct Owner {
     account: Arc<Account>,
     shared: Shared,
     core: Core,
-    /// The token endpoint, once discovered (or as configured).
-    token_url: Option<Url>,
+    /// Where token requests go, once resolved (discovery may be needed).
+    target: Option<TokenTarget>,
+    /// The last request to a discovered endpoint failed as if it had moved: discover again.
+    rediscover: bool,
     published: watch::Sender<Snapshot>,
     unauthorized: mpsc::UnboundedReceiver<u64>,
     /// Whether this owner holds the account's lease (from taking it until its result is stored).
@@ -386,11 +409,23 @@ impl Owner {
         }
         let snap = snapshot(&self.core, now);
         if snap.state == State::NeedsLogin && self.published.borrow().state != State::NeedsLogin {
-            tracing::error!(
-                account = name,
-                reason = snap.last_error.as_deref().unwrap_or(""),
-                "the account needs a person; fix its credentials or run `ehrsync login {name}`"
-            );
+            let command = format!("{} {name}", self.shared.login_command);
+            let reason = snap.last_error.as_deref().unwrap_or("");
+            if self.account.grant.needs_person() {
+                tracing::error!(
+                    account = name,
+                    reason,
+                    command = %command,
+                    "the account needs a person to log in again: run `{command}`"
+                );
+            } else {
+                tracing::error!(
+                    account = name,
+                    reason,
+                    command = %command,
+                    "the account's credentials were refused; fix them in the config, then run `{command}` to log in at once (or wait for the next automatic attempt)"
+                );
+            }
         }
         self.update_gauges(&snap, now);
         self.published.send_replace(snap);
@@ -495,12 +530,13 @@ impl Owner {
         &mut self,
         request: super::core::Request,
     ) -> Result<super::response::TokenResponse, Failure> {
-        let url = match &self.token_url {
-            Some(u) => u.clone(),
-            None => {
-                let u = self.resolve_token_url().await?;
-                self.token_url = Some(u.clone());
-                u
+        let target = match &self.target {
+            Some(t) if !self.rediscover => t.clone(),
+            _ => {
+                let t = self.resolve_target().await?;
+                self.rediscover = false;
+                self.target = Some(t.clone());
+                t
             }
         };
         let refresh = self
@@ -514,17 +550,45 @@ impl Owner {
                 reason: "no refresh token to refresh with".to_owned(),
             });
         };
-        request_token(&self.shared.http, &self.account, &url, form).await
+        let mut result = request_token(&self.shared.http, &self.account, &target, form).await;
+        // A discovered endpoint that cannot be reached or is gone may have moved: the next
+        // attempt reads the discovery document again (at most once a minute). A missing
+        // endpoint is then a transient failure, not a refusal that parks the account.
+        if matches!(self.account.token_endpoint, TokenEndpoint::Discovery { .. }) {
+            self.rediscover = match &result {
+                Err(Failure::Transient { reason }) => reason.starts_with("cannot connect"),
+                Err(Failure::OAuth { status, .. }) if matches!(status, 404 | 405 | 410) => {
+                    result = Err(Failure::Transient {
+                        reason: format!(
+                            "the discovered token endpoint {} answered HTTP {status}; reading the provider's configuration again",
+                            target.url
+                        ),
+                    });
+                    true
+                }
+                _ => false,
+            };
+        }
+        result
     }
 
-    /// The configured token URL, or the one OpenID discovery names.
-    async fn resolve_token_url(&self) -> Result<Url, Failure> {
-        match &self.account.token_endpoint {
-            TokenEndpoint::Url(u) => Ok(u.clone()),
-            TokenEndpoint::Discovery { issuer } => {
-                Ok(discover(&self.shared.http, issuer).await?.token_endpoint)
+    /// The token endpoint and client authentication, from the config and, where it leaves them
+    /// open, the provider's discovery document.
+    async fn resolve_target(&self) -> Result<TokenTarget, Failure> {
+        let provider = match (&self.account.issuer, TokenTarget::needs_discovery(&self.account)) {
+            (Some(issuer), true) => {
+                let found = if self.rediscover {
+                    self.shared.discovery.refetch(issuer).await
+                } else {
+                    self.shared.discovery.get(issuer).await
+                };
+                Some(found.map_err(|e| Failure::Transient {
+                    reason: e.to_string(),
+                })?)
             }
-        }
+            _ => None,
+        };
+        TokenTarget::resolve(&self.account, provider.as_deref())
     }
 }
 
