@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod logging;
+pub mod login;
 pub mod metrics;
 pub mod notify;
 pub mod oidc;

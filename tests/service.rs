@@ -6,8 +6,7 @@
 mod common;
 
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,124 +15,7 @@ use ehrsync::sandbox::{self, ApiFault, Fault, Lifetimes, Sandbox};
 use ehrsync::vendor::Vendor;
 use sqlx::Connection;
 
-/// A running `ehrsync run`; killed on drop if a test fails before it exits.
-struct Agent {
-    child: Child,
-    dir: tempfile::TempDir,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn config_text(port: u16, body: &str, grace: &str) -> String {
-    format!(
-        "[agent]\ndatabase = 'state/ehrsync.db'\nmetrics_listen = '127.0.0.1:{port}'\nshutdown_grace = '{grace}'\n{body}"
-    )
-}
-
-impl Agent {
-    fn start(body: &str, grace: &str, extra_env: &[(&str, &str)]) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let port = common::free_port();
-        let path = common::write_config(dir.path(), &config_text(port, body, grace));
-        let log = dir.path().join("ehrsync.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_ehrsync"))
-            .env_clear()
-            .envs(sandbox::credentials_env())
-            .envs(extra_env.iter().copied())
-            .env("EHRSYNC_LOG", "debug")
-            .args(["run", "--config", path.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Agent {
-            child,
-            dir,
-            port,
-            log,
-        }
-    }
-
-    fn rewrite(&self, body: &str, grace: &str) {
-        common::write_config(self.dir.path(), &config_text(self.port, body, grace));
-    }
-
-    fn db(&self) -> PathBuf {
-        self.dir.path().join("state/ehrsync.db")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, name: &str) {
-        let sent = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-    }
-
-    /// Waits up to `limit` for the process to exit.
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let since = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                since.elapsed() < limit,
-                "no exit within {limit:?}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        common::http_get(&format!("http://127.0.0.1:{}{path}", self.port)).await
-    }
-
-    async fn metrics(&self) -> String {
-        self.get("/metrics").await.map(|r| r.1).unwrap_or_default()
-    }
-
-    /// Waits until `/metrics` satisfies `ok`, returning it.
-    async fn metrics_until(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
-        let since = Instant::now();
-        loop {
-            let m = self.metrics().await;
-            if ok(&m) {
-                return m;
-            }
-            assert!(
-                since.elapsed() < Duration::from_secs(20),
-                "{what} not seen within 20 s; metrics:\n{m}\nlog:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn wait_ready(&self) {
-        let since = Instant::now();
-        while self.get("/readyz").await.map(|r| r.0) != Some(200) {
-            assert!(
-                since.elapsed() < Duration::from_secs(20),
-                "not ready within 20 s; log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
+use common::agent::Agent;
 
 async fn connect(db: &Path) -> sqlx::SqliteConnection {
     sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))

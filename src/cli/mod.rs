@@ -3,6 +3,7 @@
 
 mod check_config;
 mod demo;
+mod login;
 mod status;
 mod sync;
 
@@ -58,6 +59,33 @@ pub enum Command {
         /// Pull everything, ignoring the watermark of the last completed run.
         #[arg(long)]
         full: bool,
+    },
+    /// Log an account in: for accounts whose grant needs a person (authorization_code), open
+    /// the provider's login page and receive the result on a loopback redirect (PKCE, state,
+    /// nonce; ID token checked), or with --device approve on any other device. For other
+    /// accounts, log in once now with the configured credentials. The tokens are stored where
+    /// `ehrsync run` reads them; a running agent picks them up without a restart.
+    ///
+    /// From another machine's browser: forward the redirect port over SSH
+    /// (`ssh -L 8765:127.0.0.1:8765 server`) and run `ehrsync login ACCOUNT --no-browser
+    /// --port 8765` on the server, or use --device where the provider offers it.
+    Login {
+        /// The account, as named in the config (`[accounts.NAME]`).
+        account: String,
+        /// Print the address to open instead of also opening a browser on this machine.
+        #[arg(long)]
+        no_browser: bool,
+        /// Port of the loopback redirect http://127.0.0.1:PORT/callback (default: the account's
+        /// `redirect_port`, else a free port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Use the device authorization grant (RFC 8628): enter a code on any device, for
+        /// servers without a browser. Only where the provider offers it.
+        #[arg(long)]
+        device: bool,
+        /// Give up when the person has not finished within this long.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+        timeout: std::time::Duration,
     },
     /// Try ehrsync with no credentials: start the built-in vendor sandbox on loopback and the
     /// agent against it (one account per preset, token lifetimes of tens of seconds), print a
@@ -126,6 +154,22 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig => check_config::run(&cli.config),
         Command::Status { json } => status::run(&cli.config, json).await,
         Command::Sync { account, job, full } => sync::run(&cli.config, &account, &job, full).await,
+        Command::Login {
+            account,
+            no_browser,
+            port,
+            device,
+            timeout,
+        } => {
+            let args = login::Args {
+                account,
+                open_browser: !no_browser,
+                port,
+                device,
+                timeout,
+            };
+            login::run(&cli.config, &args).await
+        }
         Command::Demo {
             run_for,
             dir,

@@ -66,6 +66,9 @@ pub struct AccountReport {
     pub last_error: Option<String>,
     pub updated_at: Option<String>,
     pub note: Option<String>,
+    /// The command a person runs when only a login helps (the state is `needs_login`, or an
+    /// account whose grant needs a person has no tokens yet).
+    pub login_command: Option<String>,
     pub jobs: Vec<JobReport>,
     #[serde(skip)]
     times: [Option<DateTime<Utc>>; 3],
@@ -128,12 +131,14 @@ pub async fn build(config: &Config, now: DateTime<Utc>) -> Result<Report, StoreE
         s.close().await;
     }
     let exists = schema_version.is_some();
+    let login = crate::config::login_command(&config.path);
     let mut accounts: Vec<AccountReport> = config
         .accounts
         .iter()
         .map(|a| {
             account_report(
                 Some(a),
+                &login,
                 a.name.as_str(),
                 tokens.remove(a.name.as_str()),
                 &mut runs,
@@ -146,6 +151,7 @@ pub async fn build(config: &Config, now: DateTime<Utc>) -> Result<Report, StoreE
     for (name, row) in std::mem::take(&mut tokens) {
         accounts.push(account_report(
             None,
+            &login,
             &name,
             Some(row),
             &mut runs,
@@ -165,6 +171,7 @@ pub async fn build(config: &Config, now: DateTime<Utc>) -> Result<Report, StoreE
 
 fn account_report(
     account: Option<&Account>,
+    login: &str,
     name: &str,
     row: Option<TokenStateRow>,
     runs: &mut BTreeMap<(String, String), SyncRunRow>,
@@ -209,6 +216,11 @@ fn account_report(
         }
         (Some(_), _, _) => None,
     };
+    let parked = row.as_ref().is_some_and(|r| r.state == "needs_login");
+    let never_logged_in = account.is_some_and(|a| a.grant.needs_person())
+        && row.as_ref().is_none_or(|r| r.access_token_expires_at.is_none());
+    let login_command = (account.is_some() && (parked || never_logged_in))
+        .then(|| format!("{login} {name}"));
     let times = row.as_ref().map_or([None; 3], |r| {
         [
             at(r.access_token_expires_at),
@@ -230,6 +242,7 @@ fn account_report(
         last_error: row.as_ref().and_then(|r| r.last_error.clone()),
         updated_at: rfc3339(row.as_ref().and_then(|r| at(Some(r.updated_at)))),
         note,
+        login_command,
         jobs,
         times,
     }
@@ -341,6 +354,9 @@ impl fmt::Display for Report {
             }
             if let Some(err) = &a.last_error {
                 writeln!(f, "  {}: last error: {err}", a.name)?;
+            }
+            if let Some(command) = &a.login_command {
+                writeln!(f, "  {}: needs a person to log in: run `{command}`", a.name)?;
             }
         }
         let header = [

@@ -530,6 +530,17 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// The command an operator runs to log an account in again with the config at `path`, up to
+/// the account name: `ehrsync --config /etc/ehrsync/ehrsync.toml login`.
+pub fn login_command(path: &Path) -> String {
+    let text = path.display().to_string();
+    if text.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
+        format!("ehrsync --config '{}' login", text.replace('\'', r"'\''"))
+    } else {
+        format!("ehrsync --config {text} login")
+    }
+}
+
 /// Where the database lives when `agent.database` is not set.
 pub fn default_database(env: &Env) -> PathBuf {
     // systemd's StateDirectory= sets this (a colon-separated list when several are declared).

@@ -155,8 +155,11 @@ pub enum Fault {
     InvalidGrant,
     /// HTTP 401 `invalid_client`.
     InvalidClient,
-    /// The person refuses consent: the authorization endpoint redirects with `access_denied`.
+    /// The person refuses consent: the authorization endpoint redirects with `access_denied`
+    /// (and a device-flow approval page records a refusal).
     AccessDenied,
+    /// Net Health: the next ID token is signed by a key the provider does not publish.
+    ForgedIdToken,
 }
 
 /// An authorization code waiting for its exchange.
@@ -164,12 +167,25 @@ struct PendingCode {
     redirect_uri: String,
     challenge: String,
     scope: Option<String>,
+    nonce: Option<String>,
+    expires: Timestamp,
+}
+
+/// A device authorization (RFC 8628) waiting for its approval and then its poll.
+struct PendingDevice {
+    user_code: String,
+    scope: Option<String>,
+    approval: Option<bool>,
     expires: Timestamp,
 }
 
 #[derive(Default)]
 struct Books {
     codes: HashMap<String, PendingCode>,
+    /// By device code.
+    devices: HashMap<String, PendingDevice>,
+    /// Whether discovery advertises PKCE (a provider without it is refused by `ehrsync login`).
+    hide_pkce: bool,
     faults: HashMap<Vendor, VecDeque<Fault>>,
     refresh_tokens: HashMap<String, (Vendor, Timestamp)>,
     access_tokens: HashMap<String, (Vendor, Timestamp)>,
@@ -189,6 +205,10 @@ struct Inner {
     books: Mutex<Books>,
     /// The data APIs' patients, faults and counters.
     api: Mutex<api::ApiBooks>,
+    /// Signs Net Health's ID tokens; its public half is served as the JWKS.
+    signer: crate::oidc::id_token::TestSigner,
+    /// Signs forged ID tokens (same `kid`, unpublished key).
+    impostor: crate::oidc::id_token::TestSigner,
 }
 
 impl Inner {
@@ -242,7 +262,13 @@ impl Sandbox {
     ) -> std::io::Result<Sandbox> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
+        let signer = crate::oidc::id_token::TestSigner::generate("sandbox-1")
+            .map_err(std::io::Error::other)?;
+        let impostor = crate::oidc::id_token::TestSigner::generate("sandbox-1")
+            .map_err(std::io::Error::other)?;
         let inner = Arc::new(Inner {
+            signer,
+            impostor,
             base: format!("http://{addr}"),
             api: Mutex::new(api::ApiBooks::new(clock.now())),
             clock,
@@ -261,6 +287,9 @@ impl Sandbox {
                 get(nethealth_discovery),
             )
             .route("/nethealth/authorize", get(nethealth_authorize))
+            .route("/nethealth/jwks", get(nethealth_jwks))
+            .route("/nethealth/device_authorization", post(nethealth_device_authorization))
+            .route("/nethealth/device", get(nethealth_device_approve))
             .route("/nethealth/token", post(nethealth_token))
             .route("/{vendor}/fhir/Patient", get(api::fhir_search))
             .route("/{vendor}/api/Patient", get(api::fhir_search))
@@ -409,6 +438,17 @@ impl Sandbox {
             .is_some_and(|(_, exp)| *exp > now)
     }
 
+    /// Whether Net Health's discovery document advertises PKCE (S256); it does by default.
+    pub fn advertise_pkce(&self, advertise: bool) {
+        self.inner.books().hide_pkce = !advertise;
+    }
+
+    /// Approves (as the person at the device page would) the pending device login with
+    /// `user_code`, or refuses it when an `AccessDenied` fault is queued. False if unknown.
+    pub fn approve_device(&self, user_code: &str) -> bool {
+        approve_device(&self.inner, user_code)
+    }
+
     pub fn set_lifetimes(&self, lifetimes: Lifetimes) {
         *self
             .inner
@@ -477,7 +517,12 @@ async fn take_fault(inner: &Inner, vendor: Vendor, grant: &str) -> Option<Fault>
             .requests
             .entry((vendor, grant.to_owned()))
             .or_default() += 1;
-        books.faults.get_mut(&vendor).and_then(VecDeque::pop_front)
+        // A forged ID token is served by the token response itself, not instead of it.
+        books
+            .faults
+            .get_mut(&vendor)
+            .filter(|q| q.front() != Some(&Fault::ForgedIdToken))
+            .and_then(VecDeque::pop_front)
     };
     match fault {
         Some(Fault::Slow(d)) => {
@@ -520,7 +565,7 @@ fn fault_response(vendor: Vendor, fault: Fault) -> Response {
             "Invalid client secret provided",
         ),
         // Handled in take_fault, and at the authorization endpoint.
-        Fault::Slow(_) | Fault::AccessDenied => {
+        Fault::Slow(_) | Fault::AccessDenied | Fault::ForgedIdToken => {
             (StatusCode::INTERNAL_SERVER_ERROR, "").into_response()
         }
     }
@@ -774,19 +819,112 @@ async fn nikohealth_token(
 
 async fn nethealth_discovery(State(inner): State<Arc<Inner>>) -> Response {
     let issuer = format!("{}/nethealth", inner.base);
-    json(
-        StatusCode::OK,
-        serde_json::json!({
+    let mut doc = serde_json::json!({
             "issuer": issuer,
             "authorization_endpoint": format!("{issuer}/authorize"),
             "token_endpoint": format!("{issuer}/token"),
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-            "code_challenge_methods_supported": ["S256"],
-            "grant_types_supported": ["authorization_code", "refresh_token"],
+            "jwks_uri": format!("{issuer}/jwks"),
+            "device_authorization_endpoint": format!("{issuer}/device_authorization"),
+            "id_token_signing_alg_values_supported": ["ES256"],
+            "grant_types_supported": ["authorization_code", "refresh_token", crate::token::client::DEVICE_CODE_GRANT],
             "response_types_supported": ["code"],
             "scopes_supported": ["openid", "offline_access", "api"],
+    });
+    if !inner.books().hide_pkce {
+        doc["code_challenge_methods_supported"] = serde_json::json!(["S256"]);
+    }
+    json(StatusCode::OK, doc)
+}
+
+async fn nethealth_jwks(State(inner): State<Arc<Inner>>) -> Response {
+    json(StatusCode::OK, inner.signer.jwks())
+}
+
+/// The client's credentials from HTTP Basic or the form body, if they are Net Health's.
+fn nethealth_client(headers: &HeaderMap, f: &HashMap<String, String>) -> bool {
+    let c = NETHEALTH_CREDENTIALS;
+    let client = basic_auth(headers)
+        .or_else(|| Some((f.get("client_id")?.clone(), f.get("client_secret")?.clone())));
+    client.as_ref().map(|(i, s)| (i.as_str(), s.as_str())) == Some((c.client_id, c.client_secret))
+}
+
+/// RFC 8628 §3.1–3.2: a device code for the client, a user code for the person.
+async fn nethealth_device_authorization(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = form(&body);
+    if !nethealth_client(&headers, &f) {
+        return json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({ "error": "invalid_client" }),
+        );
+    }
+    let device_code = random_hex(20);
+    let raw = random_hex(4).to_uppercase();
+    let user_code = format!("{}-{}", &raw[..4], &raw[4..]);
+    let issuer = format!("{}/nethealth", inner.base);
+    let life = Duration::from_secs(600);
+    inner.books().devices.insert(
+        device_code.clone(),
+        PendingDevice {
+            user_code: user_code.clone(),
+            scope: f.get("scope").cloned(),
+            approval: None,
+            expires: inner.clock.now() + life,
+        },
+    );
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "device_code": device_code,
+            "user_code": user_code,
+            "verification_uri": format!("{issuer}/device"),
+            "verification_uri_complete": format!("{issuer}/device?user_code={user_code}"),
+            "expires_in": life.as_secs(),
+            "interval": 1,
         }),
     )
+}
+
+fn approve_device(inner: &Inner, user_code: &str) -> bool {
+    let mut books = inner.books();
+    let refuse = books
+        .faults
+        .get(&Vendor::NetHealth)
+        .and_then(|q| q.front())
+        == Some(&Fault::AccessDenied);
+    if refuse {
+        if let Some(q) = books.faults.get_mut(&Vendor::NetHealth) {
+            q.pop_front();
+        }
+    }
+    match books
+        .devices
+        .values_mut()
+        .find(|d| d.user_code == user_code)
+    {
+        Some(d) => {
+            d.approval = Some(!refuse);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The device page a person opens: approval is automatic (the sandbox has no person).
+async fn nethealth_device_approve(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let code = q.get("user_code").map(String::as_str).unwrap_or_default();
+    if approve_device(&inner, code) {
+        (StatusCode::OK, "Device approved; you can close this page.").into_response()
+    } else {
+        (StatusCode::NOT_FOUND, "Unknown code.").into_response()
+    }
 }
 
 /// A redirect to the client's `redirect_uri` with `params` added to its query.
@@ -855,6 +993,7 @@ async fn nethealth_authorize(
         redirect_uri: redirect_uri.to_string(),
         challenge,
         scope: q.get("scope").cloned(),
+        nonce: q.get("nonce").cloned(),
         expires: inner.clock.now() + Duration::from_secs(60),
     };
     inner.books().codes.insert(code.clone(), pending);
@@ -873,11 +1012,7 @@ async fn nethealth_token(
         return fault_response(vendor, fault);
     }
     let c = NETHEALTH_CREDENTIALS;
-    let client = basic_auth(&headers)
-        .or_else(|| Some((f.get("client_id")?.clone(), f.get("client_secret")?.clone())));
-    if client.as_ref().map(|(i, s)| (i.as_str(), s.as_str()))
-        != Some((c.client_id, c.client_secret))
-    {
+    if !nethealth_client(&headers, &f) {
         return json(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({ "error": "invalid_client" }),
@@ -890,6 +1025,7 @@ async fn nethealth_token(
             serde_json::json!({ "error": "invalid_grant", "error_description": why }),
         )
     };
+    let mut nonce = None;
     let scope = match grant.as_str() {
         "authorization_code" => {
             let code = f.get("code").cloned().unwrap_or_default();
@@ -906,7 +1042,32 @@ async fn nethealth_token(
             if crate::token::pkce::challenge_for(&verifier) != pending.challenge {
                 return invalid("code_verifier does not match the code_challenge");
             }
+            nonce = pending.nonce;
             pending.scope
+        }
+        crate::token::client::DEVICE_CODE_GRANT => {
+            let code = f.get("device_code").cloned().unwrap_or_default();
+            let mut books = inner.books();
+            let (approval, expired) = match books.devices.get(&code) {
+                Some(d) => (d.approval, d.expires <= now),
+                None => return invalid("unknown device code"),
+            };
+            let error = match (approval, expired) {
+                (_, true) => "expired_token",
+                (None, false) => "authorization_pending",
+                (Some(false), false) => "access_denied",
+                (Some(true), false) => "",
+            };
+            if !error.is_empty() {
+                if error != "authorization_pending" {
+                    books.devices.remove(&code);
+                }
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({ "error": error }),
+                );
+            }
+            books.devices.remove(&code).and_then(|d| d.scope)
         }
         "refresh_token" => {
             let presented = f.get("refresh_token").cloned().unwrap_or_default();
@@ -930,6 +1091,29 @@ async fn nethealth_token(
         "exp": expires.unix_seconds(), "sub": "sandbox-person", "client_id": c.client_id,
     }));
     let refresh = random_hex(24);
+    let scope = scope.unwrap_or_else(|| "openid offline_access".to_owned());
+    let id_token = if scope.split(' ').any(|s| s == "openid") {
+        let mut claims = serde_json::json!({
+            "iss": format!("{}/nethealth", inner.base), "aud": c.client_id, "sub": "sandbox-person",
+            "iat": now.unix_seconds(), "exp": expires.unix_seconds(),
+        });
+        if let Some(n) = nonce {
+            claims["nonce"] = serde_json::Value::String(n);
+        }
+        let forged = {
+            let mut books = inner.books();
+            let queue = books.faults.entry(vendor).or_default();
+            let forged = queue.front() == Some(&Fault::ForgedIdToken);
+            if forged {
+                queue.pop_front();
+            }
+            forged
+        };
+        let signer = if forged { &inner.impostor } else { &inner.signer };
+        signer.sign(&claims).ok()
+    } else {
+        None
+    };
     {
         let mut books = inner.books();
         books
@@ -940,15 +1124,16 @@ async fn nethealth_token(
             .insert(refresh.clone(), (vendor, now + life.nethealth_refresh));
         books.issued_refresh_tokens.push(refresh.clone());
     }
-    json(
-        StatusCode::OK,
-        serde_json::json!({
-            "access_token": access,
-            "token_type": "Bearer",
-            "expires_in": life.nethealth_access.as_secs(),
-            "refresh_token": refresh,
-            "refresh_token_expires_in": life.nethealth_refresh.as_secs(),
-            "scope": scope.unwrap_or_else(|| "openid offline_access".to_owned()),
-        }),
-    )
+    let mut body = serde_json::json!({
+        "access_token": access,
+        "token_type": "Bearer",
+        "expires_in": life.nethealth_access.as_secs(),
+        "refresh_token": refresh,
+        "refresh_token_expires_in": life.nethealth_refresh.as_secs(),
+        "scope": scope,
+    });
+    if let Some(id_token) = id_token {
+        body["id_token"] = serde_json::Value::String(id_token);
+    }
+    json(StatusCode::OK, body)
 }

@@ -213,10 +213,30 @@ pub async fn request_token(
     if let Some(resource) = &account.resource {
         form.push(("resource", resource.clone()));
     }
+    let answer = post_form(http, account, &target.url, target.auth, form).await?;
+    map_answer(answer.status, answer.retry_after, &answer.body)
+}
+
+/// An HTTP answer from an OAuth endpoint, its body bounded.
+pub struct FormAnswer {
+    pub status: u16,
+    pub retry_after: Option<Duration>,
+    pub body: Vec<u8>,
+}
+
+/// POSTs `form` to one of the provider's endpoints (token, device authorization) with the
+/// client authenticated by `auth`. The form may hold secrets: it is dropped once encoded.
+pub async fn post_form(
+    http: &reqwest::Client,
+    account: &Account,
+    url: &Url,
+    auth: AuthMethod,
+    mut form: Vec<(&str, String)>,
+) -> Result<FormAnswer, Failure> {
     let mut builder = http
-        .post(target.url.clone())
+        .post(url.clone())
         .header(reqwest::header::ACCEPT, "application/json");
-    match target.auth {
+    match auth {
         AuthMethod::Basic => {
             let secret = account.client_secret.as_ref().map_or("", |s| s.expose());
             let pair = SecretString::from(format!(
@@ -240,13 +260,12 @@ pub async fn request_token(
             if let Some(secret) = account
                 .client_secret
                 .as_ref()
-                .filter(|_| target.auth == AuthMethod::Post)
+                .filter(|_| auth == AuthMethod::Post)
             {
                 form.push(("client_secret", secret.expose().to_owned()));
             }
         }
     }
-    // The form holds secrets; it lives only until it is encoded into the request body.
     let body = SecretString::from(
         url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(form.iter().map(|(k, v)| (*k, v.as_str())))
@@ -269,7 +288,11 @@ pub async fn request_token(
         .and_then(|v| v.to_str().ok())
         .and_then(parse_retry_after);
     let body = read_limited(response).await?;
-    map_answer(status, retry_after, &body)
+    Ok(FormAnswer {
+        status,
+        retry_after,
+        body,
+    })
 }
 
 /// Maps an HTTP answer from a token endpoint (separate from the I/O so it can be tested alone).

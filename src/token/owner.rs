@@ -77,13 +77,7 @@ impl Shared {
 
     /// Names the config file in the login command logged for accounts that need a person.
     pub fn with_config_path(mut self, path: &std::path::Path) -> Shared {
-        let config = path.display().to_string();
-        let quoted = if config.contains(char::is_whitespace) {
-            format!("\"{config}\"")
-        } else {
-            config
-        };
-        self.login_command = format!("ehrsync --config {quoted} login").into();
+        self.login_command = crate::config::login_command(path).into();
         self
     }
 }
@@ -602,4 +596,75 @@ async fn sleep_or_forever(d: Option<Duration>) {
 /// The access token's text, for the `Authorization` header (the only place it is exposed).
 pub fn bearer(token: &CurrentToken) -> String {
     format!("Bearer {}", token.access_token.expose_secret())
+}
+
+/// What [`store_login`] stored.
+#[derive(Debug, Clone)]
+pub struct StoredLogin {
+    pub expires_at: Timestamp,
+    /// `None` when no refresh token came; `Some(None)` for one of unknown lifetime.
+    pub refresh_expires_at: Option<Option<Timestamp>>,
+    pub generation: u64,
+}
+
+/// Stores tokens a person obtained with `ehrsync login` as `account`'s current tokens, through
+/// the same lease and sealed row as the owner: a running agent adopts them (an account parked
+/// in `needs_login` within [`NEEDS_LOGIN_POLL`], any other at its next refresh).
+pub async fn store_login(
+    shared: &Shared,
+    account: &Account,
+    response: super::response::TokenResponse,
+    sent_at: Timestamp,
+) -> Result<StoredLogin, String> {
+    let name = account.name.as_str();
+    // Wait out another process's token request, so the generations stay in order.
+    let deadline = tokio::time::Instant::now() + LEASE_TTL + LEASE_POLL;
+    loop {
+        let now = shared.clock.now();
+        let until = (now + LEASE_TTL).unix_seconds();
+        match shared
+            .store
+            .try_lease(name, &shared.holder, now.unix_seconds(), until)
+            .await
+        {
+            Ok(true) => break,
+            Ok(false) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(LEASE_POLL).await;
+            }
+            Ok(false) => {
+                return Err("another ehrsync process held the account's token lease for over two minutes".to_owned());
+            }
+            Err(e) => return Err(format!("cannot take the account's token lease: {e}")),
+        }
+    }
+    let result = async {
+        let policy = Policy::for_account(account);
+        let seed = seed_for(name);
+        let mut core = match shared.store.load_token(name).await.map_err(|e| e.to_string())? {
+            Some(record) => Core::restore(policy, seed, from_record(record, &shared.cipher).0),
+            None => Core::new(policy, seed),
+        };
+        let now = shared.clock.now();
+        core.logged_in(now, response, sent_at);
+        let record =
+            to_record(name, &core, now, &shared.cipher).map_err(|e| e.to_string())?;
+        shared
+            .store
+            .save_token(&record)
+            .await
+            .map_err(|e| format!("cannot store the tokens: {e}"))?;
+        let tokens = core
+            .tokens()
+            .ok_or_else(|| "the login produced no tokens".to_owned())?;
+        Ok(StoredLogin {
+            expires_at: tokens.expires_at,
+            refresh_expires_at: tokens.refresh.as_ref().map(|r| r.expires_at),
+            generation: tokens.generation,
+        })
+    }
+    .await;
+    if let Err(e) = shared.store.release_lease(name, &shared.holder).await {
+        tracing::warn!(account = name, error = %e, "cannot release the token lease; it expires on its own");
+    }
+    result
 }

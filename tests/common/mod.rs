@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod agent;
+
 pub struct Run {
     pub code: Option<i32>,
     pub stdout: String,

@@ -1,0 +1,305 @@
+//! `ehrsync login` end to end against the sandbox's OpenID provider (Net Health's emulation):
+//! the real binary, a loopback redirect followed by the test as a browser would, the tokens
+//! picked up by a running `ehrsync run`, a revoked refresh token sending the account to
+//! `needs_login` and another login bringing it back. Then every way a login must refuse: a
+//! wrong `state`, an `access_denied` redirect, a provider without PKCE, a forged ID token.
+#![cfg(unix)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ehrsync::clock::SystemClock;
+use ehrsync::sandbox::{self, Fault, Lifetimes, Sandbox};
+use ehrsync::vendor::Vendor;
+
+use common::agent::{Agent, Login};
+
+const ACCOUNT: &str = "nh";
+
+async fn sandbox(access: Duration) -> Sandbox {
+    let mut lifetimes = Lifetimes::documented();
+    lifetimes.nethealth_access = access;
+    Sandbox::start(Arc::new(SystemClock), lifetimes, 0)
+        .await
+        .unwrap()
+}
+
+/// A browser that follows nothing by itself: each redirect is looked at, as a test must.
+fn browser() -> reqwest::Client {
+    ehrsync::token::client::client_builder(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// Opens the authorization URL (the sandbox consents at once) and returns where it redirects.
+async fn authorize(url: &str) -> url::Url {
+    let response = browser().get(url).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 302, "{url}");
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    url::Url::parse(&location).unwrap()
+}
+
+/// Delivers the redirect to `ehrsync login`'s loopback listener, as the browser would.
+async fn deliver(callback: &url::Url) -> (u16, String) {
+    let response = browser().get(callback.clone()).send().await.unwrap();
+    (
+        response.status().as_u16(),
+        response.text().await.unwrap_or_default(),
+    )
+}
+
+/// Runs a whole browser login for `ACCOUNT` against the agent's config; returns its stdout.
+async fn log_in(agent: &Agent) -> String {
+    let mut login = Login::start(&agent.config_path(), &[ACCOUNT, "--no-browser"], &[]);
+    let url = login.url();
+    let callback = authorize(&url).await;
+    assert_eq!(callback.path(), "/callback");
+    assert_eq!(callback.host_str(), Some("127.0.0.1"));
+    let (status, page) = deliver(&callback).await;
+    assert_eq!(status, 200, "{page}");
+    let (exit, stdout, stderr) = login.finish(Duration::from_secs(20));
+    assert!(exit.success(), "login failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name}{{account=\"{ACCOUNT}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn is(metrics: &str, name: &str, value: f64) -> bool {
+    gauge(metrics, name) == Some(value)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_then_the_agent_refreshes_and_a_revoked_refresh_token_needs_another_login() {
+    let sandbox = sandbox(Duration::from_secs(6)).await;
+    let agent = Agent::start(
+        &sandbox.account_config(Vendor::NetHealth, ACCOUNT),
+        "5s",
+        &[],
+    );
+    // Nobody has logged in yet: the account waits for a person, and says how.
+    agent
+        .metrics_until("needs_login = 1", |m| {
+            is(m, "ehrsync_account_needs_login", 1.0)
+        })
+        .await;
+    let command = format!(
+        "ehrsync --config {} login {ACCOUNT}",
+        agent.config_path().display()
+    );
+    let status = common::ehrsync(
+        &[
+            "--config",
+            agent.config_path().to_str().unwrap(),
+            "status",
+            "--json",
+        ],
+        &sandbox::credentials_env(),
+    );
+    let report: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(report["accounts"][0]["state"], "needs_login", "{report}");
+    assert_eq!(report["accounts"][0]["login_command"], command.as_str());
+    assert!(
+        agent.log().contains(&format!("run `{command}`")),
+        "{}",
+        agent.log()
+    );
+
+    let stdout = log_in(&agent).await;
+    assert!(stdout.contains("refresh token expires"), "{stdout}");
+    assert!(stdout.contains("(as sandbox-person)"), "{stdout}");
+
+    // The running agent adopts the stored tokens on its own, then keeps them fresh.
+    agent
+        .metrics_until("valid after the login", |m| {
+            is(m, "ehrsync_token_valid", 1.0) && is(m, "ehrsync_account_needs_login", 0.0)
+        })
+        .await;
+    let since = Instant::now();
+    while sandbox.requests(Vendor::NetHealth, "refresh_token") < 2 {
+        assert!(
+            since.elapsed() < Duration::from_secs(20),
+            "no refreshes; log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sandbox.requests(Vendor::NetHealth, "authorization_code"), 1);
+
+    // The provider revokes the refresh token: the next refresh is refused, and only a person
+    // can help.
+    sandbox.revoke_refresh_tokens(Vendor::NetHealth);
+    agent
+        .metrics_until("needs_login after the revocation", |m| {
+            is(m, "ehrsync_account_needs_login", 1.0)
+        })
+        .await;
+    let log = agent.log();
+    assert!(
+        log.matches(&format!("run `{command}`")).count() >= 2,
+        "{log}"
+    );
+    log_in(&agent).await;
+    agent
+        .metrics_until("valid after the second login", |m| {
+            is(m, "ehrsync_token_valid", 1.0) && is(m, "ehrsync_account_needs_login", 0.0)
+        })
+        .await;
+    assert_eq!(sandbox.requests(Vendor::NetHealth, "authorization_code"), 2);
+
+    // No token of any kind reached the agent's log or the login's output.
+    let log = agent.log();
+    for token in sandbox.issued_tokens() {
+        assert!(!log.contains(&token), "a token in the agent's log");
+        assert!(!stdout.contains(&token), "a token in the login's output");
+    }
+}
+
+/// A config for `ACCOUNT` alone, for tests that need no agent.
+fn lone_config(sandbox: &Sandbox) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_config(
+        dir.path(),
+        &format!(
+            "[agent]\ndatabase = 'ehrsync.db'\n{}",
+            sandbox.account_config(Vendor::NetHealth, ACCOUNT)
+        ),
+    );
+    (dir, path)
+}
+
+/// Whether `ACCOUNT` has tokens stored in the database at `dir`.
+async fn tokens_stored(dir: &std::path::Path) -> bool {
+    let db = dir.join("ehrsync.db");
+    if !db.exists() {
+        return false;
+    }
+    let store = ehrsync::store::Store::open(&db).await.unwrap();
+    let record = store.load_token(ACCOUNT).await.unwrap();
+    store.close().await;
+    record.is_some_and(|r| r.access_token.is_some())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redirect_with_another_state_is_refused_and_the_code_never_exchanged() {
+    let sandbox = sandbox(Duration::from_secs(3600)).await;
+    let (dir, config) = lone_config(&sandbox);
+    let mut login = Login::start(&config, &[ACCOUNT, "--no-browser"], &[]);
+    let mut callback = authorize(&login.url()).await;
+    let pairs: Vec<(String, String)> = callback
+        .query_pairs()
+        .map(|(k, v)| {
+            let v = if k == "state" {
+                "forged-state".to_owned()
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), v)
+        })
+        .collect();
+    callback.query_pairs_mut().clear().extend_pairs(pairs);
+    let (status, page) = deliver(&callback).await;
+    assert_eq!(status, 400);
+    assert!(page.contains("state does not match"), "{page}");
+    let (exit, _, stderr) = login.finish(Duration::from_secs(10));
+    assert_eq!(exit.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("state does not match"), "{stderr}");
+    assert_eq!(sandbox.requests(Vendor::NetHealth, "authorization_code"), 0);
+    assert!(!tokens_stored(dir.path()).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_access_denied_redirect_is_reported_as_the_providers_refusal() {
+    let sandbox = sandbox(Duration::from_secs(3600)).await;
+    sandbox.inject(Vendor::NetHealth, Fault::AccessDenied, 1);
+    let (dir, config) = lone_config(&sandbox);
+    let mut login = Login::start(&config, &[ACCOUNT, "--no-browser"], &[]);
+    let callback = authorize(&login.url()).await;
+    assert!(callback.query().unwrap().contains("error=access_denied"));
+    let (status, page) = deliver(&callback).await;
+    assert_eq!(status, 400, "{page}");
+    let (exit, _, stderr) = login.finish(Duration::from_secs(10));
+    assert_eq!(exit.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the provider refused the login: access_denied (the user declined)"),
+        "{stderr}"
+    );
+    assert_eq!(sandbox.requests(Vendor::NetHealth, "authorization_code"), 0);
+    assert!(!tokens_stored(dir.path()).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_without_pkce_is_refused_before_anyone_is_sent_to_it() {
+    let sandbox = sandbox(Duration::from_secs(3600)).await;
+    sandbox.advertise_pkce(false);
+    let (dir, config) = lone_config(&sandbox);
+    let (exit, stdout, stderr) =
+        Login::start(&config, &[ACCOUNT, "--no-browser"], &[]).finish(Duration::from_secs(10));
+    assert_eq!(exit.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("does not support PKCE with S256"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("http"), "no address may be shown: {stdout}");
+    assert_eq!(sandbox.requests(Vendor::NetHealth, "authorize"), 0);
+    assert!(!tokens_stored(dir.path()).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_id_token_with_a_bad_signature_is_refused_and_nothing_stored() {
+    let sandbox = sandbox(Duration::from_secs(3600)).await;
+    sandbox.inject(Vendor::NetHealth, Fault::ForgedIdToken, 1);
+    let (dir, config) = lone_config(&sandbox);
+    let mut login = Login::start(&config, &[ACCOUNT, "--no-browser"], &[]);
+    let callback = authorize(&login.url()).await;
+    let (status, _) = deliver(&callback).await;
+    assert_eq!(status, 200, "the redirect itself was fine");
+    let (exit, _, stderr) = login.finish(Duration::from_secs(10));
+    assert_eq!(exit.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("signature does not verify"),
+        "{stderr}"
+    );
+    assert_eq!(sandbox.requests(Vendor::NetHealth, "authorization_code"), 1);
+    assert!(!tokens_stored(dir.path()).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_device_flow_logs_in_once_the_code_is_approved_elsewhere() {
+    let sandbox = sandbox(Duration::from_secs(3600)).await;
+    let (dir, config) = lone_config(&sandbox);
+    let mut login = Login::start(&config, &[ACCOUNT, "--device"], &[]);
+    // The person opens the address carrying the code on another device.
+    let url = login.url();
+    assert!(url.contains("user_code="), "{url}");
+    // Let a poll or two find it pending first.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, _) = deliver(&url::Url::parse(&url).unwrap()).await;
+    assert_eq!(status, 200);
+    let (exit, stdout, stderr) = login.finish(Duration::from_secs(20));
+    assert!(exit.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("refresh token expires"), "{stdout}");
+    assert!(sandbox.requests(Vendor::NetHealth, ehrsync::token::client::DEVICE_CODE_GRANT) >= 2);
+    assert!(tokens_stored(dir.path()).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_denied_device_login_stores_nothing() {
+    let sandbox = sandbox(Duration::from_secs(3600)).await;
+    sandbox.inject(Vendor::NetHealth, Fault::AccessDenied, 1);
+    let (dir, config) = lone_config(&sandbox);
+    let mut login = Login::start(&config, &[ACCOUNT, "--device"], &[]);
+    let url = login.url();
+    deliver(&url::Url::parse(&url).unwrap()).await;
+    let (exit, _, stderr) = login.finish(Duration::from_secs(20));
+    assert_eq!(exit.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("access_denied"), "{stderr}");
+    assert!(!tokens_stored(dir.path()).await);
+}
