@@ -1,6 +1,7 @@
 //! `ehrsync demo --for 60s` on a fresh directory, as the README's first command runs it: it
 //! exits 0, its database holds the patients of every preset that has a pull job, and its log
-//! shows logins, a proactive refresh and the re-login after the refresh token is revoked.
+//! shows logins, a proactive refresh, the re-login after the refresh token is revoked, and the
+//! Net Health account back in service after a person's login.
 
 mod common;
 
@@ -79,7 +80,14 @@ async fn demo_for_60s_pulls_every_preset_and_exits_0() {
         obtained("demo-nikohealth", "client_credentials") >= 2,
         "{log}"
     );
+    // Net Health waited for a person, who logged in (the demo playing the person), and the
+    // agent took it from there.
     assert!(log.contains("ehrsync login demo-nethealth"), "{log}");
+    assert!(
+        log.contains("picked up tokens from a login; the account is back in service"),
+        "{log}"
+    );
+    assert!(obtained("demo-nethealth", "refresh_token") >= 1, "{log}");
     for (_, secret) in ehrsync::sandbox::credentials_env() {
         run.assert_absent(&[secret]);
     }

@@ -1,7 +1,8 @@
 //! `ehrsync demo`: the agent against the built-in vendor sandbox on loopback, with nothing to
 //! set up. One account per preset; lifetimes cut to tens of seconds so that logins, proactive
-//! refreshes, a re-login after the sandbox revokes a refresh token, and patient pulls all
-//! happen within a minute or two. Its config, database and key live in `--dir`, started afresh
+//! refreshes, a re-login after the sandbox revokes a refresh token, a person's login for the
+//! Net Health account (what `ehrsync login` does, with the demo opening the page), and patient
+//! pulls all happen within a minute or two. Its config, database and key live in `--dir`, started afresh
 //! each time; a compact status table is printed every 10 s; Ctrl-C (or `--for`) stops it.
 
 use std::io::Write as _;
@@ -49,10 +50,15 @@ const ACCOUNTS: [(Vendor, &str, Option<&str>); 4] = [
         "demo-nikohealth",
         Some("10/20 * * * * *"),
     ),
-    // Net Health grants access only after a person logs in (`ehrsync login`); the demo shows
-    // the account parked in `needs_login`, which is what the agent does without that login.
+    // Net Health grants access only after a person logs in (`ehrsync login`): the account
+    // waits in `needs_login` until the demo logs in for it at LOGIN_AT, then refreshes on its
+    // own. (No pull job: its runs would fail, correctly, until the login.)
     (Vendor::NetHealth, "demo-nethealth", None),
 ];
+
+/// The account the demo logs in as a person would, and when.
+const PERSON_ACCOUNT: &str = "demo-nethealth";
+const LOGIN_AT: Duration = Duration::from_secs(15);
 
 /// Sandbox lifetimes for the demo: tens of seconds instead of hours.
 fn demo_lifetimes() -> Lifetimes {
@@ -121,6 +127,7 @@ async fn demo(dir: &Path, run_for: Option<Duration>, metrics_port: u16) -> Resul
     std::fs::write(&config_path, demo_config(&sandbox, listen)).map_err(files)?;
     let env: Env = sandbox::credentials_env().into_iter().collect();
     let loaded = config::load_with_env(&config_path, &env)?;
+    let login_env = env.clone();
     let table_config = config::load_with_env(&config_path, &env)?.config;
     let db = loaded.config.agent.database.clone();
 
@@ -132,8 +139,12 @@ async fn demo(dir: &Path, run_for: Option<Duration>, metrics_port: u16) -> Resul
     println!("  database  {}", db.display());
     println!("  metrics   http://{listen}/metrics   (also /healthz, /readyz)");
     println!(
-        "  lifetimes Nextech 40 s, CareCentric 45 s, NikoHealth 30 s; Nextech's refresh tokens are revoked at {} s",
+        "  lifetimes Nextech 40 s, CareCentric 45 s, NikoHealth 30 s, Net Health 40 s; Nextech's refresh tokens are revoked at {} s",
         REVOKE_AT.as_secs()
+    );
+    println!(
+        "  login     {PERSON_ACCOUNT} waits for a person; at {} s the demo logs in as one would with `ehrsync login {PERSON_ACCOUNT}`",
+        LOGIN_AT.as_secs()
     );
     match run_for {
         Some(d) => println!(
@@ -162,6 +173,10 @@ async fn demo(dir: &Path, run_for: Option<Duration>, metrics_port: u16) -> Resul
     let revoke = tokio::time::sleep(REVOKE_AT);
     tokio::pin!(revoke);
     let mut revoked = false;
+    let login = tokio::time::sleep(LOGIN_AT);
+    tokio::pin!(login);
+    let mut login_started = false;
+    let mut login_task = None;
     let end = run_for.map(|d| started + d);
     let mut changed = 0u64;
     let mut last_table = started;
@@ -177,6 +192,16 @@ async fn demo(dir: &Path, run_for: Option<Duration>, metrics_port: u16) -> Resul
                 sandbox.revoke_refresh_tokens(Vendor::Nextech);
                 tracing::info!("demo: the sandbox revoked demo-nextech's refresh tokens (as a password change or the 14-day limit would); the next refresh fails and the agent logs in again");
             }
+            _ = &mut login, if !login_started => {
+                login_started = true;
+                let (path, env) = (config_path.clone(), login_env.clone());
+                login_task = Some(tokio::spawn(async move {
+                    match log_in_as_a_person(&path, &env).await {
+                        Ok(()) => tracing::info!(account = PERSON_ACCOUNT, "demo: logged in as a person would with `ehrsync login {PERSON_ACCOUNT}` (the sandbox consents at once); the agent picks the tokens up by itself"),
+                        Err(e) => tracing::error!(account = PERSON_ACCOUNT, error = %e, "demo: the login failed"),
+                    }
+                }));
+            }
             _ = changes.tick() => {
                 let first = (changed * 7) % PATIENTS;
                 sandbox.change_patients((0..3).map(|i| (first + i * 101) % PATIENTS));
@@ -187,6 +212,9 @@ async fn demo(dir: &Path, run_for: Option<Duration>, metrics_port: u16) -> Resul
                 last_table = tokio::time::Instant::now();
             }
         }
+    }
+    if let Some(task) = login_task {
+        task.abort();
     }
     let _ = controls_tx.send(Control::Stop);
     agent.await??;
@@ -200,6 +228,61 @@ async fn demo(dir: &Path, run_for: Option<Duration>, metrics_port: u16) -> Resul
         db.display()
     );
     Ok(())
+}
+
+/// What `ehrsync login demo-nethealth` does, with the demo playing the person: it opens the
+/// authorization address itself (the sandbox consents at once and redirects to the login's
+/// loopback listener). The tokens are stored for the running agent to pick up.
+async fn log_in_as_a_person(config_path: &Path, env: &Env) -> Result<(), String> {
+    let config = config::load_with_env(config_path, env)
+        .map_err(|e| e.to_string())?
+        .config;
+    let account = config
+        .account(PERSON_ACCOUNT)
+        .ok_or("the demo config has no Net Health account")?;
+    let clock: crate::clock::SharedClock = Arc::new(SystemClock);
+    let (shared, _) = crate::agent::open_engine(&config, env, clock)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ctx = crate::login::Context {
+        http: &shared.http,
+        discovery: &shared.discovery,
+        clock: shared.clock.clone(),
+        account,
+    };
+    let options = crate::login::Options {
+        open_browser: false,
+        port: None,
+        timeout: Duration::from_secs(30),
+    };
+    let http = shared.http.clone();
+    let mut person = |progress: crate::login::Progress<'_>| {
+        if let crate::login::Progress::Authorize { url, .. } = progress {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                // The authorization page redirects to the loopback listener; follow it once.
+                let redirect = http.get(url).send().await.ok().and_then(|r| {
+                    r.headers()
+                        .get(reqwest::header::LOCATION)
+                        .and_then(|l| l.to_str().ok())
+                        .map(str::to_owned)
+                });
+                if let Some(callback) = redirect {
+                    let _ = http.get(callback).send().await;
+                }
+            });
+        }
+    };
+    let result = async {
+        let logged_in = crate::login::authorization_code(&ctx, &options, &mut person)
+            .await
+            .map_err(|e| e.to_string())?;
+        crate::token::owner::store_login(&shared, account, logged_in.response, logged_in.sent_at)
+            .await
+    }
+    .await;
+    shared.store.clone().close().await;
+    result.map(|_| ())
 }
 
 async fn sleep_until(end: Option<tokio::time::Instant>) {

@@ -410,7 +410,7 @@ impl Owner {
                     account = name,
                     reason,
                     command = %command,
-                    "the account needs a person to log in again: run `{command}`"
+                    "the account needs a person to log in: run `{command}`"
                 );
             } else {
                 tracing::error!(
