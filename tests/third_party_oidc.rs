@@ -4,6 +4,16 @@
 //! consent pages (`drive_login`, `drive_device`), revoke refresh tokens — and a self-test of it
 //! that performs the authorization code flow (S256 PKCE, state, nonce, loopback redirect on a
 //! random port), a rotating refresh, a withdrawn grant and the device flow by hand.
+//!
+//! Then ehrsync itself: `ehrsync login` completes through the provider's pages with nobody at
+//! a browser, a running `ehrsync run` adopts the tokens and refreshes on its own, a withdrawn
+//! grant sends the account to `needs_login`, and another login brings it back; and
+//! `ehrsync login --device` completes the device flow.
+#![cfg(unix)]
+
+mod common;
+
+use common::agent::{Agent, Login};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -606,4 +616,132 @@ async fn harness_drives_code_and_device_flows() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
     assert_eq!(refused["error"], "invalid_grant");
     eprintln!("harness self-test took {:?}", started.elapsed());
+}
+
+const ACCOUNT: &str = "op";
+
+fn account_config(issuer: &str) -> String {
+    format!(
+        "[accounts.{ACCOUNT}]\nvendor = 'generic'\ngrant = 'authorization_code'\nissuer = '{issuer}'\n\
+         client_id = '{CLIENT_ID}'\nclient_secret = {{ env = 'OP_SECRET' }}\nscope = 'openid offline_access api'\n"
+    )
+}
+
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn needs_login(m: &str) -> f64 {
+    sample(m, &format!("ehrsync_account_needs_login{{account=\"{ACCOUNT}\"}}"))
+}
+
+fn valid(m: &str) -> f64 {
+    sample(m, &format!("ehrsync_token_valid{{account=\"{ACCOUNT}\"}}"))
+}
+
+fn refreshes(m: &str) -> f64 {
+    sample(
+        m,
+        &format!(
+            "ehrsync_token_requests_total{{account=\"{ACCOUNT}\",grant=\"refresh_token\",outcome=\"success\"}}"
+        ),
+    )
+}
+
+/// `ehrsync login op --no-browser`, with this test as the person at the browser.
+async fn ehrsync_login(agent: &Agent) -> String {
+    let mut login = Login::start(
+        &agent.config_path(),
+        &[ACCOUNT, "--no-browser"],
+        &[("OP_SECRET", CLIENT_SECRET)],
+    );
+    let url = login.url();
+    let callback = drive_login(&url, LOGIN).await;
+    assert!(callback.contains("code="), "{callback}");
+    let (exit, stdout, stderr) = login.finish(Duration::from_secs(20));
+    assert!(exit.success(), "login failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ehrsync_login_through_the_providers_pages_then_the_agent_refreshes_and_recovers_after_a_revocation()
+ {
+    let provider = start_oidc_provider(4);
+    let agent = Agent::start(
+        &account_config(&provider.issuer),
+        "5s",
+        &[("OP_SECRET", CLIENT_SECRET)],
+    );
+    agent
+        .metrics_until("needs_login before any login", |m| needs_login(m) == 1.0)
+        .await;
+
+    let stdout = ehrsync_login(&agent).await;
+    assert!(stdout.contains(&format!("(as {LOGIN})")), "the ID token was read: {stdout}");
+    assert!(stdout.contains("refresh token expires"), "{stdout}");
+    agent
+        .metrics_until("valid after the login", |m| {
+            valid(m) == 1.0 && needs_login(m) == 0.0
+        })
+        .await;
+    // 4-second access tokens: the agent refreshes them (rotating refresh tokens) by itself.
+    agent
+        .metrics_until("two refreshes", |m| refreshes(m) >= 2.0)
+        .await;
+
+    // The person withdraws the grant at the provider: the next refresh is refused.
+    assert!(revoke_all_grants(&provider.issuer).await >= 1);
+    agent
+        .metrics_until("needs_login after the revocation", |m| needs_login(m) == 1.0)
+        .await;
+    assert!(
+        agent.log().contains(&format!("login {ACCOUNT}`")),
+        "the log names the command: {}",
+        agent.log()
+    );
+
+    ehrsync_login(&agent).await;
+    let m = agent
+        .metrics_until("valid after the second login", |m| {
+            valid(m) == 1.0 && needs_login(m) == 0.0
+        })
+        .await;
+    let before = refreshes(&m);
+    agent
+        .metrics_until("a refresh after the second login", |m| refreshes(m) > before)
+        .await;
+    let log = agent.log();
+    assert!(!log.contains(CLIENT_SECRET), "the client secret in the log");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ehrsync_login_device_completes_through_the_providers_device_pages() {
+    let provider = start_oidc_provider(60);
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_config(
+        dir.path(),
+        &format!(
+            "[agent]\ndatabase = 'ehrsync.db'\n{}",
+            account_config(&provider.issuer)
+        ),
+    );
+    let mut login = Login::start(&config, &[ACCOUNT, "--device"], &[("OP_SECRET", CLIENT_SECRET)]);
+    let url = login.url();
+    assert!(url.contains("user_code="), "{url}");
+    drive_device(&url, LOGIN).await;
+    // oidc-provider states no polling interval, so the first poll comes after RFC 8628's 5 s.
+    let (exit, stdout, stderr) = login.finish(Duration::from_secs(30));
+    assert!(exit.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("refresh token expires"), "{stdout}");
+    let status = common::ehrsync(
+        &["--config", config.to_str().unwrap(), "status", "--json"],
+        &[("OP_SECRET", CLIENT_SECRET)],
+    );
+    let report: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(report["accounts"][0]["state"], "valid", "{report}");
+    assert!(report["accounts"][0]["login_command"].is_null(), "{report}");
 }
