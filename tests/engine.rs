@@ -509,17 +509,17 @@ async fn two_processes_sharing_a_database_make_one_request_per_refresh() {
 /// where the running agent finds them. `Err` carries the provider's `error`.
 async fn person_logs_in(h: &Harness) -> Result<(), String> {
     use ehrsync::config::TokenEndpoint;
-    use ehrsync::token::client::{GrantForm, discover, request_token};
-    use ehrsync::token::core::{Core, Policy};
-    use ehrsync::token::persist::{from_record, to_record};
+    use ehrsync::token::client::{GrantForm, TokenTarget, request_token};
     use ehrsync::token::pkce::Pkce;
 
     let http = &h.shared.http;
     let TokenEndpoint::Discovery { issuer } = &h.account.token_endpoint else {
         panic!("a Net Health account discovers its endpoints");
     };
-    let found = discover(http, issuer).await.map_err(|e| format!("{e:?}"))?;
-    assert!(found.pkce_methods.iter().any(|m| m == "S256"));
+    let (found, _) = ehrsync::oidc::fetch(http, issuer)
+        .await
+        .map_err(|e| e.to_string())?;
+    assert!(found.supports_s256());
     let pkce = Pkce::generate().unwrap();
     let state = "state-4f1c";
     let redirect_uri = "http://127.0.0.1:9/callback";
@@ -553,23 +553,14 @@ async fn person_logs_in(h: &Harness) -> Result<(), String> {
         verifier: &pkce.verifier,
         redirect_uri,
     };
-    let response = request_token(http, &h.account, &found.token_endpoint, form)
+    let target = TokenTarget::resolve(&h.account, Some(&found)).map_err(|e| format!("{e:?}"))?;
+    let response = request_token(http, &h.account, &target, form)
         .await
         .map_err(|e| format!("{e:?}"))?;
-    // Stored on top of what is there, so the token generation moves forward.
-    let name = h.account.name.as_str();
-    let policy = Policy::for_account(&h.account);
-    let mut core = match h.shared.store.load_token(name).await.unwrap() {
-        Some(record) => Core::restore(policy, 1, from_record(record, &h.shared.cipher).0),
-        None => Core::new(policy, 1),
-    };
-    core.logged_in(h.now(), response, sent_at);
-    let record = to_record(name, &core, h.now(), &h.shared.cipher).unwrap();
-    h.shared
-        .store
-        .save_token(&record)
+    // Stored as `ehrsync login` stores it: on top of what is there, under the lease.
+    ehrsync::token::owner::store_login(&h.shared, &h.account, response, sent_at)
         .await
-        .map_err(|e| e.to_string())
+        .map(|_| ())
 }
 
 #[tokio::test(start_paused = true)]

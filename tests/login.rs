@@ -247,7 +247,10 @@ async fn a_provider_without_pkce_is_refused_before_anyone_is_sent_to_it() {
         stderr.contains("does not support PKCE with S256"),
         "{stderr}"
     );
-    assert!(!stdout.contains("http"), "no address may be shown: {stdout}");
+    assert!(
+        !stdout.contains("http"),
+        "no address may be shown: {stdout}"
+    );
     assert_eq!(sandbox.requests(Vendor::NetHealth, "authorize"), 0);
     assert!(!tokens_stored(dir.path()).await);
 }
@@ -263,10 +266,7 @@ async fn an_id_token_with_a_bad_signature_is_refused_and_nothing_stored() {
     assert_eq!(status, 200, "the redirect itself was fine");
     let (exit, _, stderr) = login.finish(Duration::from_secs(10));
     assert_eq!(exit.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("signature does not verify"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("signature does not verify"), "{stderr}");
     assert_eq!(sandbox.requests(Vendor::NetHealth, "authorization_code"), 1);
     assert!(!tokens_stored(dir.path()).await);
 }

@@ -40,12 +40,12 @@ async fn latest_run(db: &Path, job: &str) -> Option<(String, i64, i64, Option<St
 async fn wait_for_pages(agent: &Agent, job: &str, pages: i64) {
     let since = Instant::now();
     loop {
-        if agent.db().exists() {
-            if let Some((outcome, done, ..)) = latest_run(&agent.db(), job).await {
-                assert_eq!(outcome, "running", "log:\n{}", agent.log());
-                if done >= pages {
-                    return;
-                }
+        if agent.db().exists()
+            && let Some((outcome, done, ..)) = latest_run(&agent.db(), job).await
+        {
+            assert_eq!(outcome, "running", "log:\n{}", agent.log());
+            if done >= pages {
+                return;
             }
         }
         assert!(

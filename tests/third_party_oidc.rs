@@ -636,7 +636,10 @@ fn sample(metrics: &str, series: &str) -> f64 {
 }
 
 fn needs_login(m: &str) -> f64 {
-    sample(m, &format!("ehrsync_account_needs_login{{account=\"{ACCOUNT}\"}}"))
+    sample(
+        m,
+        &format!("ehrsync_account_needs_login{{account=\"{ACCOUNT}\"}}"),
+    )
 }
 
 fn valid(m: &str) -> f64 {
@@ -681,7 +684,10 @@ async fn ehrsync_login_through_the_providers_pages_then_the_agent_refreshes_and_
         .await;
 
     let stdout = ehrsync_login(&agent).await;
-    assert!(stdout.contains(&format!("(as {LOGIN})")), "the ID token was read: {stdout}");
+    assert!(
+        stdout.contains(&format!("(as {LOGIN})")),
+        "the ID token was read: {stdout}"
+    );
     assert!(stdout.contains("refresh token expires"), "{stdout}");
     agent
         .metrics_until("valid after the login", |m| {
@@ -696,7 +702,9 @@ async fn ehrsync_login_through_the_providers_pages_then_the_agent_refreshes_and_
     // The person withdraws the grant at the provider: the next refresh is refused.
     assert!(revoke_all_grants(&provider.issuer).await >= 1);
     agent
-        .metrics_until("needs_login after the revocation", |m| needs_login(m) == 1.0)
+        .metrics_until("needs_login after the revocation", |m| {
+            needs_login(m) == 1.0
+        })
         .await;
     assert!(
         agent.log().contains(&format!("login {ACCOUNT}`")),
@@ -712,7 +720,9 @@ async fn ehrsync_login_through_the_providers_pages_then_the_agent_refreshes_and_
         .await;
     let before = refreshes(&m);
     agent
-        .metrics_until("a refresh after the second login", |m| refreshes(m) > before)
+        .metrics_until("a refresh after the second login", |m| {
+            refreshes(m) > before
+        })
         .await;
     let log = agent.log();
     assert!(!log.contains(CLIENT_SECRET), "the client secret in the log");
@@ -729,7 +739,11 @@ async fn ehrsync_login_device_completes_through_the_providers_device_pages() {
             account_config(&provider.issuer)
         ),
     );
-    let mut login = Login::start(&config, &[ACCOUNT, "--device"], &[("OP_SECRET", CLIENT_SECRET)]);
+    let mut login = Login::start(
+        &config,
+        &[ACCOUNT, "--device"],
+        &[("OP_SECRET", CLIENT_SECRET)],
+    );
     let url = login.url();
     assert!(url.contains("user_code="), "{url}");
     drive_device(&url, LOGIN).await;

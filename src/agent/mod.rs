@@ -503,10 +503,10 @@ impl Agent {
         // Accounts that keep their owner adopt the new config's copy, so the next reload
         // compares against it (their settings are equal; only the jobs list may differ).
         for (name, account) in new {
-            if let Some(run) = self.accounts.get_mut(&name) {
-                if run.account.same_settings(&account) {
-                    run.account = Arc::new(account);
-                }
+            if let Some(run) = self.accounts.get_mut(&name)
+                && run.account.same_settings(&account)
+            {
+                run.account = Arc::new(account);
             }
         }
         failed

@@ -131,8 +131,8 @@ async fn primary_grant(shared: &Shared, account: &Account) -> Result<LoggedIn, S
         ),
         _ => None,
     };
-    let target = TokenTarget::resolve(account, provider.as_deref())
-        .map_err(|e| format!("{e:?}"))?;
+    let target =
+        TokenTarget::resolve(account, provider.as_deref()).map_err(|e| format!("{e:?}"))?;
     println!(
         "Logging in to {} with its {} grant...",
         account.name, account.grant
@@ -174,7 +174,9 @@ fn show(progress: Progress<'_>, timeout: Duration) {
                 .ok()
                 .and_then(|u| u.port())
                 .unwrap_or(0);
-            println!("Open this address in a browser and log in as the person whose access ehrsync should use:\n");
+            println!(
+                "Open this address in a browser and log in as the person whose access ehrsync should use:\n"
+            );
             println!("{url}\n");
             println!(
                 "Waiting up to {} for the provider to redirect to {redirect_uri} (Ctrl-C to give up).\n\
@@ -192,9 +194,7 @@ fn show(progress: Progress<'_>, timeout: Duration) {
             user_code,
             expires_in,
         } => {
-            println!(
-                "On any device, open {verification_uri} and enter the code {user_code}"
-            );
+            println!("On any device, open {verification_uri} and enter the code {user_code}");
             if let Some(complete) = verification_uri_complete {
                 println!("or open this address, which carries the code:\n\n{complete}\n");
             }

@@ -218,9 +218,11 @@ fn account_report(
     };
     let parked = row.as_ref().is_some_and(|r| r.state == "needs_login");
     let never_logged_in = account.is_some_and(|a| a.grant.needs_person())
-        && row.as_ref().is_none_or(|r| r.access_token_expires_at.is_none());
-    let login_command = (account.is_some() && (parked || never_logged_in))
-        .then(|| format!("{login} {name}"));
+        && row
+            .as_ref()
+            .is_none_or(|r| r.access_token_expires_at.is_none());
+    let login_command =
+        (account.is_some() && (parked || never_logged_in)).then(|| format!("{login} {name}"));
     let times = row.as_ref().map_or([None; 3], |r| {
         [
             at(r.access_token_expires_at),

@@ -544,10 +544,10 @@ pub fn login_command(path: &Path) -> String {
 /// Where the database lives when `agent.database` is not set.
 pub fn default_database(env: &Env) -> PathBuf {
     // systemd's StateDirectory= sets this (a colon-separated list when several are declared).
-    if let Some(dirs) = env.get("STATE_DIRECTORY") {
-        if let Some(first) = dirs.split(':').find(|d| !d.is_empty()) {
-            return Path::new(first).join("ehrsync.db");
-        }
+    if let Some(dirs) = env.get("STATE_DIRECTORY")
+        && let Some(first) = dirs.split(':').find(|d| !d.is_empty())
+    {
+        return Path::new(first).join("ehrsync.db");
     }
     if cfg!(windows) {
         let data = env

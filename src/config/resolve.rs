@@ -346,17 +346,16 @@ fn resolve_account(
             ctx.problem(&k("domain"), format!("`{domain}` is not a sub-domain name (a-z, 0-9, `-`): for https://acme.nikohealth.com write \"acme\""));
         }
     }
-    if let Some(tenant) = &raw.tenant {
-        if tenant.is_empty()
+    if let Some(tenant) = &raw.tenant
+        && (tenant.is_empty()
             || !tenant
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
-        {
-            ctx.problem(
-                &k("tenant"),
-                format!("`{tenant}` is not a tenant name or id"),
-            );
-        }
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+    {
+        ctx.problem(
+            &k("tenant"),
+            format!("`{tenant}` is not a tenant name or id"),
+        );
     }
     // Only valid values fill templates, so a bad one is reported once, at its own key.
     let vars = TemplateVars {
@@ -428,22 +427,22 @@ fn resolve_account(
     };
     let template_used = raw.token_url.is_none() && raw.issuer.is_none();
     let optional_url = |ctx: &mut Ctx, field: &str, text: &Option<String>| {
-        text.as_deref().and_then(|t| {
-            endpoint_url(t)
-                .map_err(|e| ctx.problem(&k(field), e))
-                .ok()
-        })
+        text.as_deref()
+            .and_then(|t| endpoint_url(t).map_err(|e| ctx.problem(&k(field), e)).ok())
     };
     let authorization_endpoint = match (&raw.authorization_url, preset.authorization_endpoint) {
         (Some(_), _) => optional_url(ctx, "authorization_url", &raw.authorization_url),
         // The preset's authorization page belongs with the preset's token URL only.
-        (None, Some(t)) if template_used => fill(t, &vars)
-            .ok()
-            .and_then(|url| endpoint_url(&url).ok()),
+        (None, Some(t)) if template_used => {
+            fill(t, &vars).ok().and_then(|url| endpoint_url(&url).ok())
+        }
         _ => None,
     };
-    let device_authorization_endpoint =
-        optional_url(ctx, "device_authorization_url", &raw.device_authorization_url);
+    let device_authorization_endpoint = optional_url(
+        ctx,
+        "device_authorization_url",
+        &raw.device_authorization_url,
+    );
     let redirect_port = match raw.redirect_port {
         Some(0) => {
             ctx.problem(
@@ -882,15 +881,15 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
                 format!("{page_size} is outside 1–{MAX_PAGE_SIZE}"),
             );
         }
-        if ctx.problems.len() == before {
-            if let (Some(name), Some(kind), Some(schedule)) = (name, kind, schedule) {
-                jobs.push(Job {
-                    name,
-                    kind,
-                    schedule,
-                    page_size,
-                });
-            }
+        if ctx.problems.len() == before
+            && let (Some(name), Some(kind), Some(schedule)) = (name, kind, schedule)
+        {
+            jobs.push(Job {
+                name,
+                kind,
+                schedule,
+                page_size,
+            });
         }
     }
     jobs

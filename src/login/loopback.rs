@@ -127,10 +127,10 @@ fn judge(expect: &Expect, q: &HashMap<String, String>) -> Result<Callback, Login
     if q.get("state").map(String::as_str) != Some(expect.state.as_str()) {
         return Err(LoginError::StateMismatch);
     }
-    if let (Some(iss), Some(expected)) = (q.get("iss"), &expect.issuer) {
-        if iss.trim_end_matches('/') != expected {
-            return Err(LoginError::IssuerMismatch(trim(iss)));
-        }
+    if let (Some(iss), Some(expected)) = (q.get("iss"), &expect.issuer)
+        && iss.trim_end_matches('/') != expected
+    {
+        return Err(LoginError::IssuerMismatch(trim(iss)));
     }
     if let Some(error) = q.get("error") {
         return Err(LoginError::Denied {
@@ -225,18 +225,45 @@ mod tests {
             Err(LoginError::StateMismatch)
         ));
         assert!(matches!(
-            judge(&e, &q(&[("state", "s-1"), ("iss", "https://evil.example.com"), ("code", "c")])),
+            judge(
+                &e,
+                &q(&[
+                    ("state", "s-1"),
+                    ("iss", "https://evil.example.com"),
+                    ("code", "c")
+                ])
+            ),
             Err(LoginError::IssuerMismatch(_))
         ));
-        assert!(judge(&e, &q(&[("state", "s-1"), ("iss", "https://id.example.com/"), ("code", "c")])).is_ok());
-        match judge(&e, &q(&[("state", "s-1"), ("error", "access_denied"), ("error_description", "no\nway")])) {
+        assert!(
+            judge(
+                &e,
+                &q(&[
+                    ("state", "s-1"),
+                    ("iss", "https://id.example.com/"),
+                    ("code", "c")
+                ])
+            )
+            .is_ok()
+        );
+        match judge(
+            &e,
+            &q(&[
+                ("state", "s-1"),
+                ("error", "access_denied"),
+                ("error_description", "no\nway"),
+            ]),
+        ) {
             Err(LoginError::Denied { error, description }) => {
                 assert_eq!(error, "access_denied");
                 assert_eq!(description.as_deref(), Some("no way"));
             }
             _ => panic!("expected a refusal"),
         }
-        assert!(matches!(judge(&e, &q(&[("state", "s-1")])), Err(LoginError::NoCode)));
+        assert!(matches!(
+            judge(&e, &q(&[("state", "s-1")])),
+            Err(LoginError::NoCode)
+        ));
     }
 
     #[test]

@@ -173,9 +173,9 @@ pub async fn authorization_code(
                 "its discovery document lists code_challenge_methods_supported: [{}]",
                 methods.join(", ")
             )),
-            None if account.authorization_endpoint.is_none() => Some(
-                "its discovery document has no code_challenge_methods_supported".to_owned(),
-            ),
+            None if account.authorization_endpoint.is_none() => {
+                Some("its discovery document has no code_challenge_methods_supported".to_owned())
+            }
             None => None,
         };
         if let Some(stated) = stated.filter(|_| !p.supports_s256()) {
@@ -223,10 +223,10 @@ pub async fn authorization_code(
         url: &url,
         redirect_uri: &redirect_uri,
     });
-    if options.open_browser {
-        if let Err(e) = webbrowser::open(url.as_str()) {
-            progress(Progress::NoBrowser(e.to_string()));
-        }
+    if options.open_browser
+        && let Err(e) = webbrowser::open(url.as_str())
+    {
+        progress(Progress::NoBrowser(e.to_string()));
     }
 
     let expected_issuer = provider.as_ref().map(|p| p.issuer.clone());
@@ -250,7 +250,14 @@ pub async fn authorization_code(
     )
     .await
     .map_err(|e| LoginError::Exchange(describe_failure(&e)))?;
-    finish(ctx, provider.as_deref(), response, sent_at, nonce.as_deref()).await
+    finish(
+        ctx,
+        provider.as_deref(),
+        response,
+        sent_at,
+        nonce.as_deref(),
+    )
+    .await
 }
 
 /// The device authorization grant (RFC 8628): the person approves on any device.
@@ -368,7 +375,10 @@ impl DeviceGrant {
         let raw: Raw = serde_json::from_slice(body).map_err(|e| {
             let text = e.to_string();
             let cut = text.find(['"', '`']).map_or(text.as_str(), |i| &text[..i]);
-            format!("the answer is not RFC 8628's device authorization response: {}", cut.trim())
+            format!(
+                "the answer is not RFC 8628's device authorization response: {}",
+                cut.trim()
+            )
         })?;
         let verification_uri = raw
             .verification_uri

@@ -53,9 +53,13 @@ pub struct IdClaims {
 pub enum IdTokenError {
     #[error("the ID token is not a signed JWT ({0})")]
     Malformed(String),
-    #[error("the ID token is signed with `{0}`; ehrsync accepts only the provider's own keys (RS*, PS*, ES256/384, EdDSA)")]
+    #[error(
+        "the ID token is signed with `{0}`; ehrsync accepts only the provider's own keys (RS*, PS*, ES256/384, EdDSA)"
+    )]
     Algorithm(String),
-    #[error("no key in the provider's JWKS matches the ID token (kid {0}); the provider may have rotated its keys")]
+    #[error(
+        "no key in the provider's JWKS matches the ID token (kid {0}); the provider may have rotated its keys"
+    )]
     NoKey(String),
     #[error("the ID token's signature does not verify with the provider's keys")]
     BadSignature,
@@ -125,8 +129,8 @@ pub fn verify(
     now: Timestamp,
 ) -> Result<IdClaims, IdTokenError> {
     let token = token.expose_secret();
-    let header = jsonwebtoken::decode_header(token)
-        .map_err(|e| IdTokenError::Malformed(e.to_string()))?;
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|e| IdTokenError::Malformed(e.to_string()))?;
     if !ACCEPTED.contains(&header.alg) {
         return Err(IdTokenError::Algorithm(format!("{:?}", header.alg)));
     }
@@ -190,27 +194,30 @@ fn check_claims(
         let cut = text.find(['"', '`']).map_or(text.as_str(), |i| &text[..i]);
         IdTokenError::Claims(cut.trim().to_owned())
     })?;
-    if let Audience::Many(list) = &claims.aud {
-        if list.len() > 1 && claims.azp.as_deref() != Some(expected.client_id) {
-            return Err(IdTokenError::AuthorizedParty);
-        }
+    if let Audience::Many(list) = &claims.aud
+        && list.len() > 1
+        && claims.azp.as_deref() != Some(expected.client_id)
+    {
+        return Err(IdTokenError::AuthorizedParty);
     }
-    if let Some(azp) = &claims.azp {
-        if azp != expected.client_id {
-            return Err(IdTokenError::AuthorizedParty);
-        }
+    if let Some(azp) = &claims.azp
+        && azp != expected.client_id
+    {
+        return Err(IdTokenError::AuthorizedParty);
     }
     if !claims.exp.is_finite() {
-        return Err(IdTokenError::Claims("exp is not a number of seconds".into()));
+        return Err(IdTokenError::Claims(
+            "exp is not a number of seconds".into(),
+        ));
     }
     let expires_at = Timestamp::from_unix_millis((claims.exp * 1000.0) as i64);
     if now.unix_seconds() > expires_at.unix_seconds() + LEEWAY_SECS {
         return Err(IdTokenError::Expired(expires_at));
     }
-    if let Some(nonce) = expected.nonce {
-        if claims.nonce.as_deref() != Some(nonce) {
-            return Err(IdTokenError::Nonce);
-        }
+    if let Some(nonce) = expected.nonce
+        && claims.nonce.as_deref() != Some(nonce)
+    {
+        return Err(IdTokenError::Nonce);
     }
     Ok(IdClaims {
         subject: claims.sub,
@@ -336,7 +343,11 @@ mod tests {
         }
     }
 
-    fn check(signer: &TestSigner, keys: &JwkSet, extra: serde_json::Value) -> Result<IdClaims, IdTokenError> {
+    fn check(
+        signer: &TestSigner,
+        keys: &JwkSet,
+        extra: serde_json::Value,
+    ) -> Result<IdClaims, IdTokenError> {
         let token = SecretString::from(signer.sign(&claims(extra)).unwrap());
         verify(&token, keys, &expected(), now())
     }
@@ -349,8 +360,14 @@ mod tests {
         assert_eq!(ok.subject, "person-1");
 
         let cases = [
-            (serde_json::json!({"iss": "https://evil.example.com"}), "issued by someone else"),
-            (serde_json::json!({"aud": "other-client"}), "not for this client"),
+            (
+                serde_json::json!({"iss": "https://evil.example.com"}),
+                "issued by someone else",
+            ),
+            (
+                serde_json::json!({"aud": "other-client"}),
+                "not for this client",
+            ),
             (serde_json::json!({"aud": [CLIENT, "other"]}), "azp"),
             (serde_json::json!({"azp": "other"}), "azp"),
             (serde_json::json!({"exp": 1_799_999_000}), "expired"),
@@ -359,11 +376,20 @@ mod tests {
             (serde_json::json!({"nbf": 1_900_000_000}), "not valid yet"),
         ];
         for (extra, want) in cases {
-            let e = check(&signer, &keys, extra.clone()).unwrap_err().to_string();
+            let e = check(&signer, &keys, extra.clone())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{extra}: {e}");
         }
         // Several audiences are fine with azp naming this client.
-        assert!(check(&signer, &keys, serde_json::json!({"aud": [CLIENT, "x"], "azp": CLIENT})).is_ok());
+        assert!(
+            check(
+                &signer,
+                &keys,
+                serde_json::json!({"aud": [CLIENT, "x"], "azp": CLIENT})
+            )
+            .is_ok()
+        );
         // Within the leeway.
         assert!(check(&signer, &keys, serde_json::json!({"exp": 1_799_999_970})).is_ok());
     }
@@ -396,12 +422,20 @@ mod tests {
             );
             let e = verify(&SecretString::from(t), &keys, &expected(), now());
             assert!(
-                matches!(e, Err(IdTokenError::Algorithm(_) | IdTokenError::Malformed(_))),
+                matches!(
+                    e,
+                    Err(IdTokenError::Algorithm(_) | IdTokenError::Malformed(_))
+                ),
                 "{alg}: {e:?}"
             );
         }
         assert!(matches!(
-            verify(&SecretString::from("not.a.jwt".to_owned()), &keys, &expected(), now()),
+            verify(
+                &SecretString::from("not.a.jwt".to_owned()),
+                &keys,
+                &expected(),
+                now()
+            ),
             Err(IdTokenError::Malformed(_))
         ));
     }

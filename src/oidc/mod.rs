@@ -133,10 +133,7 @@ pub async fn fetch(
 }
 
 /// GETs a small JSON document (discovery, JWKS): status and body, at most [`MAX_DOCUMENT`].
-pub(crate) async fn get_json(
-    http: &reqwest::Client,
-    url: &str,
-) -> Result<(u16, Vec<u8>), String> {
+pub(crate) async fn get_json(http: &reqwest::Client, url: &str) -> Result<(u16, Vec<u8>), String> {
     let mut response = http
         .get(url)
         .header(reqwest::header::ACCEPT, "application/json")
@@ -218,10 +215,10 @@ impl Discovery {
         let key = issuer.as_str().to_owned();
         let mut entries = self.entries.lock().await;
         let now = self.clock.now();
-        if !entries.contains_key(&key) {
-            if let Some(entry) = self.load(issuer).await {
-                entries.insert(key.clone(), entry);
-            }
+        if !entries.contains_key(&key)
+            && let Some(entry) = self.load(issuer).await
+        {
+            entries.insert(key.clone(), entry);
         }
         if let Some(entry) = entries.get(&key) {
             let fresh = now.since(entry.fetched_at) < MAX_AGE;
@@ -233,10 +230,10 @@ impl Discovery {
         match fetch(&self.http, issuer).await {
             Ok((metadata, text)) => {
                 let metadata = Arc::new(metadata);
-                if let Some(old) = entries.get(&key) {
-                    if *old.metadata != *metadata {
-                        tracing::info!(issuer = %issuer, token_endpoint = %metadata.token_endpoint, "the provider's OpenID configuration changed; using the new one");
-                    }
+                if let Some(old) = entries.get(&key)
+                    && *old.metadata != *metadata
+                {
+                    tracing::info!(issuer = %issuer, token_endpoint = %metadata.token_endpoint, "the provider's OpenID configuration changed; using the new one");
                 }
                 self.save(issuer, &text, now).await;
                 entries.insert(
@@ -281,13 +278,12 @@ impl Discovery {
     }
 
     async fn save(&self, issuer: &Url, text: &str, now: Timestamp) {
-        if let Some(store) = &self.store {
-            if let Err(e) = store
+        if let Some(store) = &self.store
+            && let Err(e) = store
                 .save_provider(issuer.as_str(), text, now.unix_seconds())
                 .await
-            {
-                tracing::warn!(issuer = %issuer, error = %e, "cannot cache the OpenID configuration");
-            }
+        {
+            tracing::warn!(issuer = %issuer, error = %e, "cannot cache the OpenID configuration");
         }
     }
 }

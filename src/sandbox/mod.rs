@@ -288,7 +288,10 @@ impl Sandbox {
             )
             .route("/nethealth/authorize", get(nethealth_authorize))
             .route("/nethealth/jwks", get(nethealth_jwks))
-            .route("/nethealth/device_authorization", post(nethealth_device_authorization))
+            .route(
+                "/nethealth/device_authorization",
+                post(nethealth_device_authorization),
+            )
             .route("/nethealth/device", get(nethealth_device_approve))
             .route("/nethealth/token", post(nethealth_token))
             .route("/{vendor}/fhir/Patient", get(api::fhir_search))
@@ -891,15 +894,10 @@ async fn nethealth_device_authorization(
 
 fn approve_device(inner: &Inner, user_code: &str) -> bool {
     let mut books = inner.books();
-    let refuse = books
-        .faults
-        .get(&Vendor::NetHealth)
-        .and_then(|q| q.front())
-        == Some(&Fault::AccessDenied);
-    if refuse {
-        if let Some(q) = books.faults.get_mut(&Vendor::NetHealth) {
-            q.pop_front();
-        }
+    let refuse =
+        books.faults.get(&Vendor::NetHealth).and_then(|q| q.front()) == Some(&Fault::AccessDenied);
+    if refuse && let Some(q) = books.faults.get_mut(&Vendor::NetHealth) {
+        q.pop_front();
     }
     match books
         .devices
@@ -1109,7 +1107,11 @@ async fn nethealth_token(
             }
             forged
         };
-        let signer = if forged { &inner.impostor } else { &inner.signer };
+        let signer = if forged {
+            &inner.impostor
+        } else {
+            &inner.signer
+        };
         signer.sign(&claims).ok()
     } else {
         None

@@ -168,12 +168,11 @@ impl Store {
     pub async fn load_provider(&self, issuer: &str) -> Result<Option<(String, i64)>, StoreError> {
         let issuer = issuer.to_owned();
         self.shield(|s| async move {
-            let row: Option<(String, i64)> = sqlx::query_as(
-                "SELECT document, fetched_at FROM oidc_providers WHERE issuer = ?",
-            )
-            .bind(&issuer)
-            .fetch_optional(&s.pool)
-            .await?;
+            let row: Option<(String, i64)> =
+                sqlx::query_as("SELECT document, fetched_at FROM oidc_providers WHERE issuer = ?")
+                    .bind(&issuer)
+                    .fetch_optional(&s.pool)
+                    .await?;
             Ok(row)
         })
         .await

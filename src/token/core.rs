@@ -335,10 +335,10 @@ impl Core {
                 core.next_refresh_at = Some(at);
             }
         }
-        if core.next_refresh_at.is_none() {
-            if let Some(t) = core.tokens.clone() {
-                core.next_refresh_at = Some(core.plan(&t));
-            }
+        if core.next_refresh_at.is_none()
+            && let Some(t) = core.tokens.clone()
+        {
+            core.next_refresh_at = Some(core.plan(&t));
         }
         core
     }
@@ -687,14 +687,14 @@ impl Core {
         let fraction = self.policy.refresh_ratio + jitter * (self.rng.f64() * 2.0 - 1.0);
         let mut at = (t.issued_at + life.mul_f64(fraction))
             .min(t.expires_at - self.lead(t.issued_at, t.expires_at));
-        if self.policy.grant.needs_person() {
-            if let Some(rt_exp) = t.refresh.as_ref().and_then(|r| r.expires_at) {
-                let before_death = rt_exp - self.policy.min_lead.min(rt_exp.since(t.issued_at) / 2);
-                // Only while it is still ahead: a refresh token that does not rotate will die,
-                // and refreshing it in a loop would not save it.
-                if before_death > t.issued_at {
-                    at = at.min(before_death);
-                }
+        if self.policy.grant.needs_person()
+            && let Some(rt_exp) = t.refresh.as_ref().and_then(|r| r.expires_at)
+        {
+            let before_death = rt_exp - self.policy.min_lead.min(rt_exp.since(t.issued_at) / 2);
+            // Only while it is still ahead: a refresh token that does not rotate will die,
+            // and refreshing it in a loop would not save it.
+            if before_death > t.issued_at {
+                at = at.min(before_death);
             }
         }
         at.max(t.issued_at)

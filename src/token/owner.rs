@@ -18,9 +18,9 @@ use super::core::{Core, Event, Failure, Output, Policy, State};
 use super::persist::{from_record, to_record};
 use crate::clock::SharedClock;
 use crate::config::{Account, TokenEndpoint};
-use crate::oidc::Discovery;
 use crate::crypto::TokenCipher;
 use crate::metrics::Metrics;
+use crate::oidc::Discovery;
 use crate::store::Store;
 
 /// How long a token lease lasts: longer than any token request (30 s timeout) plus storing it,
@@ -569,7 +569,10 @@ impl Owner {
     /// The token endpoint and client authentication, from the config and, where it leaves them
     /// open, the provider's discovery document.
     async fn resolve_target(&self) -> Result<TokenTarget, Failure> {
-        let provider = match (&self.account.issuer, TokenTarget::needs_discovery(&self.account)) {
+        let provider = match (
+            &self.account.issuer,
+            TokenTarget::needs_discovery(&self.account),
+        ) {
             (Some(issuer), true) => {
                 let found = if self.rediscover {
                     self.shared.discovery.refetch(issuer).await
@@ -632,7 +635,10 @@ pub async fn store_login(
                 tokio::time::sleep(LEASE_POLL).await;
             }
             Ok(false) => {
-                return Err("another ehrsync process held the account's token lease for over two minutes".to_owned());
+                return Err(
+                    "another ehrsync process held the account's token lease for over two minutes"
+                        .to_owned(),
+                );
             }
             Err(e) => return Err(format!("cannot take the account's token lease: {e}")),
         }
@@ -640,14 +646,18 @@ pub async fn store_login(
     let result = async {
         let policy = Policy::for_account(account);
         let seed = seed_for(name);
-        let mut core = match shared.store.load_token(name).await.map_err(|e| e.to_string())? {
+        let mut core = match shared
+            .store
+            .load_token(name)
+            .await
+            .map_err(|e| e.to_string())?
+        {
             Some(record) => Core::restore(policy, seed, from_record(record, &shared.cipher).0),
             None => Core::new(policy, seed),
         };
         let now = shared.clock.now();
         core.logged_in(now, response, sent_at);
-        let record =
-            to_record(name, &core, now, &shared.cipher).map_err(|e| e.to_string())?;
+        let record = to_record(name, &core, now, &shared.cipher).map_err(|e| e.to_string())?;
         shared
             .store
             .save_token(&record)

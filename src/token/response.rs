@@ -112,10 +112,10 @@ pub fn parse_success(body: &[u8]) -> Result<TokenResponse, MalformedResponse> {
         .access_token
         .filter(|t| !t.is_empty())
         .ok_or(MalformedResponse::NoAccessToken)?;
-    if let Some(tt) = &raw.token_type {
-        if !tt.eq_ignore_ascii_case("bearer") {
-            return Err(MalformedResponse::NotBearer(tt.chars().take(20).collect()));
-        }
+    if let Some(tt) = &raw.token_type
+        && !tt.eq_ignore_ascii_case("bearer")
+    {
+        return Err(MalformedResponse::NotBearer(tt.chars().take(20).collect()));
     }
     Ok(TokenResponse {
         access_token: SecretString::from(access_token),
