@@ -279,6 +279,23 @@ fn cases() -> Vec<Case> {
             ],
         ),
         case(
+            "authorization code with no login page",
+            "[accounts.g]\nvendor = 'generic'\ngrant = 'authorization_code'\ntoken_url = 'https://x.example/t'\nclient_id = 'c'\n",
+            &[
+                "accounts.g.authorization_url: missing; the authorization_code grant sends a person to the provider's login page",
+                ": 1 problem",
+            ],
+        ),
+        case(
+            "a plain-http login page and port 0",
+            "[accounts.nh]\nvendor = 'nethealth'\nissuer = 'https://id.example'\nclient_id = 'c'\n\
+             authorization_url = 'http://id.example/authorize'\nredirect_port = 0\n",
+            &[
+                "accounts.nh.authorization_url: `http://id.example/authorize` uses http:// to a host that is not loopback",
+                "accounts.nh.redirect_port: must be 1–65535",
+            ],
+        ),
+        case(
             "generic without grant",
             "[accounts.g]\nvendor = 'generic'\ntoken_url = 'https://x.example/t'\nclient_id = 'c'\n",
             &["accounts.g.grant: missing"],

@@ -84,8 +84,35 @@ fn render_account(out: &mut fmt::Formatter<'_>, a: &Account) -> fmt::Result {
         "  grant           {}{login}, then refresh_token while the server issues refresh tokens",
         a.grant
     )?;
+    if a.grant.needs_person() {
+        let page = match (&a.authorization_endpoint, &a.issuer) {
+            (Some(url), _) => url.to_string(),
+            (None, Some(issuer)) => {
+                format!("discovered from {}", crate::config::discovery_url(issuer))
+            }
+            (None, None) => "-".to_owned(),
+        };
+        writeln!(out, "  login page      {page}")?;
+        let port = a
+            .redirect_port
+            .map_or_else(|| "{a free port}".to_owned(), |p| p.to_string());
+        writeln!(
+            out,
+            "  redirect        http://127.0.0.1:{port}/callback (PKCE S256, state{})",
+            if a.issuer.is_some() {
+                ", ID token checked"
+            } else {
+                ""
+            }
+        )?;
+        if let Some(device) = &a.device_authorization_endpoint {
+            writeln!(out, "  device login    {device}")?;
+        }
+    }
     let auth = match a.client_auth {
+        Some(_) if a.client_secret.is_none() => "none (a public client: client_id only)".to_owned(),
         Some(auth) => auth.to_string(),
+        None if a.client_secret.is_none() => "none (a public client: client_id only)".to_owned(),
         None => "from OpenID discovery (basic if it names none)".to_owned(),
     };
     writeln!(out, "  client auth     {auth}")?;

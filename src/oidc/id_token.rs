@@ -106,9 +106,10 @@ pub async fn fetch_jwks(http: &reqwest::Client, url: &url::Url) -> Result<JwkSet
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Audience {
+    // Tried in order: a list first, since `IgnoredAny` would take a list too.
+    Many(Vec<String>),
     /// jsonwebtoken has checked the value; only the shape matters here.
     One(serde::de::IgnoredAny),
-    Many(Vec<String>),
 }
 
 #[derive(Deserialize)]
