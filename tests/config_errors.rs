@@ -280,7 +280,7 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "authorization code with no login page",
-            "[accounts.g]\nvendor = 'generic'\ngrant = 'authorization_code'\ntoken_url = 'https://x.example/t'\nclient_id = 'c'\n",
+            "[accounts.g]\nvendor = 'generic'\ngrant = 'authorization_code'\ntoken_url = 'https://x.example/t'\nclient_id = 'public-app'\n",
             &[
                 "accounts.g.authorization_url: missing; the authorization_code grant sends a person to the provider's login page",
                 ": 1 problem",

@@ -303,3 +303,45 @@ async fn a_denied_device_login_stores_nothing() {
     assert!(stderr.contains("access_denied"), "{stderr}");
     assert!(!tokens_stored(dir.path()).await);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_and_status_read_no_other_accounts_secrets() {
+    // Under systemd another account's secret is often a credential only the service can read.
+    let sandbox = sandbox(Duration::from_secs(3600)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_config(
+        dir.path(),
+        &format!(
+            "[agent]\ndatabase = 'ehrsync.db'\n{}\n\
+             [accounts.niko]\nvendor = 'nikohealth'\ndomain = 'acme'\nclient_id = 'c'\n\
+             client_secret = {{ credential = 'niko-secret' }}\n",
+            sandbox.account_config(Vendor::NetHealth, ACCOUNT)
+        ),
+    );
+    let path = config.to_str().unwrap();
+    let env = sandbox::credentials_env();
+    let check = common::ehrsync(&["--config", path, "check-config"], &env);
+    assert_eq!(check.code, Some(2), "check-config reads every secret");
+    assert!(
+        check.stderr.contains("accounts.niko.client_secret"),
+        "{}",
+        check.stderr
+    );
+
+    let mut login = Login::start(&config, &[ACCOUNT, "--no-browser"], &[]);
+    let callback = authorize(&login.url()).await;
+    deliver(&callback).await;
+    let (exit, stdout, stderr) = login.finish(Duration::from_secs(20));
+    assert!(exit.success(), "{stdout}\n{stderr}");
+
+    let status = common::ehrsync(&["--config", path, "status", "--json"], &env);
+    assert_eq!(status.code, Some(0), "{}", status.stderr);
+    let report: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let states: Vec<(&str, &str)> = report["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["name"].as_str().unwrap(), a["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(states, [("nh", "valid"), ("niko", "no_token")]);
+}

@@ -30,7 +30,9 @@ pub struct Args {
 
 pub async fn run(config_path: &Path, args: &Args) -> ExitCode {
     let env = config::Env::from_process();
-    let loaded = match config::load_with_env(config_path, &env) {
+    // Only this account's secrets: the others may be readable by the service alone.
+    let scope = config::Secrets::Account(args.account.to_owned());
+    let loaded = match config::load_scoped(config_path, &env, &scope) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e}");

@@ -13,9 +13,18 @@ use crate::config::{Account, Config};
 use crate::store::{Store, StoreError, SyncRunRow, TokenStateRow};
 
 pub async fn run(config_path: &Path, json: bool) -> ExitCode {
-    let loaded = match super::load_config(config_path) {
+    // The status reads the database only: no secret is needed (nor readable, often, outside
+    // the service).
+    let loaded = match crate::config::load_scoped(
+        config_path,
+        &crate::config::Env::from_process(),
+        &crate::config::Secrets::None,
+    ) {
         Ok(l) => l,
-        Err(code) => return code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(super::EXIT_CONFIG);
+        }
     };
     let config = &loaded.config;
     let report = match build(config, Utc::now()).await {

@@ -14,7 +14,9 @@ use crate::sync::{JobRunner, Outcome};
 
 pub async fn run(config_path: &Path, account: &str, job: &str, full: bool) -> ExitCode {
     let env = config::Env::from_process();
-    let loaded = match config::load_with_env(config_path, &env) {
+    // Only this account's secrets: the others may be readable by the service alone.
+    let scope = config::Secrets::Account(account.to_owned());
+    let loaded = match config::load_scoped(config_path, &env, &scope) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e}");

@@ -426,13 +426,31 @@ impl fmt::Debug for Env {
     }
 }
 
+/// Which secrets a load reads. A command that works on one account (`login`, `sync`) or on
+/// none (`status`) need not read the others: under systemd those may be credentials only the
+/// service can read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Secrets {
+    /// Every secret (the agent, `check-config`).
+    All,
+    /// Only this account's.
+    Account(String),
+    /// None: each secret keeps its origin and an empty value that must never be sent.
+    None,
+}
+
 /// Loads and validates the config at `path` against the process environment.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     load_with_env(path, &Env::from_process())
 }
 
-/// Loads and validates the config at `path` against `env`.
+/// Loads and validates the config at `path` against `env`, reading every secret.
 pub fn load_with_env(path: &Path, env: &Env) -> Result<Loaded, ConfigError> {
+    load_scoped(path, env, &Secrets::All)
+}
+
+/// Loads and validates the config at `path` against `env`, reading only the `secrets` asked for.
+pub fn load_scoped(path: &Path, env: &Env, secrets: &Secrets) -> Result<Loaded, ConfigError> {
     let fail = |problems| ConfigError {
         path: path.to_owned(),
         problems,
@@ -471,7 +489,7 @@ pub fn load_with_env(path: &Path, env: &Env) -> Result<Loaded, ConfigError> {
     } else {
         base_dir
     };
-    let mut ctx = resolve::Ctx::new(&base_dir, env);
+    let mut ctx = resolve::Ctx::new(&base_dir, env, secrets);
     let resolved = resolve::root(layered.cache, &mut ctx);
     let (mut problems, mut warnings) = (ctx.problems, ctx.warnings);
     match resolved {

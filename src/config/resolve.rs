@@ -32,15 +32,17 @@ const DEFAULT_LIST_PATH: &str = "/api/external/v1/patients";
 pub struct Ctx<'a> {
     base_dir: &'a Path,
     env: &'a Env,
+    secrets: &'a super::Secrets,
     pub problems: Vec<Problem>,
     pub warnings: Vec<Problem>,
 }
 
 impl<'a> Ctx<'a> {
-    pub fn new(base_dir: &'a Path, env: &'a Env) -> Self {
+    pub fn new(base_dir: &'a Path, env: &'a Env, secrets: &'a super::Secrets) -> Self {
         Ctx {
             base_dir,
             env,
+            secrets,
             problems: Vec::new(),
             warnings: Vec::new(),
         }
@@ -61,6 +63,14 @@ impl<'a> Ctx<'a> {
 
     /// Reads a secret; on failure records the problem at `key`.
     fn secret(&mut self, key: &str, spec: SecretSpec) -> Option<Secret> {
+        let wanted = match self.secrets {
+            super::Secrets::All => true,
+            super::Secrets::Account(name) => key.starts_with(&format!("accounts.{name}.")),
+            super::Secrets::None => false,
+        };
+        if !wanted {
+            return Some(secret::unread(spec, self.base_dir));
+        }
         let env = self.env;
         match secret::resolve(spec, self.base_dir, &|name| env.get(name)) {
             Ok((secret, warnings)) => {
@@ -531,7 +541,9 @@ fn resolve_account(
                 "{vendor} requires it (see {})",
                 preset.documented_in
             ))
-        } else if client_auth == Some(ClientAuth::Basic) {
+        } else if raw.client_auth == Some(ClientAuth::Basic) {
+            // Asked for explicitly. Without a secret and without `client_auth`, the account is
+            // a public client (RFC 8252 native apps): its client_id goes in the form.
             Some("basic client authentication sends client_id:client_secret".to_owned())
         } else {
             None

@@ -187,6 +187,22 @@ pub struct SecretProblem(pub String);
 
 /// Reads what `spec` points at. `base_dir` anchors relative `file` paths (the config's directory);
 /// `lookup_env` is the environment (injected so tests and callers control it).
+/// A secret that is deliberately not read (a command that does not use this account): its
+/// origin is kept for display, its value is empty and must never be sent anywhere.
+pub fn unread(spec: SecretSpec, base_dir: &Path) -> Secret {
+    let origin = match spec {
+        SecretSpec::Inline(_) => SecretOrigin::Inline,
+        SecretSpec::Env(var) => SecretOrigin::Env(var),
+        SecretSpec::File(path) if path.is_relative() => SecretOrigin::File(base_dir.join(path)),
+        SecretSpec::File(path) => SecretOrigin::File(path),
+        SecretSpec::Credential(name) => SecretOrigin::Credential(name),
+    };
+    Secret {
+        value: SecretString::from(String::new()),
+        origin,
+    }
+}
+
 pub fn resolve(
     spec: SecretSpec,
     base_dir: &Path,
