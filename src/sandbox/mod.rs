@@ -378,7 +378,8 @@ impl Sandbox {
         }
     }
 
-    /// Token requests served for `vendor` with `grant_type = grant` (faults included).
+    /// Token requests served for `vendor` with `grant_type = grant` (faults included); also
+    /// `"authorize"` and `"discovery"` for Net Health's other endpoints.
     pub fn requests(&self, vendor: Vendor, grant: &str) -> u32 {
         self.inner
             .books()
@@ -821,6 +822,11 @@ async fn nikohealth_token(
 }
 
 async fn nethealth_discovery(State(inner): State<Arc<Inner>>) -> Response {
+    *inner
+        .books()
+        .requests
+        .entry((Vendor::NetHealth, "discovery".to_owned()))
+        .or_default() += 1;
     let issuer = format!("{}/nethealth", inner.base);
     let mut doc = serde_json::json!({
             "issuer": issuer,
