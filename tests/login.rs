@@ -61,6 +61,22 @@ async fn log_in(agent: &Agent) -> String {
     assert_eq!(status, 200, "{page}");
     let (exit, stdout, stderr) = login.finish(Duration::from_secs(20));
     assert!(exit.success(), "login failed:\n{stdout}\n{stderr}");
+    for (_, secret) in sandbox::credentials_env() {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "a secret in the login's output"
+        );
+    }
+    // Nor the authorization code (the state is in the printed address by design).
+    let callback_query = callback.query().unwrap_or_default().to_owned();
+    for (_, value) in
+        url::form_urlencoded::parse(callback_query.as_bytes()).filter(|(k, _)| k == "code")
+    {
+        assert!(
+            !stdout.contains(value.as_ref()) && !stderr.contains(value.as_ref()),
+            "a redirect value in the login's output"
+        );
+    }
     stdout
 }
 
