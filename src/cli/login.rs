@@ -30,19 +30,10 @@ pub struct Args {
 
 pub async fn run(config_path: &Path, args: &Args) -> ExitCode {
     let env = config::Env::from_process();
-    // Only this account's secrets: the others may be readable by the service alone.
-    let scope = config::Secrets::Account(args.account.to_owned());
-    let loaded = match config::load_scoped(config_path, &env, &scope) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(super::EXIT_CONFIG);
-        }
+    let config = match super::load_for_account(config_path, &env, &args.account) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    for w in &loaded.warnings {
-        tracing::warn!(key = %w.key, "{}", w.message);
-    }
-    let config = loaded.config;
     let Some(account) = config.account(&args.account) else {
         let names: Vec<&str> = config.accounts.iter().map(|a| a.name.as_str()).collect();
         eprintln!(

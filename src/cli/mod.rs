@@ -292,6 +292,25 @@ async fn run_agent(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// Loads the config for a command about one account, reading only that account's secrets (the
+/// others may be readable by the service alone); warnings are logged. On failure, prints every
+/// problem and returns the exit code.
+fn load_for_account(
+    path: &std::path::Path,
+    env: &config::Env,
+    account: &str,
+) -> Result<config::Config, ExitCode> {
+    let scope = config::Secrets::Account(account.to_owned());
+    let loaded = config::load_scoped(path, env, &scope).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    for w in &loaded.warnings {
+        tracing::warn!(key = %w.key, "{}", w.message);
+    }
+    Ok(loaded.config)
+}
+
 /// Loads the config for a command, printing every problem and returning the exit code on failure.
 fn load_config(path: &std::path::Path) -> Result<Loaded, ExitCode> {
     config::load(path).map_err(|e| {

@@ -14,19 +14,10 @@ use crate::sync::{JobRunner, Outcome};
 
 pub async fn run(config_path: &Path, account: &str, job: &str, full: bool) -> ExitCode {
     let env = config::Env::from_process();
-    // Only this account's secrets: the others may be readable by the service alone.
-    let scope = config::Secrets::Account(account.to_owned());
-    let loaded = match config::load_scoped(config_path, &env, &scope) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(super::EXIT_CONFIG);
-        }
+    let mut config = match super::load_for_account(config_path, &env, account) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    for w in &loaded.warnings {
-        tracing::warn!(key = %w.key, "{}", w.message);
-    }
-    let mut config = loaded.config;
     let (account, job) = match pick(&mut config, account, job) {
         Ok(found) => found,
         Err(message) => {

@@ -135,6 +135,17 @@ async fn provider(ctx: &Context<'_>) -> Result<Option<Arc<ProviderMetadata>>, Lo
     }
 }
 
+/// The configured endpoint, else the one the provider's discovery document names.
+fn endpoint(
+    configured: &Option<Url>,
+    provider: Option<&ProviderMetadata>,
+    discovered: fn(&ProviderMetadata) -> &Option<Url>,
+) -> Option<Url> {
+    configured
+        .clone()
+        .or_else(|| provider.and_then(|p| discovered(p).clone()))
+}
+
 fn random_token() -> Result<String, LoginError> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes)
@@ -157,14 +168,10 @@ pub async fn authorization_code(
 ) -> Result<LoggedIn, LoginError> {
     let account = ctx.account;
     let provider = provider(ctx).await?;
-    let endpoint = match (&account.authorization_endpoint, &provider) {
-        (Some(url), _) => url.clone(),
-        (None, Some(p)) => p
-            .authorization_endpoint
-            .clone()
-            .ok_or(LoginError::NoAuthorizationEndpoint)?,
-        (None, None) => return Err(LoginError::NoAuthorizationEndpoint),
-    };
+    let endpoint = endpoint(&account.authorization_endpoint, provider.as_deref(), |p| {
+        &p.authorization_endpoint
+    })
+    .ok_or(LoginError::NoAuthorizationEndpoint)?;
     if let Some(p) = &provider {
         // A provider that lists its methods must list S256. One that lists none is trusted
         // only when the config names the authorization page itself.
@@ -268,14 +275,12 @@ pub async fn device(
 ) -> Result<LoggedIn, LoginError> {
     let account = ctx.account;
     let provider = provider(ctx).await?;
-    let endpoint = match (&account.device_authorization_endpoint, &provider) {
-        (Some(url), _) => url.clone(),
-        (None, Some(p)) => p
-            .device_authorization_endpoint
-            .clone()
-            .ok_or(LoginError::NoDevice)?,
-        (None, None) => return Err(LoginError::NoDevice),
-    };
+    let endpoint = endpoint(
+        &account.device_authorization_endpoint,
+        provider.as_deref(),
+        |p| &p.device_authorization_endpoint,
+    )
+    .ok_or(LoginError::NoDevice)?;
     let target = TokenTarget::resolve(account, provider.as_deref())
         .map_err(|e| LoginError::Discovery(describe_failure(&e)))?;
 

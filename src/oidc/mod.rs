@@ -152,20 +152,14 @@ pub(crate) async fn get_json(http: &reqwest::Client, url: &str) -> Result<(u16, 
 }
 
 fn describe(e: &reqwest::Error) -> String {
-    let mut text = if e.is_timeout() {
-        "no answer in time".to_owned()
+    let kind = if e.is_timeout() {
+        "no answer in time"
     } else if e.is_connect() {
-        "cannot connect".to_owned()
+        "cannot connect"
     } else {
-        "the request failed".to_owned()
+        "the request failed"
     };
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+    format!("{kind}{}", crate::token::client::causes(e))
 }
 
 struct Entry {

@@ -264,14 +264,7 @@ fn describe(e: reqwest::Error) -> String {
         "cannot connect".to_owned()
     } else {
         let e = e.without_url();
-        let mut text = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            text.push_str(": ");
-            text.push_str(&s.to_string());
-            source = s.source();
-        }
-        text
+        format!("{e}{}", crate::token::client::causes(&e))
     }
 }
 

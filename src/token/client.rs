@@ -359,14 +359,22 @@ fn transport(e: &reqwest::Error) -> Failure {
     } else {
         "the token request failed"
     };
-    let mut reason = kind.to_owned();
-    let mut source = std::error::Error::source(e);
+    Failure::Transient {
+        reason: format!("{kind}{}", causes(e)),
+    }
+}
+
+/// `": cause: deeper cause…"`: the sources of `e`, for errors whose own text says too little
+/// (reqwest's "error sending request"). Empty when there are none.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = String::new();
+    let mut source = e.source();
     while let Some(s) = source {
-        reason.push_str(": ");
-        reason.push_str(&s.to_string());
+        text.push_str(": ");
+        text.push_str(&s.to_string());
         source = s.source();
     }
-    Failure::Transient { reason }
+    text
 }
 
 fn not_configured(what: &str) -> Failure {
