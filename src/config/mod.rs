@@ -549,8 +549,11 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// The command an operator runs to log an account in again with the config at `path`, up to
-/// the account name: `ehrsync --config /etc/ehrsync/ehrsync.toml login`.
+/// the account name: `ehrsync --config /etc/ehrsync/ehrsync.toml login` (quoted for a POSIX
+/// shell when the path needs it).
 pub fn login_command(path: &Path) -> String {
+    // Absolute, so the command works from wherever the operator's shell is.
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
     let text = path.display().to_string();
     if text.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
         format!("ehrsync --config '{}' login", text.replace('\'', r"'\''"))
@@ -580,6 +583,20 @@ pub fn default_database(env: &Env) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn login_commands_name_the_config_absolutely_and_quote_it() {
+        assert_eq!(
+            login_command(Path::new("/etc/ehrsync/ehrsync.toml")),
+            "ehrsync --config /etc/ehrsync/ehrsync.toml login"
+        );
+        assert_eq!(
+            login_command(Path::new("/srv/it's here/e.toml")),
+            r"ehrsync --config '/srv/it'\''s here/e.toml' login"
+        );
+        let relative = login_command(Path::new("config/ehrsync.toml"));
+        assert!(relative.starts_with("ehrsync --config /"), "{relative}");
+    }
 
     #[test]
     fn syntax_errors_give_position_without_quoting_the_line() {
