@@ -361,3 +361,41 @@ async fn login_and_status_read_no_other_accounts_secrets() {
         .collect();
     assert_eq!(states, [("nh", "valid"), ("niko", "no_token")]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_password_account_logs_in_once_at_once_and_a_wrong_password_is_reported() {
+    let sandbox = sandbox(Duration::from_secs(3600)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_config(
+        dir.path(),
+        &format!(
+            "[agent]\ndatabase = 'ehrsync.db'\n{}",
+            sandbox.account_config(Vendor::Nextech, "nx")
+        ),
+    );
+    let (exit, stdout, stderr) = Login::start(
+        &config,
+        &["nx"],
+        &[("SANDBOX_NEXTECH_PASSWORD", "not-it-7c1d")],
+    )
+    .finish(Duration::from_secs(20));
+    assert_eq!(exit.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("AADSTS50126"), "{stderr}");
+    assert!(
+        !stderr.contains("wrong"),
+        "the password in the output: {stderr}"
+    );
+
+    let (exit, stdout, stderr) =
+        Login::start(&config, &["nx"], &[]).finish(Duration::from_secs(20));
+    assert!(exit.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("Logged in: account nx"), "{stdout}");
+    assert!(stdout.contains("refresh token expires"), "{stdout}");
+    assert_eq!(sandbox.requests(Vendor::Nextech, "password"), 2);
+    let store = ehrsync::store::Store::open(&dir.path().join("ehrsync.db"))
+        .await
+        .unwrap();
+    let record = store.load_token("nx").await.unwrap().unwrap();
+    store.close().await;
+    assert_eq!(record.state, "valid");
+}

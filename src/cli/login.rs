@@ -124,8 +124,8 @@ async fn primary_grant(shared: &Shared, account: &Account) -> Result<LoggedIn, S
         ),
         _ => None,
     };
-    let target =
-        TokenTarget::resolve(account, provider.as_deref()).map_err(|e| format!("{e:?}"))?;
+    let target = TokenTarget::resolve(account, provider.as_deref())
+        .map_err(|e| login::describe_failure(&e))?;
     println!(
         "Logging in to {} with its {} grant...",
         account.name, account.grant
@@ -138,19 +138,11 @@ async fn primary_grant(shared: &Shared, account: &Account) -> Result<LoggedIn, S
         GrantForm::Login(account.grant),
     )
     .await
-    .map_err(|e| match e {
-        crate::token::core::Failure::OAuth { status, error } => format!(
-            "the token endpoint refused the login (HTTP {status}): {}{}",
-            error.error,
-            error
-                .description
-                .map(|d| format!(" ({d})"))
-                .unwrap_or_default()
-        ),
-        crate::token::core::Failure::Transient { reason } => reason,
-        crate::token::core::Failure::RateLimited { .. } => {
-            "the token endpoint asks to slow down (HTTP 429); try again later".to_owned()
-        }
+    .map_err(|e| {
+        format!(
+            "the token endpoint did not log in: {}",
+            login::describe_failure(&e)
+        )
     })?;
     Ok(LoggedIn {
         response,

@@ -466,7 +466,8 @@ async fn finish(
     })
 }
 
-fn describe_failure(f: &Failure) -> String {
+/// A token-endpoint failure as a person reads it (the provider's `error`, its description).
+pub fn describe_failure(f: &Failure) -> String {
     match f {
         Failure::Transient { reason } => reason.clone(),
         Failure::RateLimited { .. } => "the provider asks to slow down (HTTP 429)".to_owned(),

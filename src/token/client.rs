@@ -350,12 +350,20 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, Failur
     Ok(body)
 }
 
+/// How a failure to reach the token endpoint at all begins.
+const CONNECT_FAILED: &str = "cannot connect to the token endpoint";
+
+/// Whether `failure` is a connection that never opened (the endpoint may have moved).
+pub fn is_connect_failure(failure: &Failure) -> bool {
+    matches!(failure, Failure::Transient { reason } if reason.starts_with(CONNECT_FAILED))
+}
+
 /// Describes a transport failure without the request (whose body holds secrets).
 fn transport(e: &reqwest::Error) -> Failure {
     let kind = if e.is_timeout() {
         "the token endpoint did not answer in time"
     } else if e.is_connect() {
-        "cannot connect to the token endpoint"
+        CONNECT_FAILED
     } else {
         "the token request failed"
     };

@@ -203,19 +203,8 @@ pub async fn spawn(
     shared: Shared,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(TokenHandle, tokio::task::JoinHandle<()>), crate::store::StoreError> {
-    let policy = Policy::for_account(&account);
     let name = account.name.to_string();
-    let seed = seed_for(&name);
-    let core = match shared.store.load_token(&name).await? {
-        Some(record) => {
-            let (saved, problem) = from_record(record, &shared.cipher);
-            if let Some(e) = problem {
-                tracing::warn!(account = %name, error = %e, "stored tokens are unusable; logging in again");
-            }
-            Core::restore(policy, seed, saved)
-        }
-        None => Core::new(policy, seed),
-    };
+    let core = stored_core(&shared, &account).await?;
     let (snap_tx, snap_rx) = watch::channel(snapshot(&core, shared.clock.now()));
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let handle = TokenHandle {
@@ -236,6 +225,22 @@ pub async fn spawn(
     };
     let task = tokio::spawn(owner.run(shutdown));
     Ok((handle, task))
+}
+
+/// `account`'s lifecycle core as stored (or a fresh one when nothing is).
+async fn stored_core(shared: &Shared, account: &Account) -> Result<Core, crate::store::StoreError> {
+    let name = account.name.as_str();
+    let (policy, seed) = (Policy::for_account(account), seed_for(name));
+    Ok(match shared.store.load_token(name).await? {
+        Some(record) => {
+            let (saved, problem) = from_record(record, &shared.cipher);
+            if let Some(e) = problem {
+                tracing::warn!(account = name, error = %e, "stored tokens are unusable; logging in again");
+            }
+            Core::restore(policy, seed, saved)
+        }
+        None => Core::new(policy, seed),
+    })
 }
 
 /// Jitter must differ between accounts and between processes: hash the name, add OS randomness.
@@ -550,7 +555,7 @@ impl Owner {
         // endpoint is then a transient failure, not a refusal that parks the account.
         if matches!(self.account.token_endpoint, TokenEndpoint::Discovery { .. }) {
             self.rediscover = match &result {
-                Err(Failure::Transient { reason }) => reason.starts_with("cannot connect"),
+                Err(failure) if super::client::is_connect_failure(failure) => true,
                 Err(Failure::OAuth { status, .. }) if matches!(status, 404 | 405 | 410) => {
                     result = Err(Failure::Transient {
                         reason: format!(
@@ -607,7 +612,6 @@ pub struct StoredLogin {
     pub expires_at: Timestamp,
     /// `None` when no refresh token came; `Some(None)` for one of unknown lifetime.
     pub refresh_expires_at: Option<Option<Timestamp>>,
-    pub generation: u64,
 }
 
 /// Stores tokens a person obtained with `ehrsync login` as `account`'s current tokens, through
@@ -644,17 +648,9 @@ pub async fn store_login(
         }
     }
     let result = async {
-        let policy = Policy::for_account(account);
-        let seed = seed_for(name);
-        let mut core = match shared
-            .store
-            .load_token(name)
+        let mut core = stored_core(shared, account)
             .await
-            .map_err(|e| e.to_string())?
-        {
-            Some(record) => Core::restore(policy, seed, from_record(record, &shared.cipher).0),
-            None => Core::new(policy, seed),
-        };
+            .map_err(|e| e.to_string())?;
         let now = shared.clock.now();
         core.logged_in(now, response, sent_at);
         let record = to_record(name, &core, now, &shared.cipher).map_err(|e| e.to_string())?;
@@ -669,7 +665,6 @@ pub async fn store_login(
         Ok(StoredLogin {
             expires_at: tokens.expires_at,
             refresh_expires_at: tokens.refresh.as_ref().map(|r| r.expires_at),
-            generation: tokens.generation,
         })
     }
     .await;
