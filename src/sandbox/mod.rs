@@ -731,12 +731,7 @@ async fn carecentric_token(
         return fault_response(vendor, fault);
     }
     let c = CARECENTRIC_CREDENTIALS;
-    // IdentityServer takes client credentials from the body or from Basic.
-    let client = basic_auth(&headers)
-        .or_else(|| Some((f.get("client_id")?.clone(), f.get("client_secret")?.clone())));
-    if client.as_ref().map(|(i, s)| (i.as_str(), s.as_str()))
-        != Some((c.client_id, c.client_secret))
-    {
+    if !client_is(&c, &headers, &f) {
         return json(
             StatusCode::BAD_REQUEST,
             serde_json::json!({ "error": "invalid_client" }),
@@ -850,9 +845,9 @@ async fn nethealth_jwks(State(inner): State<Arc<Inner>>) -> Response {
     json(StatusCode::OK, inner.signer.jwks())
 }
 
-/// The client's credentials from HTTP Basic or the form body, if they are Net Health's.
-fn nethealth_client(headers: &HeaderMap, f: &HashMap<String, String>) -> bool {
-    let c = NETHEALTH_CREDENTIALS;
+/// Whether the client authenticated as `c`, by HTTP Basic or in the form body (IdentityServer
+/// and Net Health's provider take either).
+fn client_is(c: &SandboxCredentials, headers: &HeaderMap, f: &HashMap<String, String>) -> bool {
     let client = basic_auth(headers)
         .or_else(|| Some((f.get("client_id")?.clone(), f.get("client_secret")?.clone())));
     client.as_ref().map(|(i, s)| (i.as_str(), s.as_str())) == Some((c.client_id, c.client_secret))
@@ -865,7 +860,7 @@ async fn nethealth_device_authorization(
     body: Bytes,
 ) -> Response {
     let f = form(&body);
-    if !nethealth_client(&headers, &f) {
+    if !client_is(&NETHEALTH_CREDENTIALS, &headers, &f) {
         return json(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({ "error": "invalid_client" }),
@@ -1016,7 +1011,7 @@ async fn nethealth_token(
         return fault_response(vendor, fault);
     }
     let c = NETHEALTH_CREDENTIALS;
-    if !nethealth_client(&headers, &f) {
+    if !client_is(&NETHEALTH_CREDENTIALS, &headers, &f) {
         return json(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({ "error": "invalid_client" }),
