@@ -7,6 +7,8 @@ use clap::Parser;
 use ehrsync::cli::{self, Cli};
 
 fn main() -> ExitCode {
+    // No paused test clock here: database calls need no hop through the blocking pool.
+    ehrsync::store::unshield();
     let args = Cli::parse();
     if args.command.is_service_run() {
         // The Windows Service Control Manager's dispatcher takes this thread and runs the

@@ -2,8 +2,8 @@
 //! names (and fixed words such as grant or outcome) only: never secrets or patient data.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the agent exports, registered in one registry.
@@ -16,6 +16,8 @@ pub struct Metrics {
     pub needs_login: IntGaugeVec,
     pub token_requests: IntCounterVec,
     pub token_request_duration: HistogramVec,
+    /// How long after its planned moment a proactive refresh set out (all accounts together).
+    pub token_refresh_lateness: Histogram,
     pub sync_runs: IntCounterVec,
     pub sync_records: IntCounterVec,
     pub sync_duration: HistogramVec,
@@ -71,6 +73,13 @@ impl Metrics {
                     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 ]),
                 &["account", "grant"],
+            )?,
+            token_refresh_lateness: Histogram::with_opts(
+                HistogramOpts::new(
+                    "ehrsync_token_refresh_lateness_seconds",
+                    "How long after its planned moment a proactive token refresh started.",
+                )
+                .buckets(vec![0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0]),
             )?,
             sync_runs: IntCounterVec::new(
                 Opts::new(
@@ -146,6 +155,7 @@ impl Metrics {
             Box::new(m.needs_login.clone()),
             Box::new(m.token_requests.clone()),
             Box::new(m.token_request_duration.clone()),
+            Box::new(m.token_refresh_lateness.clone()),
             Box::new(m.sync_runs.clone()),
             Box::new(m.sync_records.clone()),
             Box::new(m.sync_duration.clone()),

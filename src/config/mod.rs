@@ -461,13 +461,28 @@ pub fn load_scoped(path: &Path, env: &Env, secrets: &Secrets) -> Result<Loaded, 
             format!("cannot read the config file: {e}"),
         )])
     })?;
-    let syntax = toml_syntax_problems(&text);
+    load_text(path, &text, env, secrets)
+}
+
+/// Validates `text` as the config file at `path` (relative paths in it resolve against the
+/// file's directory) against `env`, reading only the `secrets` asked for.
+pub fn load_text(
+    path: &Path,
+    text: &str,
+    env: &Env,
+    secrets: &Secrets,
+) -> Result<Loaded, ConfigError> {
+    let fail = |problems| ConfigError {
+        path: path.to_owned(),
+        problems,
+    };
+    let syntax = toml_syntax_problems(text);
     if !syntax.is_empty() {
         return Err(fail(syntax));
     }
     let overrides = env_overrides(env);
     let layered = ::config::Config::builder()
-        .add_source(::config::File::from_str(&text, ::config::FileFormat::Toml))
+        .add_source(::config::File::from_str(text, ::config::FileFormat::Toml))
         .add_source(
             ::config::Environment::with_prefix(ENV_PREFIX)
                 .separator(ENV_SEPARATOR)

@@ -195,6 +195,20 @@ struct Books {
     /// Access tokens revoked before they expired.
     revoked_access_tokens: Vec<String>,
     issued: u64,
+    /// Every access token issued, once [`Sandbox::record_issuance`] asked for it.
+    issuance: Option<Vec<Issued>>,
+}
+
+/// One access token the sandbox issued (see [`Sandbox::record_issuance`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    pub vendor: Vendor,
+    /// Nextech's tenant from the token URL (so many accounts can be told apart); empty for
+    /// the other vendors.
+    pub tenant: String,
+    pub grant: String,
+    pub at: Timestamp,
+    pub expires: Timestamp,
 }
 
 struct Inner {
@@ -376,6 +390,24 @@ impl Sandbox {
             ),
             Vendor::Generic => format!("{head}# the sandbox emulates no generic provider\n"),
         }
+    }
+
+    /// Nextech's token URL for `tenant` (accounts with different tenants are told apart in
+    /// [`Sandbox::issuance`]).
+    pub fn tenant_token_url(&self, tenant: &str) -> Url {
+        let text = format!("{}/nextech/{tenant}/oauth2/token", self.inner.base);
+        Url::parse(&text).unwrap_or_else(|_| self.token_url(Vendor::Nextech))
+    }
+
+    /// Starts recording every access token issued (Nextech's, by tenant), for benchmarks that
+    /// check no account was ever left without a valid token.
+    pub fn record_issuance(&self) {
+        self.inner.books().issuance.get_or_insert_with(Vec::new);
+    }
+
+    /// The access tokens issued since [`Sandbox::record_issuance`], in order.
+    pub fn issuance(&self) -> Vec<Issued> {
+        self.inner.books().issuance.clone().unwrap_or_default()
     }
 
     /// Token requests served for `vendor` with `grant_type = grant` (faults included); also
@@ -598,7 +630,7 @@ fn oauth_error(
 
 async fn nextech_token(
     State(inner): State<Arc<Inner>>,
-    Path(_tenant): Path<String>,
+    Path(tenant): Path<String>,
     body: Bytes,
 ) -> Response {
     let vendor = Vendor::Nextech;
@@ -695,6 +727,15 @@ async fn nextech_token(
     {
         let mut books = inner.books();
         books.issued += 1;
+        if let Some(log) = &mut books.issuance {
+            log.push(Issued {
+                vendor,
+                tenant,
+                grant,
+                at: now,
+                expires,
+            });
+        }
         books
             .access_tokens
             .insert(access.clone(), (vendor, expires));

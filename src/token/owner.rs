@@ -289,8 +289,13 @@ impl Owner {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let name = self.account.name.to_string();
         let mut out = self.core.step(self.shared.clock.now(), Event::Start);
+        // How late the proactive refresh in flight set out (for its log line).
+        let mut late: Option<Duration> = None;
         loop {
-            self.apply(&out).await;
+            self.apply(&out, late).await;
+            if out.finished.is_some() {
+                late = None;
+            }
             if self.holding_lease {
                 self.release_lease().await;
             }
@@ -335,7 +340,13 @@ impl Owner {
             let parked = self.core.state(now) == State::NeedsLogin;
             tokio::select! {
                 _ = sleep_or_forever(sleep) => {
-                    out = self.core.step(self.shared.clock.now(), Event::Timer);
+                    let now = self.shared.clock.now();
+                    let planned = self.core.next_refresh_at().filter(|_| self.core.state(now) == State::Valid);
+                    out = self.core.step(now, Event::Timer);
+                    late = planned.filter(|_| out.request.is_some()).map(|at| now.since(at));
+                    if let Some(late) = late {
+                        self.shared.metrics.token_refresh_lateness.observe(late.as_secs_f64());
+                    }
                 }
                 _ = sleep_or_forever(parked.then_some(NEEDS_LOGIN_POLL)) => {
                     let adopted = match self.newer_stored().await {
@@ -364,7 +375,7 @@ impl Owner {
     }
 
     /// Records, stores and publishes what a step produced.
-    async fn apply(&mut self, out: &Output) {
+    async fn apply(&mut self, out: &Output, late: Option<Duration>) {
         let name = self.account.name.as_str();
         let now = self.shared.clock.now();
         if let Some((request, outcome)) = out.finished {
@@ -380,7 +391,8 @@ impl Owner {
                         .tokens()
                         .map(|t| t.expires_at.to_string())
                         .unwrap_or_default();
-                    tracing::info!(account = name, grant = request.grant_label(), expires = %expires, "obtained a new access token");
+                    let late_ms = late.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                    tracing::info!(account = name, grant = request.grant_label(), expires = %expires, late_ms, "obtained a new access token");
                 }
                 _ => tracing::warn!(
                     account = name,
