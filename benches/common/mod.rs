@@ -174,3 +174,19 @@ pub fn arg<T: std::str::FromStr>(name: &str) -> Option<T> {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.replace('_', "").parse().ok())
 }
+
+/// The arguments that are neither flags nor the values of `valued` flags, parsed.
+pub fn positional<T: std::str::FromStr>(valued: &[&str]) -> Vec<T> {
+    let mut out = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if valued.contains(&a.as_str()) {
+            args.next();
+        } else if !a.starts_with("--")
+            && let Ok(v) = a.replace('_', "").parse()
+        {
+            out.push(v);
+        }
+    }
+    out
+}

@@ -2,8 +2,9 @@
 //!
 //! A run takes the job's lease (so it never overlaps itself, in this process or another),
 //! records itself in `sync_runs`, and walks the pages: while page k is written (one
-//! transaction, records and counts together), page k+1 is already being fetched. Only the
-//! page in hand and the one being written are in memory, whatever the run's size. The
+//! transaction, records and counts together), page k+1 is already being fetched and read. At
+//! most three pages are in memory (being written, waiting, being read), whatever the run's
+//! size. The
 //! watermark moves in the transaction that marks the run `success`; a run that fails or is
 //! dropped halfway leaves its committed pages and the old watermark, and the next run repeats
 //! the rest (upserts are idempotent).
@@ -463,79 +464,87 @@ impl JobRunner {
         };
         let [account, job] = self.labels();
         let resource_type = source.resource_type().to_owned();
-        let hasher = RandomState::new();
-        let mut visited: HashSet<u64> = HashSet::new();
-        let mut next = Some(first);
-        let mut to_write: Option<Vec<PageRow>> = None;
-        let mut page_no = 0u32;
-        loop {
-            let stopping = *stop.borrow();
-            let url = if stopping { None } else { next.take() };
-            if let Some(u) = &url {
+        // The reader fetches and reads pages; the writer commits them, one transaction each.
+        // One page waits between them, so page k+1 is fetched and read while page k is
+        // written, and at most three pages are in memory whatever the run's size.
+        let (pages, mut to_write) = tokio::sync::mpsc::channel::<Vec<PageRow>>(1);
+        let newest = &mut progress.newest;
+        // It owns the sender: its end closes the channel.
+        let reader = async move {
+            let hasher = RandomState::new();
+            let mut visited: HashSet<u64> = HashSet::new();
+            let mut next = Some(first);
+            let mut page_no = 0u32;
+            let mut stop = stop.clone();
+            loop {
+                // A shutdown abandons the page being fetched (nothing of it is stored yet),
+                // while pages already read are written.
+                if *stop.borrow() {
+                    return Ok(false);
+                }
+                let Some(url) = next.take() else {
+                    return Ok(true);
+                };
                 page_no += 1;
-                if !visited.insert(hasher.hash_one(u.as_str())) {
+                if !visited.insert(hasher.hash_one(url.as_str())) {
                     return Err(SyncError::Malformed {
-                        url: u.to_string(),
+                        url: url.to_string(),
                         page: page_no,
                         reason: "the next link leads back to a page already read".to_owned(),
                     });
                 }
+                let page = tokio::select! {
+                    r = fetcher.get(&url, page_no) => r?,
+                    _ = stop.wait_for(|s| *s) => return Ok(false),
+                    // The writer failed: its error ends the run.
+                    _ = pages.closed() => return Ok(false),
+                };
+                let read = source
+                    .read(&page.body, &page.url, page_no == 1)
+                    .map_err(|reason| SyncError::Malformed {
+                        url: page.url.to_string(),
+                        page: page_no,
+                        reason,
+                    })?;
+                drop(page);
+                *newest = (*newest).max(read.newest);
+                next = read.next;
+                if pages.send(read.rows).await.is_err() {
+                    return Ok(false);
+                }
             }
-            let mut stop_during = stop.clone();
-            let fetch = async {
-                let u = url.as_ref()?;
-                // A shutdown abandons the page being fetched (nothing of it is stored yet),
-                // while the page being written completes.
-                tokio::select! {
-                    r = fetcher.get(u, page_no) => Some(r),
-                    _ = stop_during.wait_for(|s| *s) => None,
+        };
+        // It owns the receiver: a failed write closes the channel.
+        let writer = async move {
+            let (mut pages, mut records) = (0u32, 0u64);
+            while let Some(rows) = to_write.recv().await {
+                let n = rows.len() as u64;
+                let at = self.shared.clock.now().unix_seconds();
+                let written = self
+                    .shared
+                    .store
+                    .commit_page(run_id, account, &resource_type, rows, at)
+                    .await;
+                if let Err(e) = written {
+                    return (pages, records, Err(e));
                 }
-            };
-            let rows = to_write.take();
-            let write = async {
-                match rows {
-                    Some(rows) => {
-                        let n = rows.len() as u64;
-                        let at = self.shared.clock.now().unix_seconds();
-                        Some(
-                            self.shared
-                                .store
-                                .commit_page(run_id, account, &resource_type, rows, at)
-                                .await
-                                .map(|()| n),
-                        )
-                    }
-                    None => None,
-                }
-            };
-            let (fetched, written) = tokio::join!(fetch, write);
-            if let Some(written) = written {
-                let n = written?;
-                progress.pages += 1;
-                progress.records += n;
+                pages += 1;
+                records += n;
                 self.shared
                     .metrics
                     .sync_records
                     .with_label_values(&[account, job])
                     .inc_by(n);
             }
-            let page = match fetched {
-                Some(result) => result?,
-                // Nothing left to fetch: complete. Stopped before or during a fetch: interrupted.
-                None => return Ok(url.is_none() && next.is_none()),
-            };
-            let read = source
-                .read(&page.body, &page.url, page_no == 1)
-                .map_err(|reason| SyncError::Malformed {
-                    url: page.url.to_string(),
-                    page: page_no,
-                    reason,
-                })?;
-            drop(page);
-            progress.newest = progress.newest.max(read.newest);
-            next = read.next;
-            to_write = Some(read.rows);
-        }
+            (pages, records, Ok(()))
+        };
+        // When the reader ends, the writer drains what was read and stops; a writer that fails
+        // closes the channel from its side, which stops the reader.
+        let (read, (pages, records, written)) = tokio::join!(reader, writer);
+        progress.pages = pages;
+        progress.records = records;
+        written?;
+        read
     }
 
     /// Renews the job lease every [`JOB_LEASE_RENEW`] while a run lasts. Never returns.
