@@ -58,7 +58,10 @@ mod bench {
             sandbox.set_patients(n);
             let (mut pulled, mut ceiling, mut share, mut rss) = (vec![], vec![], vec![], vec![]);
             for _ in 0..runs {
+                // Each measurement starts with no dirty pages of the one before to write back.
+                common::flush_disks();
                 let (rate, peak_mb) = pipeline(&sandbox, n);
+                common::flush_disks();
                 let raw = raw_ceiling(&sandbox, n);
                 pulled.push(rate);
                 ceiling.push(raw);

@@ -54,6 +54,13 @@ fn clock_ticks() -> f64 {
     if t > 0 { t as f64 } else { 100.0 }
 }
 
+/// Writes every dirty page of every file system back to disk (`sync`), so that one
+/// measurement does not pay for the writes of the one before.
+pub fn flush_disks() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
 /// Waits for `child` and returns its exit code and peak RSS in kB (from `wait4`'s rusage, so
 /// the figure covers the whole life of the process).
 pub fn wait_with_peak_rss(child: Child) -> (Option<i32>, u64) {
