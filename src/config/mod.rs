@@ -331,6 +331,15 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn parse(text: &str) -> Result<Self, String> {
+        // croner skips empty list items, so a field of only `,` selects no value at all; with
+        // no second (or minute, or hour) to match, its search below runs ~100 s before it
+        // gives up.
+        if text
+            .split_whitespace()
+            .any(|field| field.split(',').any(|item| item.trim().is_empty()))
+        {
+            return Err("a field has an empty item in its `,` list".to_owned());
+        }
         let cron = croner::parser::CronParser::builder()
             .seconds(croner::parser::Seconds::Required)
             .build()
@@ -660,6 +669,26 @@ mod tests {
             "2026-11-22T05:30:01+00:00",
             "occurrences are whole seconds"
         );
+    }
+
+    #[test]
+    fn schedules_with_an_empty_list_item_are_refused_at_once() {
+        // Found by fuzz/fuzz_targets/config.rs: `schedule = ", */30 * * * *"` took croner
+        // ~100 s to find never firing, so loading the config hung.
+        let started = std::time::Instant::now();
+        for text in [
+            ", */30 * * * *",
+            "0 , * * * *",
+            "0 0 ,, * * *",
+            "0 0 0 , * *",
+            "1,,2 * * * * *",
+            "0 0 0 * * 1,",
+        ] {
+            let err = Schedule::parse(text).unwrap_err();
+            assert!(err.contains("empty item"), "{text}: {err}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(Schedule::parse("0,30 */15 * * * MON,FRI").is_ok());
     }
 
     #[test]

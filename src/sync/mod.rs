@@ -260,6 +260,16 @@ impl Source<'_> {
     }
 }
 
+/// A spawned task that is aborted when its handle is dropped (a run cut off by a stop takes its
+/// page writer with it; the writer's open transaction then rolls back).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl JobRunner {
     fn labels(&self) -> [&str; 2] {
         [self.account.name.as_str(), self.job.name.as_str()]
@@ -514,15 +524,21 @@ impl JobRunner {
                 }
             }
         };
-        // It owns the receiver: a failed write closes the channel.
-        let writer = async move {
+        // A task of its own, so that reading a page (CPU work in this task) never holds up the
+        // writer's next statement. It owns the receiver: a failed write closes the channel.
+        let (store, metrics, clock) = (
+            self.shared.store.clone(),
+            self.shared.metrics.clone(),
+            self.shared.clock.clone(),
+        );
+        let (account_owned, job_owned) = (account.to_owned(), job.to_owned());
+        let mut writer = AbortOnDrop(tokio::spawn(async move {
+            let (account, job) = (account_owned.as_str(), job_owned.as_str());
             let (mut pages, mut records) = (0u32, 0u64);
             while let Some(rows) = to_write.recv().await {
                 let n = rows.len() as u64;
-                let at = self.shared.clock.now().unix_seconds();
-                let written = self
-                    .shared
-                    .store
+                let at = clock.now().unix_seconds();
+                let written = store
                     .commit_page(run_id, account, &resource_type, rows, at)
                     .await;
                 if let Err(e) = written {
@@ -530,17 +546,20 @@ impl JobRunner {
                 }
                 pages += 1;
                 records += n;
-                self.shared
-                    .metrics
+                metrics
                     .sync_records
                     .with_label_values(&[account, job])
                     .inc_by(n);
             }
             (pages, records, Ok(()))
-        };
+        }));
         // When the reader ends, the writer drains what was read and stops; a writer that fails
         // closes the channel from its side, which stops the reader.
-        let (read, (pages, records, written)) = tokio::join!(reader, writer);
+        let read = reader.await;
+        let (pages, records, written) = match (&mut writer.0).await {
+            Ok(done) => done,
+            Err(e) => (0, 0, Err(StoreError::Task(e.to_string()))),
+        };
         progress.pages = pages;
         progress.records = records;
         written?;
