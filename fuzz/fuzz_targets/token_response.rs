@@ -1,0 +1,135 @@
+//! Token endpoint bodies: `parse_success`, `parse_error`, `jwt_exp` and `access_expiry`.
+//!
+//! Besides "never panics" it checks what `src/token/response.rs` promises: an error (and the
+//! `Debug` of a parsed response) never shows a token from the body, an `OAuthError` is one
+//! tame line, and the chosen expiry is credible (after `issued_at`, never later than a given
+//! default).
+
+#![no_main]
+
+use std::time::Duration;
+
+use ehrsync::token::Timestamp;
+use ehrsync::token::response::{
+    ExpirySource, MAX_DESCRIPTION, MalformedResponse, TokenResponse, access_expiry, jwt_exp,
+    parse_error, parse_success,
+};
+use libfuzzer_sys::fuzz_target;
+use secrecy::ExposeSecret;
+use serde_json::Value;
+
+/// The fields whose values are secrets.
+const SECRET_FIELDS: [&str; 3] = ["access_token", "refresh_token", "id_token"];
+
+fuzz_target!(|data: &[u8]| {
+    let parsed = parse_success(data);
+    let shown = render(&parsed);
+    assert_no_secret_shown(data, &shown);
+    if let Ok(resp) = &parsed {
+        check_success(resp);
+    }
+
+    if let Some(e) = parse_error(data) {
+        assert!(!e.error.is_empty() && e.error.len() <= 100, "{e:?}");
+        assert!(
+            e.error
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\'),
+            "{e:?}"
+        );
+        if let Some(d) = &e.description {
+            let n = d.chars().count();
+            assert!(n <= MAX_DESCRIPTION + 1, "{n} characters");
+            assert!(n <= MAX_DESCRIPTION || d.ends_with('…'), "{d:?}");
+            assert!(!d.chars().any(char::is_control), "{d:?}");
+        }
+    }
+
+    // The whole input as a token, too (`x.y.z` shapes come from the corpus).
+    let _ = jwt_exp(&String::from_utf8_lossy(data));
+});
+
+/// Everything the caller could print about a parse: `Debug` of either outcome, `Display` of
+/// an error.
+fn render(parsed: &Result<TokenResponse, MalformedResponse>) -> String {
+    match parsed {
+        Ok(resp) => format!("{resp:?} {resp:#?}"),
+        Err(e) => format!("{e} {e:?}"),
+    }
+}
+
+/// Fails when a secret field's value shows in `shown` *because* it is the secret: the same
+/// body with that value disguised (same length, every character different) must show it too,
+/// or the text came from the secret and not from elsewhere (a `token_type` quoted in an error,
+/// a `scope`, the message's own words).
+fn assert_no_secret_shown(data: &[u8], shown: &str) {
+    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(data) else {
+        // Not a JSON object: `parse_success` fails before it reads any field.
+        return;
+    };
+    for field in SECRET_FIELDS {
+        let Some(Value::String(secret)) = body.get(field) else {
+            continue;
+        };
+        if secret.is_empty() || !shown.contains(secret.as_str()) {
+            continue;
+        }
+        let mut other = body.clone();
+        other.insert(field.to_owned(), Value::String(disguise(secret)));
+        let other = serde_json::to_vec(&Value::Object(other)).expect("a Value serializes");
+        let shown_other = render(&parse_success(&other));
+        assert!(
+            shown_other.contains(secret.as_str()),
+            "the {field} value is shown: {shown}"
+        );
+    }
+}
+
+fn disguise(s: &str) -> String {
+    s.chars()
+        .map(|c| if c == 'Z' { 'Y' } else { 'Z' })
+        .collect()
+}
+
+fn check_success(resp: &TokenResponse) {
+    let access = resp.access_token.expose_secret();
+    assert!(!access.is_empty());
+    if let Some(t) = &resp.token_type {
+        assert!(t.eq_ignore_ascii_case("bearer"), "{t:?}");
+    }
+    assert!(
+        resp.refresh_token
+            .as_ref()
+            .is_none_or(|t| !t.expose_secret().is_empty())
+    );
+    assert!(
+        resp.id_token
+            .as_ref()
+            .is_none_or(|t| !t.expose_secret().is_empty())
+    );
+
+    let issued = Timestamp::from_unix_millis(1_800_000_000_000);
+    let fallback = Duration::from_secs(300);
+    let secs = |s: i64| Timestamp::from_unix_millis(s.saturating_mul(1000));
+    for default in [None, Some(Duration::from_secs(3600))] {
+        let (at, source) = access_expiry(resp, access, issued, default, fallback);
+        // Only a credible expiry (after issue) is chosen, and the earliest one.
+        assert!(at > issued, "{at:?} from {source:?}");
+        if let Some(d) = default {
+            assert!(at <= issued + d, "{at:?} from {source:?}");
+        }
+        let expected = match source {
+            ExpirySource::JwtExp => jwt_exp(access).map(secs),
+            ExpirySource::ExpiresOn => resp.expires_on.map(secs),
+            ExpirySource::ExpiresIn => resp.expires_in.map(|s| issued + Duration::from_secs(s)),
+            ExpirySource::PresetDefault => default.map(|d| issued + d),
+            ExpirySource::Fallback => Some(issued + fallback),
+        };
+        assert_eq!(Some(at), expected, "{source:?}");
+        // Log lines print it.
+        let _ = at.to_string();
+    }
+    for token in [&resp.refresh_token, &resp.id_token].into_iter().flatten() {
+        let _ = jwt_exp(token.expose_secret());
+    }
+}
