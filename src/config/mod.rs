@@ -674,8 +674,8 @@ mod tests {
     #[test]
     fn schedules_with_an_empty_list_item_are_refused_at_once() {
         // Found by fuzz/fuzz_targets/config.rs: `schedule = ", */30 * * * *"` took croner
-        // ~100 s to find never firing, so loading the config hung.
-        let started = std::time::Instant::now();
+        // ~100 s to find never firing, so loading the config hung. The message shows the check
+        // before croner answered.
         for text in [
             ", */30 * * * *",
             "0 , * * * *",
@@ -687,7 +687,6 @@ mod tests {
             let err = Schedule::parse(text).unwrap_err();
             assert!(err.contains("empty item"), "{text}: {err}");
         }
-        assert!(started.elapsed() < Duration::from_secs(5));
         assert!(Schedule::parse("0,30 */15 * * * MON,FRI").is_ok());
     }
 
