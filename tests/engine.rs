@@ -224,6 +224,18 @@ async fn nextech_refreshes_hourly_and_logs_in_again_after_a_15_day_outage() {
         refreshes > 450 && refreshes < 560,
         "~45-min refreshes over 15 days of service: {refreshes}"
     );
+    // Every planned refresh is timed against its plan; on the simulated clock none is late.
+    let lateness = &h.shared.metrics.token_refresh_lateness;
+    assert!(
+        lateness.get_sample_count() >= refreshes,
+        "{} lateness samples for {refreshes} refreshes",
+        lateness.get_sample_count()
+    );
+    assert!(
+        lateness.get_sample_sum() < 1.0,
+        "{}",
+        lateness.get_sample_sum()
+    );
     assert!(
         h.requests("refresh_token", "transient_error") + h.requests("password", "transient_error")
             > 1000,

@@ -317,6 +317,7 @@ impl Owner {
                 let now = self.shared.clock.now();
                 out = match answer {
                     Answer::Adopted(saved) => {
+                        late = None;
                         tracing::debug!(account = %name, "adopted tokens another process stored");
                         self.core.adopt(now, saved).unwrap_or_default()
                     }
