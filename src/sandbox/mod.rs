@@ -199,12 +199,12 @@ struct Books {
     issuance: Option<Vec<Issued>>,
 }
 
-/// One access token the sandbox issued (see [`Sandbox::record_issuance`]).
+/// One access token the sandbox issued (see [`Sandbox::record_issuance`]). Only Nextech's
+/// token endpoint records them so far: its tenant tells many accounts apart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Issued {
     pub vendor: Vendor,
-    /// Nextech's tenant from the token URL (so many accounts can be told apart); empty for
-    /// the other vendors.
+    /// The tenant from the token URL.
     pub tenant: String,
     pub grant: String,
     pub at: Timestamp,
