@@ -46,10 +46,80 @@ pub fn missed(schedule: &Schedule, last_started: Option<i64>, now: Timestamp) ->
         .is_some_and(|next| next.timestamp_millis() <= now.unix_millis())
 }
 
+/// A failed run is repeated at start-up when the job's next occurrence is further away than
+/// this; a job that runs more often simply waits for its next occurrence.
+pub const REPEAT_FAILED_BEYOND: Duration = Duration::from_secs(15 * 60);
+
+/// Why a job runs once as soon as the agent starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartRun {
+    /// It has never run.
+    Never,
+    /// An occurrence passed while no agent was running.
+    Missed,
+    /// Its latest run never completed: its process died (`running`) or was stopped
+    /// (`interrupted`).
+    Unfinished,
+    /// Its latest run failed and the next occurrence is more than [`REPEAT_FAILED_BEYOND`] away.
+    Failed,
+}
+
+impl StartRun {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartRun::Never => "never_ran",
+            StartRun::Missed => "missed",
+            StartRun::Unfinished => "unfinished",
+            StartRun::Failed => "failed",
+        }
+    }
+
+    /// For the log line.
+    pub fn explain(self) -> &'static str {
+        match self {
+            StartRun::Never => "it never ran",
+            StartRun::Missed => "it missed a run while ehrsync was down",
+            StartRun::Unfinished => {
+                "its last run did not complete (stopped or crashed); it is repeated from the last completed run's watermark"
+            }
+            StartRun::Failed => "its last run failed and the next scheduled run is a while away",
+        }
+    }
+}
+
+/// Whether a job runs once at start-up, and why: when it never ran, missed an occurrence,
+/// did not complete its latest run, or failed it with the next occurrence far away. Each is
+/// repeated once (the run at start-up is the job's latest from then on).
+pub fn run_at_start(
+    schedule: &Schedule,
+    last_started: Option<i64>,
+    last_outcome: Option<&str>,
+    now: Timestamp,
+) -> Option<StartRun> {
+    if last_started.is_none() {
+        return Some(StartRun::Never);
+    }
+    if missed(schedule, last_started, now) {
+        return Some(StartRun::Missed);
+    }
+    match last_outcome {
+        Some("running" | "interrupted") => Some(StartRun::Unfinished),
+        Some("failed") => {
+            let next = schedule.next_after(to_utc(now))?;
+            let wait = Timestamp::from_unix_millis(next.timestamp_millis()).since(now);
+            (wait > REPEAT_FAILED_BEYOND).then_some(StartRun::Failed)
+        }
+        _ => None,
+    }
+}
+
 /// Runs `schedule` until `stop` turns true: at each occurrence calls `start` (and spawns the
 /// future it returns) unless the previous run has not finished. With `run_now`, a first run
 /// starts at once. On stop, waits for the run in progress (which sees `stop` itself) and
 /// returns.
+///
+/// The run task belongs to this one: aborting (or dropping) the task driving the schedule
+/// aborts the run in progress too, so a run cut off by a stop can never go on by itself.
 pub async fn drive<S, Fut>(
     schedule: Schedule,
     clock: SharedClock,
@@ -61,9 +131,9 @@ pub async fn drive<S, Fut>(
     S: FnMut() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut running: Option<tokio::task::JoinHandle<()>> = None;
+    let mut running: Option<AbortOnDrop> = None;
     if run_now {
-        running = Some(tokio::spawn(start()));
+        running = Some(AbortOnDrop(tokio::spawn(start())));
     }
     let mut last_due: Option<DateTime<Utc>> = None;
     loop {
@@ -87,13 +157,22 @@ pub async fn drive<S, Fut>(
         }
         last_due = Some(due);
         match &running {
-            Some(run) if !run.is_finished() => hooks.skipped(due),
-            _ => running = Some(tokio::spawn(start())),
+            Some(run) if !run.0.is_finished() => hooks.skipped(due),
+            _ => running = Some(AbortOnDrop(tokio::spawn(start()))),
         }
     }
-    if let Some(run) = running {
+    if let Some(mut run) = running {
         // A run that panicked has already been reported by the panic hook.
-        let _ = run.await;
+        let _ = (&mut run.0).await;
+    }
+}
+
+/// A run task that is aborted when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -130,5 +209,37 @@ mod tests {
         assert!(missed(&hourly, started("2026-11-22T09:00:00Z"), now));
         assert!(!missed(&hourly, started("2026-11-22T10:00:00Z"), now));
         assert!(!missed(&hourly, started("2026-11-22T10:29:00Z"), now));
+    }
+
+    #[test]
+    fn an_unfinished_run_is_repeated_at_start_and_a_failed_one_when_the_next_is_far() {
+        let daily = Schedule::parse("0 0 3 * * *").unwrap();
+        let every_5 = Schedule::parse("0 */5 * * * *").unwrap();
+        let now = at("2026-11-22T10:30:00Z");
+        let today = Some(at("2026-11-22T03:00:00Z").unix_seconds());
+        let recent = Some(at("2026-11-22T10:30:00Z").unix_seconds());
+        let start = |s: &Schedule, last, outcome| run_at_start(s, last, outcome, now);
+        assert_eq!(start(&daily, None, None), Some(StartRun::Never));
+        let yesterday = Some(at("2026-11-21T03:00:00Z").unix_seconds());
+        assert_eq!(
+            start(&daily, yesterday, Some("success")),
+            Some(StartRun::Missed)
+        );
+        assert_eq!(start(&daily, today, Some("success")), None);
+        assert_eq!(
+            start(&daily, today, Some("running")),
+            Some(StartRun::Unfinished)
+        );
+        assert_eq!(
+            start(&daily, today, Some("interrupted")),
+            Some(StartRun::Unfinished)
+        );
+        assert_eq!(start(&daily, today, Some("failed")), Some(StartRun::Failed));
+        // A job that runs every five minutes waits for its next occurrence after a failure.
+        assert_eq!(start(&every_5, recent, Some("failed")), None);
+        assert_eq!(
+            start(&every_5, recent, Some("interrupted")),
+            Some(StartRun::Unfinished)
+        );
     }
 }

@@ -139,12 +139,12 @@ async fn no_secret_or_token_in_trace_logs_or_the_database() {
                 .accounts
                 .remove(index),
         );
-        let runner = JobRunner {
-            job: account.jobs[0].clone(),
-            account,
-            tokens: handle.clone(),
-            shared: sync.clone(),
-        };
+        let runner = JobRunner::new(
+            account.clone(),
+            account.jobs[0].clone(),
+            handle.clone(),
+            sync.clone(),
+        );
         assert_eq!(
             runner.run_once(false, &no_stop).await.outcome,
             Outcome::Failed

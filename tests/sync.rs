@@ -96,12 +96,12 @@ fn fhir_job(page_size: u32) -> String {
 
 impl Harness {
     fn runner(&self) -> JobRunner {
-        JobRunner {
-            account: self.account.clone(),
-            job: self.account.jobs[0].clone(),
-            tokens: self.tokens.clone(),
-            shared: self.sync.clone(),
-        }
+        JobRunner::new(
+            self.account.clone(),
+            self.account.jobs[0].clone(),
+            self.tokens.clone(),
+            self.sync.clone(),
+        )
     }
 
     async fn run(&self, full: bool) -> RunSummary {
@@ -143,7 +143,7 @@ impl Harness {
     /// Runs the job's schedule (as `ehrsync run` does) for `span` of simulated time.
     async fn schedule_for(&self, span: Duration) {
         let (stop_tx, stop) = watch::channel(false);
-        let task = ehrsync::agent::schedule_job(self.runner(), stop)
+        let task = ehrsync::agent::schedule_job(Arc::new(self.runner()), stop)
             .await
             .unwrap();
         tokio::time::sleep(span).await;
@@ -542,12 +542,15 @@ async fn a_job_whose_runs_outlast_its_interval_skips_instead_of_overlapping() {
 async fn a_run_finds_the_job_leased_by_another_process_and_skips() {
     let h = start(Vendor::Nextech, &fhir_job(100), 100).await;
     let now = h.shared.clock.now().unix_seconds();
+    let other = ehrsync::store::Holder::elsewhere("other-process");
+    let key = ehrsync::store::LeaseKey::job(ACCOUNT, "patients");
     assert!(
         h.shared
             .store
-            .try_job_lease(ACCOUNT, "patients", "other-process", now, now + 120)
+            .acquire(&key, &other, now, Duration::from_secs(120))
             .await
             .unwrap()
+            .is_some()
     );
     let run = h.run(false).await;
     assert_eq!(run.outcome, Outcome::Skipped, "{run}");
@@ -563,7 +566,7 @@ async fn a_run_finds_the_job_leased_by_another_process_and_skips() {
             .unwrap()
             .is_empty()
     );
-    // A crashed holder's lease expires.
+    // A holder on another host that crashed: its lease expires.
     tokio::time::sleep(Duration::from_secs(121)).await;
     assert_eq!(h.run(false).await.outcome, Outcome::Success);
     h.stop().await;

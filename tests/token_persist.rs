@@ -65,7 +65,10 @@ async fn a_valid_stored_token_is_reused_after_restart_and_never_stored_in_clear(
     let core = logged_in_core(t0);
     let planned = core.next_refresh_at().unwrap();
     store
-        .save_token(&to_record("nextech-main", &core, t0, &cipher).unwrap())
+        .save_token(
+            &to_record("nextech-main", &core, t0, &cipher).unwrap(),
+            None,
+        )
         .await
         .unwrap();
 
@@ -113,7 +116,10 @@ async fn a_changed_key_means_a_clean_login_again() {
     let first = common::cipher_in(&dir.path().join("a.key"));
     let t0 = now();
     store
-        .save_token(&to_record("acct", &logged_in_core(t0), t0, &first).unwrap())
+        .save_token(
+            &to_record("acct", &logged_in_core(t0), t0, &first).unwrap(),
+            None,
+        )
         .await
         .unwrap();
 
@@ -143,7 +149,7 @@ async fn needs_login_survives_a_restart_without_a_new_attempt() {
     };
     core.step(t0, Event::Failure(bad_password));
     store
-        .save_token(&to_record("acct", &core, t0, &cipher).unwrap())
+        .save_token(&to_record("acct", &core, t0, &cipher).unwrap(), None)
         .await
         .unwrap();
 

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{self, Account, Config, Env, Job};
@@ -119,6 +119,7 @@ pub async fn run(
         path: config.path.clone(),
         env,
         settings: config.agent.clone(),
+        cleanup: JoinSet::new(),
     };
     for account in config.accounts {
         if let Err(e) = agent.start_account(account).await {
@@ -155,6 +156,15 @@ pub async fn run(
     tracing::info!(grace = %humantime::format_duration(grace), "stopping");
     notify::stopping("stopping: runs in progress finish their page");
     agent.shutdown().await;
+    let cleanup = std::mem::take(&mut agent.cleanup);
+    if tokio::time::timeout(CLOSE_TIMEOUT, cleanup.join_all())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "could not record every cut-off run in time; the next run of each job marks it interrupted"
+        );
+    }
     let _ = server_stop_tx.send(true);
     let _ = server.await;
     if let Some(w) = watchdog {
@@ -184,6 +194,10 @@ struct Agent {
     env: Env,
     /// The `[agent]` settings in force (a reload applies only `shutdown_grace`).
     settings: config::Agent,
+    /// Recording runs that were cut off (their rows, their leases): owned here, so a stop
+    /// waits for them (bounded) instead of leaving them detached, and a reload does not wait
+    /// for them past its grace (the database may be what held the run up).
+    cleanup: JoinSet<()>,
 }
 
 struct AccountRun {
@@ -198,7 +212,9 @@ struct AccountRun {
 struct JobRun {
     job: Job,
     stop: watch::Sender<bool>,
+    /// The schedule's task; aborting it aborts the run in progress (see `scheduler::drive`).
     task: JoinHandle<()>,
+    runner: Arc<JobRunner>,
 }
 
 impl Agent {
@@ -232,19 +248,26 @@ impl Agent {
 
     async fn start_job(&self, account: &AccountRun, job: Job) -> Result<JobRun, StoreError> {
         let (stop, stop_rx) = watch::channel(false);
-        let runner = JobRunner {
-            account: account.account.clone(),
-            job: job.clone(),
-            tokens: account.handle.clone(),
-            shared: self.sync.clone(),
-        };
-        let task = schedule_job(runner, stop_rx).await?;
-        Ok(JobRun { job, stop, task })
+        let runner = Arc::new(JobRunner::new(
+            account.account.clone(),
+            job.clone(),
+            account.handle.clone(),
+            self.sync.clone(),
+        ));
+        let task = schedule_job(runner.clone(), stop_rx).await?;
+        Ok(JobRun {
+            job,
+            stop,
+            task,
+            runner,
+        })
     }
 
     /// Stops `jobs` (account name, job name, run) together: each finishes the page it is
-    /// writing, within one shutdown grace for all of them.
-    async fn stop_jobs(&self, jobs: Vec<(String, String, JobRun)>) {
+    /// writing, within one shutdown grace for all of them. A run still going when the grace
+    /// ends is aborted with its schedule; recording it happens in the background (`cleanup`),
+    /// so this returns within the grace.
+    async fn stop_jobs(&mut self, jobs: Vec<(String, String, JobRun)>) {
         for (_, _, run) in &jobs {
             let _ = run.stop.send(true);
         }
@@ -259,32 +282,17 @@ impl Agent {
             let _ = task.await;
             tracing::warn!(account = %account, job = %job, grace = %humantime::format_duration(grace),
                 "the run did not finish its page within the shutdown grace; it was cut off and its page rolled back");
-            self.cut_off(&account, &job).await;
+            let runner = run.runner;
+            self.cleanup.spawn(async move {
+                runner
+                    .cut_off("cut off at shutdown: the page being written did not commit within agent.shutdown_grace")
+                    .await;
+            });
         }
-    }
-
-    /// Records a run that was cut off as interrupted, and gives up its job lease.
-    async fn cut_off(&self, account: &str, job: &str) {
-        let store = &self.sync.store;
-        let at = self.sync.clock.now().unix_seconds();
-        let reason = "cut off at shutdown: the page being written did not commit within agent.shutdown_grace";
-        let recorded = store.interrupt_runs(account, job, at, reason).await;
-        let released = store
-            .release_job_lease(account, job, &self.sync.holder)
-            .await;
-        for e in [recorded.err(), released.err()].into_iter().flatten() {
-            tracing::warn!(account = %account, job = %job, error = %e,
-                "cannot record the cut-off run; the next run of the job marks it interrupted");
-        }
-        self.sync
-            .metrics
-            .sync_runs
-            .with_label_values(&[account, job, "interrupted"])
-            .inc();
     }
 
     /// Stops whole accounts: all their jobs first (one grace for all), then their owners.
-    async fn stop_accounts(&self, runs: Vec<AccountRun>) {
+    async fn stop_accounts(&mut self, runs: Vec<AccountRun>) {
         let mut jobs = Vec::new();
         let mut owners = Vec::new();
         for run in runs {
@@ -517,16 +525,23 @@ impl Agent {
 /// job never ran), then one per occurrence, skipping (and counting) occurrences that find the
 /// previous run still going.
 pub async fn schedule_job(
-    runner: JobRunner,
+    runner: Arc<JobRunner>,
     stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
     let (account, job) = (runner.account.name.to_string(), runner.job.name.to_string());
     let clock = runner.shared.clock.clone();
     let history = runner.shared.store.job_history(&account, &job).await?;
     let now = clock.now();
-    let due = scheduler::missed(&runner.job.schedule, history.last_started, now);
-    if due {
-        tracing::info!(account = %account, job = %job, "running the job now: it never ran, or missed a run while ehrsync was down");
+    let reason = scheduler::run_at_start(
+        &runner.job.schedule,
+        history.last_started,
+        history.last_outcome,
+        now,
+    );
+    let due = reason.is_some();
+    if let Some(reason) = reason {
+        tracing::info!(account = %account, job = %job, reason = reason.as_str(),
+            "running the job now: {}", reason.explain());
     }
     let metrics = &runner.shared.metrics;
     let labels = [account.as_str(), job.as_str()];
@@ -545,7 +560,6 @@ pub async fn schedule_job(
             .set(gap.as_secs_f64());
     }
     let schedule = runner.job.schedule.clone();
-    let runner = Arc::new(runner);
     let (run_stop, skipping) = (stop.clone(), runner.clone());
     let start = move || {
         let (runner, stop) = (runner.clone(), run_stop.clone());

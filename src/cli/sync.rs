@@ -61,12 +61,7 @@ pub async fn run(config_path: &Path, account: &str, job: &str, full: bool) -> Ex
             }
         }
     });
-    let runner = JobRunner {
-        account,
-        job,
-        tokens: handle,
-        shared: sync,
-    };
+    let runner = JobRunner::new(account, job, handle, sync);
     let summary = runner.run_once(full, &stop).await;
     signals.abort();
     let _ = owner_stop_tx.send(true);

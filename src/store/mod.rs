@@ -7,15 +7,20 @@
 //! embedded and applied at open, and a database written by a newer ehrsync is refused rather
 //! than touched. Read-only opens (for `status`) never create, migrate or modify anything.
 
+mod lease;
 mod sync;
 
-pub use sync::{JobHistory, JobLease, PageRow, RunStart};
+pub use lease::{Holder, Lease, LeaseKey, LeaseRow, process_started, this_host};
+pub use sync::{JobHistory, PageRow, RunStart};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::SqlitePool;
+// Audited: the only SQL built at run time here is made of `&'static str` fragments chosen by
+// `LeaseKey` (table and key columns); every value is a bound parameter.
+use sqlx::AssertSqlSafe;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
@@ -74,6 +79,9 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("the database task failed: {0}")]
     Task(String),
+    /// A write under a lease found the lease in other hands (fencing): nothing was written.
+    #[error("the {0} lease was taken over by another process; nothing was written")]
+    LeaseLost(&'static str),
 }
 
 /// Whether store calls go through the blocking pool (see [`shielded`]); the binary turns it off.
@@ -152,10 +160,49 @@ impl Store {
 
     /// Writes one account's token state in a single statement: with `synchronous = FULL` it is
     /// on disk when this returns, so a rotated refresh token is durable before it is used.
-    pub async fn save_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
-        let record = record.clone();
-        self.shield(|s| async move { s.save_token_now(&record).await })
+    ///
+    /// Never overwrites tokens of a higher generation (another process's newer login or
+    /// refresh), and, under `lease`, writes only while the lease still holds (fencing). False
+    /// when either refused the write.
+    pub async fn save_token(
+        &self,
+        record: &TokenRecord,
+        lease: Option<&Lease>,
+    ) -> Result<bool, StoreError> {
+        let (record, lease) = (record.clone(), lease.cloned());
+        self.shield(|s| async move { s.save_token_now(&record, lease.as_ref()).await })
             .await
+    }
+
+    /// Records, durably, that `holder` is about to send a refresh request presenting the
+    /// refresh token of `generation` (see migration 0004): whoever takes the lease next and
+    /// finds it still set knows the answer was never read. Under `lease` (fenced). False when
+    /// nothing was written (no stored row, or the lease is gone).
+    pub async fn mark_request(
+        &self,
+        lease: &Lease,
+        generation: i64,
+        sent_at: i64,
+    ) -> Result<bool, StoreError> {
+        let lease = lease.clone();
+        self.shield(|s| async move {
+            let LeaseKey::Token { account } = &lease.key else {
+                return Ok(false);
+            };
+            let sql = format!(
+                "UPDATE token_state SET request_holder = ?, request_generation = ?, \
+                 request_sent_at = ? WHERE account = ? AND {}",
+                lease.key.fence()
+            );
+            let q = sqlx::query(AssertSqlSafe(sql))
+                .bind(lease.holder.as_str())
+                .bind(generation)
+                .bind(sent_at)
+                .bind(account.as_str());
+            let done = lease.bind_fence(q).execute(&s.pool).await?;
+            Ok(done.rows_affected() == 1)
+        })
+        .await
     }
 
     /// One account's stored token state, sealed columns included.
@@ -212,47 +259,6 @@ impl Store {
             .bind(fetched_at)
             .execute(&s.pool)
             .await?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Takes (or renews) `account`'s token lease for `holder` until `expires_at` (Unix seconds),
-    /// unless another holder's lease is still running at `now`. True when `holder` has it.
-    pub async fn try_lease(
-        &self,
-        account: &str,
-        holder: &str,
-        now: i64,
-        expires_at: i64,
-    ) -> Result<bool, StoreError> {
-        let (account, holder) = (account.to_owned(), holder.to_owned());
-        self.shield(|s| async move {
-            let done = sqlx::query(
-                "INSERT INTO token_leases (account, holder, expires_at) VALUES (?, ?, ?) \
-                 ON CONFLICT (account) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
-                 WHERE token_leases.holder = excluded.holder OR token_leases.expires_at <= ?",
-            )
-            .bind(&account)
-            .bind(&holder)
-            .bind(expires_at)
-            .bind(now)
-            .execute(&s.lease_pool)
-            .await?;
-            Ok(done.rows_affected() == 1)
-        })
-        .await
-    }
-
-    /// Gives up `account`'s token lease if `holder` has it.
-    pub async fn release_lease(&self, account: &str, holder: &str) -> Result<(), StoreError> {
-        let (account, holder) = (account.to_owned(), holder.to_owned());
-        self.shield(|s| async move {
-            sqlx::query("DELETE FROM token_leases WHERE account = ? AND holder = ?")
-                .bind(&account)
-                .bind(&holder)
-                .execute(&s.lease_pool)
-                .await?;
             Ok(())
         })
         .await
@@ -422,12 +428,23 @@ impl Store {
         .await?)
     }
 
-    async fn save_token_now(&self, r: &TokenRecord) -> Result<(), StoreError> {
-        sqlx::query(
+    async fn save_token_now(
+        &self,
+        r: &TokenRecord,
+        lease: Option<&Lease>,
+    ) -> Result<bool, StoreError> {
+        let fence = match lease {
+            Some(l) => l.key.fence(),
+            None => "1".to_owned(),
+        };
+        // INSERT … SELECT, so that a first write under a lease is fenced too (the WHERE also
+        // tells SQLite's parser that ON CONFLICT belongs to the INSERT).
+        let sql = format!(
             "INSERT INTO token_state (account, state, access_token, access_token_issued_at, \
                  access_token_expires_at, next_refresh_at, refresh_token, refresh_token_issued_at, \
-                 refresh_token_expires_at, generation, last_error, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 refresh_token_expires_at, generation, last_error, updated_at, request_holder, \
+                 request_generation, request_sent_at) \
+             SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE {fence} \
              ON CONFLICT (account) DO UPDATE SET \
                  state = excluded.state, access_token = excluded.access_token, \
                  access_token_issued_at = excluded.access_token_issued_at, \
@@ -436,30 +453,40 @@ impl Store {
                  refresh_token_issued_at = excluded.refresh_token_issued_at, \
                  refresh_token_expires_at = excluded.refresh_token_expires_at, \
                  generation = excluded.generation, last_error = excluded.last_error, \
-                 updated_at = excluded.updated_at",
-        )
-        .bind(&r.account)
-        .bind(&r.state)
-        .bind(&r.access_token)
-        .bind(r.access_token_issued_at)
-        .bind(r.access_token_expires_at)
-        .bind(r.next_refresh_at)
-        .bind(&r.refresh_token)
-        .bind(r.refresh_token_issued_at)
-        .bind(r.refresh_token_expires_at)
-        .bind(r.generation)
-        .bind(&r.last_error)
-        .bind(r.updated_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+                 updated_at = excluded.updated_at, request_holder = excluded.request_holder, \
+                 request_generation = excluded.request_generation, \
+                 request_sent_at = excluded.request_sent_at \
+             WHERE token_state.generation <= excluded.generation"
+        );
+        let q = sqlx::query(AssertSqlSafe(sql))
+            .bind(&r.account)
+            .bind(&r.state)
+            .bind(&r.access_token)
+            .bind(r.access_token_issued_at)
+            .bind(r.access_token_expires_at)
+            .bind(r.next_refresh_at)
+            .bind(&r.refresh_token)
+            .bind(r.refresh_token_issued_at)
+            .bind(r.refresh_token_expires_at)
+            .bind(r.generation)
+            .bind(&r.last_error)
+            .bind(r.updated_at)
+            .bind(&r.request_holder)
+            .bind(r.request_generation)
+            .bind(r.request_sent_at);
+        let q = match lease {
+            Some(l) => l.bind_fence(q),
+            None => q,
+        };
+        Ok(q.execute(&self.pool).await?.rows_affected() == 1)
     }
 
     async fn load_token_now(&self, account: &str) -> Result<Option<TokenRecord>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT account, state, access_token, access_token_issued_at, access_token_expires_at, \
                     next_refresh_at, refresh_token, refresh_token_issued_at, refresh_token_expires_at, \
-                    generation, last_error, updated_at \
+                    generation, last_error, updated_at, request_holder, request_generation, \
+                    request_sent_at \
              FROM token_state WHERE account = ?",
         )
         .bind(account)
@@ -496,6 +523,11 @@ pub struct TokenRecord {
     pub generation: i64,
     pub last_error: Option<String>,
     pub updated_at: i64,
+    /// The holder of a refresh request sent and not yet answered (see [`Store::mark_request`]).
+    pub request_holder: Option<String>,
+    /// The token generation whose refresh token that request presented.
+    pub request_generation: Option<i64>,
+    pub request_sent_at: Option<i64>,
 }
 
 /// One row of `sync_runs`.

@@ -6,8 +6,11 @@
 //! the transaction that marks a run `success`.
 
 use sqlx::{QueryBuilder, Sqlite};
+// Audited: the only SQL built at run time here is made of `&'static str` fragments chosen by
+// `LeaseKey` (table and key columns); every value is a bound parameter.
+use sqlx::AssertSqlSafe;
 
-use super::{Store, StoreError};
+use super::{Lease, Store, StoreError};
 
 /// Rows per INSERT statement: seven bound values each stays far below SQLite's limit of 32,766
 /// variables, and one statement per 500 rows keeps the hops to sqlx's worker thread few.
@@ -37,6 +40,8 @@ const STALE_RUN: &str =
 pub struct JobHistory {
     pub last_started: Option<i64>,
     pub last_success: Option<i64>,
+    /// How the latest run ended (`running` if it never recorded an end).
+    pub last_outcome: Option<&'static str>,
 }
 
 /// What a new run starts from.
@@ -50,103 +55,28 @@ pub struct RunStart {
     pub interrupted: u64,
 }
 
-/// A job's lease as stored (for tests and diagnostics).
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct JobLease {
-    pub holder: String,
-    pub expires_at: i64,
-}
-
 impl Store {
-    /// Takes (or renews) the lease on running `account`/`job` for `holder` until `expires_at`,
-    /// unless another holder's lease is still running at `now`. True when `holder` has it.
-    pub async fn try_job_lease(
+    /// Records run `run_id`, if still marked `running`, as `interrupted` at `at` with
+    /// `reason`: for a run a stop had to cut off. True when it was still running.
+    pub async fn interrupt_run(
         &self,
-        account: &str,
-        job: &str,
-        holder: &str,
-        now: i64,
-        expires_at: i64,
-    ) -> Result<bool, StoreError> {
-        let (account, job, holder) = (account.to_owned(), job.to_owned(), holder.to_owned());
-        self.shield(|s| async move {
-            let done = sqlx::query(
-                "INSERT INTO job_leases (account, job, holder, expires_at) VALUES (?, ?, ?, ?) \
-                 ON CONFLICT (account, job) DO UPDATE SET holder = excluded.holder, \
-                     expires_at = excluded.expires_at \
-                 WHERE job_leases.holder = excluded.holder OR job_leases.expires_at <= ?",
-            )
-            .bind(&account)
-            .bind(&job)
-            .bind(&holder)
-            .bind(expires_at)
-            .bind(now)
-            .execute(&s.lease_pool)
-            .await?;
-            Ok(done.rows_affected() == 1)
-        })
-        .await
-    }
-
-    /// Gives up the lease on `account`/`job` if `holder` has it.
-    pub async fn release_job_lease(
-        &self,
-        account: &str,
-        job: &str,
-        holder: &str,
-    ) -> Result<(), StoreError> {
-        let (account, job, holder) = (account.to_owned(), job.to_owned(), holder.to_owned());
-        self.shield(|s| async move {
-            sqlx::query("DELETE FROM job_leases WHERE account = ? AND job = ? AND holder = ?")
-                .bind(&account)
-                .bind(&job)
-                .bind(&holder)
-                .execute(&s.lease_pool)
-                .await?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// The lease on `account`/`job`, if any row exists.
-    pub async fn job_lease(
-        &self,
-        account: &str,
-        job: &str,
-    ) -> Result<Option<JobLease>, StoreError> {
-        let (account, job) = (account.to_owned(), job.to_owned());
-        self.shield(|s| async move {
-            Ok(sqlx::query_as(
-                "SELECT holder, expires_at FROM job_leases WHERE account = ? AND job = ?",
-            )
-            .bind(&account)
-            .bind(&job)
-            .fetch_optional(&s.pool)
-            .await?)
-        })
-        .await
-    }
-
-    /// Records `account`/`job`'s runs still marked `running` as `interrupted` at `at`, with
-    /// `reason` unless they hold an error already; returns how many there were. For a stop
-    /// that had to cut a run off (the caller holds the job's lease, so they are its own).
-    pub async fn interrupt_runs(
-        &self,
-        account: &str,
-        job: &str,
+        run_id: i64,
         at: i64,
         reason: &str,
-    ) -> Result<u64, StoreError> {
-        let (account, job, reason) = (account.to_owned(), job.to_owned(), reason.to_owned());
+    ) -> Result<bool, StoreError> {
+        let reason = reason.to_owned();
         self.shield(|s| async move {
-            Ok(sqlx::query(INTERRUPT_RUNNING)
-                .bind(at)
-                .bind(&reason)
-                .bind(&account)
-                .bind(&job)
-                .execute(&s.pool)
-                .await?
-                .rows_affected())
+            Ok(sqlx::query(
+                "UPDATE sync_runs SET outcome = 'interrupted', finished_at = ?, \
+                 error = coalesce(error, ?) WHERE id = ? AND outcome = 'running'",
+            )
+            .bind(at)
+            .bind(&reason)
+            .bind(run_id)
+            .execute(&s.pool)
+            .await?
+            .rows_affected()
+                == 1)
         })
         .await
     }
@@ -156,12 +86,13 @@ impl Store {
     /// `running` row is added; the job's watermark is read. One transaction.
     pub async fn begin_run(
         &self,
+        lease: &Lease,
         account: &str,
         job: &str,
         full: bool,
         started_at: i64,
     ) -> Result<RunStart, StoreError> {
-        let (account, job) = (account.to_owned(), job.to_owned());
+        let (account, job, lease) = (account.to_owned(), job.to_owned(), lease.clone());
         self.shield(|s| async move {
             let mut tx = s.pool.begin().await?;
             let interrupted = sqlx::query(INTERRUPT_RUNNING)
@@ -190,6 +121,7 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?
             .flatten();
+            check_fence(&mut tx, &lease).await?;
             tx.commit().await?;
             Ok(RunStart {
                 run_id,
@@ -205,13 +137,15 @@ impl Store {
     /// page leaves each record once, holding the newest data.
     pub async fn commit_page(
         &self,
+        lease: &Lease,
         run_id: i64,
         account: &str,
         resource_type: &str,
         rows: Vec<PageRow>,
         synced_at: i64,
     ) -> Result<(), StoreError> {
-        let (account, resource_type) = (account.to_owned(), resource_type.to_owned());
+        let (account, resource_type, lease) =
+            (account.to_owned(), resource_type.to_owned(), lease.clone());
         self.shield(|s| async move {
             let mut tx = s.pool.begin().await?;
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
@@ -243,6 +177,7 @@ impl Store {
             .bind(run_id)
             .execute(&mut *tx)
             .await?;
+            check_fence(&mut tx, &lease).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -255,6 +190,7 @@ impl Store {
     #[allow(clippy::too_many_arguments)] // one value per column written
     pub async fn finish_run(
         &self,
+        lease: &Lease,
         run_id: i64,
         account: &str,
         job: &str,
@@ -263,7 +199,7 @@ impl Store {
         error: Option<String>,
         watermark: Option<String>,
     ) -> Result<(), StoreError> {
-        let (account, job) = (account.to_owned(), job.to_owned());
+        let (account, job, lease) = (account.to_owned(), job.to_owned(), lease.clone());
         self.shield(|s| async move {
             let mut tx = s.pool.begin().await?;
             sqlx::query(
@@ -289,6 +225,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
+            check_fence(&mut tx, &lease).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -300,17 +237,26 @@ impl Store {
     pub async fn job_history(&self, account: &str, job: &str) -> Result<JobHistory, StoreError> {
         let (account, job) = (account.to_owned(), job.to_owned());
         self.shield(|s| async move {
-            let (last_started, last_success) = sqlx::query_as(
-                "SELECT max(started_at), max(CASE WHEN outcome = 'success' THEN finished_at END) \
-                 FROM sync_runs WHERE account = ? AND job = ?",
-            )
-            .bind(&account)
-            .bind(&job)
-            .fetch_one(&s.pool)
-            .await?;
+            let (last_started, last_success, last_outcome): (_, _, Option<String>) =
+                sqlx::query_as(
+                    "SELECT max(started_at), \
+                            max(CASE WHEN outcome = 'success' THEN finished_at END), \
+                            (SELECT outcome FROM sync_runs WHERE account = ?1 AND job = ?2 \
+                              ORDER BY id DESC LIMIT 1) \
+                     FROM sync_runs WHERE account = ?1 AND job = ?2",
+                )
+                .bind(&account)
+                .bind(&job)
+                .fetch_one(&s.pool)
+                .await?;
             Ok(JobHistory {
                 last_started,
                 last_success,
+                last_outcome: last_outcome.and_then(|o| {
+                    ["running", "success", "failed", "interrupted"]
+                        .into_iter()
+                        .find(|k| *k == o)
+                }),
             })
         })
         .await
@@ -352,5 +298,25 @@ impl Store {
             .await?)
         })
         .await
+    }
+}
+
+/// Ends a write transaction under `lease` by checking that the lease still holds. It runs after
+/// the transaction's writes, so this connection already has SQLite's write lock and nobody can
+/// take the lease over between the check and the commit.
+async fn check_fence(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    lease: &Lease,
+) -> Result<(), StoreError> {
+    let sql = format!("SELECT {}", lease.key.fence());
+    let holds: bool = lease
+        .bind_fence(sqlx::query(AssertSqlSafe(sql)))
+        .fetch_one(&mut **tx)
+        .await
+        .map(|r| sqlx::Row::get(&r, 0))?;
+    if holds {
+        Ok(())
+    } else {
+        Err(StoreError::LeaseLost("job"))
     }
 }

@@ -26,11 +26,12 @@ use url::Url;
 use crate::clock::SharedClock;
 use crate::config::{Account, Job, JobKind, ListPaging};
 use crate::metrics::Metrics;
-use crate::store::{PageRow, Store, StoreError};
+use crate::store::{Holder, Lease, LeaseKey, PageRow, Store, StoreError};
 use crate::token::owner::TokenHandle;
 use fetch::Fetcher;
 
-/// How long a job lease lasts without renewal; a crashed run blocks its job at most this long.
+/// How long a job lease lasts without renewal. A run whose process is gone is taken over at
+/// once on its own host; elsewhere a crashed run blocks its job at most this long.
 pub const JOB_LEASE_TTL: Duration = Duration::from_secs(120);
 /// How often a running job renews its lease.
 const JOB_LEASE_RENEW: Duration = Duration::from_secs(30);
@@ -165,8 +166,8 @@ pub struct SyncShared {
     pub http: reqwest::Client,
     pub clock: SharedClock,
     pub metrics: Metrics,
-    /// This process's name in `job_leases`.
-    pub holder: Arc<str>,
+    /// This process as a lease holder.
+    pub holder: Arc<Holder>,
 }
 
 /// Runs one job of one account.
@@ -175,6 +176,27 @@ pub struct JobRunner {
     pub job: Job,
     pub tokens: TokenHandle,
     pub shared: SyncShared,
+    /// The run in progress, for whoever must cut it off (see [`JobRunner::cut_off`]).
+    pub current: Arc<std::sync::Mutex<Option<CurrentRun>>>,
+}
+
+impl JobRunner {
+    pub fn new(account: Arc<Account>, job: Job, tokens: TokenHandle, shared: SyncShared) -> Self {
+        JobRunner {
+            account,
+            job,
+            tokens,
+            shared,
+            current: Arc::default(),
+        }
+    }
+}
+
+/// A run in progress: its job lease and, once recorded, its `sync_runs` row.
+#[derive(Debug, Clone)]
+pub struct CurrentRun {
+    pub lease: Lease,
+    pub run_id: Option<i64>,
 }
 
 /// Pages and records committed so far in a run, and the newest record seen.
@@ -291,20 +313,18 @@ impl JobRunner {
             error: None,
         };
         let store = &self.shared.store;
-        let holder = &*self.shared.holder;
         let now = self.shared.clock.now().unix_seconds();
-        match store
-            .try_job_lease(
-                account,
-                job,
-                holder,
+        let lease = match store
+            .acquire(
+                &LeaseKey::job(account, job),
+                &self.shared.holder,
                 now,
-                now + JOB_LEASE_TTL.as_secs() as i64,
+                JOB_LEASE_TTL,
             )
             .await
         {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(Some(lease)) => lease,
+            Ok(None) => {
                 summary.outcome = Outcome::Skipped;
                 summary.error = Some("already running in another process".to_owned());
                 self.count(&summary);
@@ -315,15 +335,20 @@ impl JobRunner {
                 self.count(&summary);
                 return summary;
             }
-        }
-        let result = tokio::select! {
-            r = self.run_leased(full, stop, &mut summary) => r,
-            never = self.renew_lease() => match never {},
         };
-        if let Err(e) = store.release_job_lease(account, job, holder).await {
+        self.set_current(Some(CurrentRun {
+            lease: lease.clone(),
+            run_id: None,
+        }));
+        let result = tokio::select! {
+            r = self.run_leased(full, stop, &mut summary, &lease) => r,
+            never = self.renew_lease(&lease) => match never {},
+        };
+        if let Err(e) = store.release(&lease).await {
             // It expires on its own within JOB_LEASE_TTL.
             tracing::warn!(account, job, error = %e, "cannot release the job lease");
         }
+        self.set_current(None);
         if let Err(e) = result {
             summary.outcome = Outcome::Failed;
             summary.error = Some(e.to_string());
@@ -364,12 +389,23 @@ impl JobRunner {
         full: bool,
         stop: &watch::Receiver<bool>,
         summary: &mut RunSummary,
+        lease: &Lease,
     ) -> Result<(), SyncError> {
         let [account, job] = self.labels();
         let store = &self.shared.store;
         let start = store
-            .begin_run(account, job, full, self.shared.clock.now().unix_seconds())
+            .begin_run(
+                lease,
+                account,
+                job,
+                full,
+                self.shared.clock.now().unix_seconds(),
+            )
             .await?;
+        self.set_current(Some(CurrentRun {
+            lease: lease.clone(),
+            run_id: Some(start.run_id),
+        }));
         if start.interrupted > 0 {
             tracing::warn!(
                 account,
@@ -381,7 +417,15 @@ impl JobRunner {
         let watermark = start.watermark.as_deref().and_then(fhir::parse_instant);
         let mut progress = Progress::default();
         let walked = self
-            .walk(full, watermark, stop, &mut progress, summary, start.run_id)
+            .walk(
+                full,
+                watermark,
+                stop,
+                &mut progress,
+                summary,
+                start.run_id,
+                lease,
+            )
             .await;
         summary.pages = progress.pages;
         summary.records = progress.records;
@@ -401,6 +445,7 @@ impl JobRunner {
         .map(fhir::instant);
         store
             .finish_run(
+                lease,
                 start.run_id,
                 account,
                 job,
@@ -414,6 +459,7 @@ impl JobRunner {
     }
 
     /// Walks every page; `Ok(false)` when stopped by `stop` between pages.
+    #[allow(clippy::too_many_arguments)] // the run's state, threaded through one call
     async fn walk(
         &self,
         full: bool,
@@ -422,6 +468,7 @@ impl JobRunner {
         progress: &mut Progress,
         summary: &mut RunSummary,
         run_id: i64,
+        lease: &Lease,
     ) -> Result<bool, SyncError> {
         let api_base = self
             .account
@@ -531,7 +578,7 @@ impl JobRunner {
             self.shared.metrics.clone(),
             self.shared.clock.clone(),
         );
-        let (account_owned, job_owned) = (account.to_owned(), job.to_owned());
+        let (account_owned, job_owned, lease) = (account.to_owned(), job.to_owned(), lease.clone());
         let mut writer = AbortOnDrop(tokio::spawn(async move {
             let (account, job) = (account_owned.as_str(), job_owned.as_str());
             let (mut pages, mut records) = (0u32, 0u64);
@@ -539,7 +586,7 @@ impl JobRunner {
                 let n = rows.len() as u64;
                 let at = clock.now().unix_seconds();
                 let written = store
-                    .commit_page(run_id, account, &resource_type, rows, at)
+                    .commit_page(&lease, run_id, account, &resource_type, rows, at)
                     .await;
                 if let Err(e) = written {
                     return (pages, records, Err(e));
@@ -567,27 +614,60 @@ impl JobRunner {
     }
 
     /// Renews the job lease every [`JOB_LEASE_RENEW`] while a run lasts. Never returns.
-    async fn renew_lease(&self) -> std::convert::Infallible {
+    async fn renew_lease(&self, lease: &Lease) -> std::convert::Infallible {
         let [account, job] = self.labels();
         loop {
             tokio::time::sleep(JOB_LEASE_RENEW).await;
             let now = self.shared.clock.now().unix_seconds();
-            let until = now + JOB_LEASE_TTL.as_secs() as i64;
-            match self
-                .shared
-                .store
-                .try_job_lease(account, job, &self.shared.holder, now, until)
-                .await
-            {
+            match self.shared.store.renew(lease, now, JOB_LEASE_TTL).await {
                 Ok(true) => {}
                 Ok(false) => tracing::warn!(
                     account,
                     job,
-                    "another process took this job's lease (this run was stalled past its expiry)"
+                    "another process took this job's lease (this run was stalled past its expiry); its next page will not be written"
                 ),
                 Err(e) => tracing::warn!(account, job, error = %e, "cannot renew the job lease"),
             }
         }
+    }
+
+    fn set_current(&self, run: Option<CurrentRun>) {
+        // A panic while holding this lock leaves a plain value behind.
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = run;
+    }
+
+    /// Records the run in progress as `interrupted` with `reason` and gives up its job lease:
+    /// for a run task that was aborted (a stop's grace ran out). Its open transaction rolled
+    /// back when the task was dropped, and fencing keeps anything still queued from committing.
+    pub async fn cut_off(&self, reason: &str) {
+        let [account, job] = self.labels();
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(run) = current else {
+            return;
+        };
+        let store = &self.shared.store;
+        // Lease first: once released, no write of the aborted run can commit.
+        let released = store.release(&run.lease).await;
+        let recorded = match run.run_id {
+            Some(id) => store
+                .interrupt_run(id, self.shared.clock.now().unix_seconds(), reason)
+                .await
+                .map(|_| ()),
+            None => Ok(()),
+        };
+        for e in [released.err(), recorded.err()].into_iter().flatten() {
+            tracing::warn!(account, job, error = %e,
+                "cannot record the cut-off run; the next run of the job marks it interrupted");
+        }
+        self.shared
+            .metrics
+            .sync_runs
+            .with_label_values(&[account, job, Outcome::Interrupted.as_str()])
+            .inc();
     }
 
     /// Counts and logs an occurrence that found this job still running in this process.

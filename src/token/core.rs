@@ -19,7 +19,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::Timestamp;
-use super::response::{OAuthError, TokenResponse, access_expiry};
+use super::response::{OAuthError, TokenResponse, access_expiry, refresh_lifetime};
 use crate::config::Account;
 use crate::vendor::Grant;
 
@@ -248,6 +248,9 @@ enum Phase {
 #[derive(Debug, Clone)]
 pub struct Saved {
     pub tokens: Option<Tokens>,
+    /// The generation counter, which only moves forward: it outlives tokens that were dropped
+    /// (or could not be opened), so tokens obtained next are newer than any stored before.
+    pub generation: u64,
     /// The planned refresh, or (in `needs_login`) the next automatic attempt.
     pub next_refresh_at: Option<Timestamp>,
     pub needs_login: bool,
@@ -287,6 +290,9 @@ pub struct Core {
     forced_generation: Option<u64>,
     generation: u64,
     last_error: Option<String>,
+    /// The refresh token held was presented by a request whose answer was never read (its
+    /// process died mid-request): the provider may have rotated it already.
+    interrupted_refresh: bool,
     /// The state and error last handed out for storing (`None`: unknown, store at the next rest).
     stored: Option<(State, Option<String>)>,
     rng: fastrand::Rng,
@@ -304,6 +310,7 @@ impl Core {
             forced_generation: None,
             generation: 0,
             last_error: None,
+            interrupted_refresh: false,
             // Nothing stored is what `no_token` looks like in the database.
             stored: Some((State::NoToken, None)),
             rng: fastrand::Rng::with_seed(seed),
@@ -319,7 +326,9 @@ impl Core {
             (None, false) => State::NoToken,
         };
         core.stored = Some((stored_state, saved.last_error.clone()));
-        core.generation = saved.tokens.as_ref().map_or(0, |t| t.generation);
+        core.generation = saved
+            .generation
+            .max(saved.tokens.as_ref().map_or(0, |t| t.generation));
         core.tokens = saved.tokens;
         core.last_error = saved.last_error;
         if saved.needs_login {
@@ -350,10 +359,16 @@ impl Core {
         };
         Saved {
             tokens: self.tokens.clone(),
+            generation: self.generation,
             next_refresh_at: next,
             needs_login,
             last_error: self.last_error.clone(),
         }
+    }
+
+    /// The generation of the newest tokens this core has had (0: never any).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn policy(&self) -> &Policy {
@@ -425,8 +440,7 @@ impl Core {
     /// Takes over tokens another process stored (it held the lease and got them first, or
     /// `ehrsync login` ran). Returns `None`, changing nothing, unless they are newer than ours.
     pub fn adopt(&mut self, now: Timestamp, saved: Saved) -> Option<Output> {
-        let ours = self.tokens.as_ref().map_or(0, |t| t.generation);
-        let tokens = saved.tokens.filter(|t| t.generation > ours)?;
+        let tokens = saved.tokens.filter(|t| t.generation > self.generation)?;
         self.generation = self.generation.max(tokens.generation);
         let lead = self.lead(tokens.issued_at, tokens.expires_at);
         self.next_refresh_at = match saved.next_refresh_at {
@@ -437,10 +451,36 @@ impl Core {
         self.phase = Phase::Idle;
         self.failures = 0;
         self.forced_generation = None;
+        self.interrupted_refresh = false;
         self.last_error = saved.last_error;
         // What we adopt is what is stored.
         self.stored = Some((self.state(now), self.last_error.clone()));
         Some(self.finish(now, Output::default()))
+    }
+
+    /// The refresh token held was sent by a request whose answer nobody read: another process
+    /// died mid-request (found through the durable intent it wrote before sending). The
+    /// provider may already have rotated it, and presenting a rotated refresh token revokes the
+    /// whole grant at many providers. Call while a request is in flight; returns the request to
+    /// make instead:
+    /// - a grant that logs in without a person (password, client credentials) logs in again
+    ///   rather than present a refresh token that may be dead;
+    /// - a person's grant tries its refresh token once; if that is refused, the account goes to
+    ///   `needs_login` saying why.
+    pub fn refresh_interrupted(&mut self, now: Timestamp) -> Option<Request> {
+        let Phase::InFlight(Request::Refresh) = self.phase else {
+            return None;
+        };
+        if self.policy.grant.needs_person() {
+            self.interrupted_refresh = true;
+            return Some(Request::Refresh);
+        }
+        if let Some(t) = &mut self.tokens {
+            t.refresh = None;
+        }
+        let mut out = Output::default();
+        self.send_next(now, &mut out);
+        out.request
     }
 
     /// The common end of every step: decide what to store and when to wake.
@@ -519,47 +559,63 @@ impl Core {
         let Phase::InFlight(request) = self.phase else {
             return; // no request of ours is in flight: a stray answer changes nothing
         };
-        let (expires_at, _) = access_expiry(
+        let expiry = access_expiry(
             &response,
             response.access_token.expose_secret(),
             sent_at,
             self.policy.access_default,
             self.policy.fallback_lifetime,
         );
-        if expires_at <= now {
-            let reason = format!(
-                "the token endpoint returned a token that expired at {expires_at}, before it arrived; check the system clock"
-            );
-            return self.on_failure(now, Failure::Transient { reason }, out);
-        }
+        let refresh_life = refresh_lifetime(&response);
         let refresh = match response.refresh_token {
             Some(token) => Some(RefreshToken {
                 token,
                 issued_at: sent_at,
-                expires_at: response
-                    .refresh_token_expires_in
-                    .map(Duration::from_secs)
+                // A lifetime we cannot believe is unknown: the token is kept all the same.
+                expires_at: refresh_life
+                    .as_ref()
+                    .ok()
+                    .copied()
+                    .flatten()
                     .or(self.policy.refresh_default)
                     .map(|d| sent_at + d),
             }),
             // "A response without a new refresh token keeps the old one and its old expiry."
             None => self.tokens.take().and_then(|t| t.refresh),
         };
+        // Whatever is wrong with the access token, a rotated refresh token is the only one the
+        // provider will accept from now on: it is kept and stored before anything else.
+        let problem = match (&expiry, &refresh_life) {
+            (Err(e), _) | (Ok(_), Err(e)) => Some(e.clone()),
+            (Ok((at, _)), Ok(_)) if *at <= now => Some(format!(
+                "the token endpoint returned a token that expired at {at}, before it arrived; check the system clock"
+            )),
+            _ => None,
+        };
         self.generation += 1;
         let tokens = Tokens {
             access_token: response.access_token,
             issued_at: sent_at,
-            expires_at,
+            // An access token that cannot be trusted is held as already expired: never handed
+            // out, while its refresh token is used next.
+            expires_at: match (&problem, expiry) {
+                (None, Ok((at, _))) => at,
+                _ => sent_at.min(now),
+            },
             refresh,
             generation: self.generation,
         };
         self.next_refresh_at = Some(self.plan(&tokens));
         self.tokens = Some(tokens);
+        self.interrupted_refresh = false;
+        self.forced_generation = None;
+        out.persist = true;
+        if let Some(reason) = problem {
+            return self.fail(now, request, Failure::Transient { reason }, out);
+        }
         self.phase = Phase::Idle;
         self.failures = 0;
-        self.forced_generation = None;
         self.last_error = None;
-        out.persist = true;
         out.finished = Some((request, Outcome::Success));
     }
 
@@ -599,9 +655,18 @@ impl Core {
                     out.persist = true;
                 }
                 self.failures = 0;
-                self.last_error = Some(reason);
+                let interrupted = std::mem::take(&mut self.interrupted_refresh);
                 // Straight to the primary grant (or to needs_login when it needs a person).
                 self.send_next(now, out);
+                self.last_error = Some(match self.phase {
+                    Phase::NeedsLogin { .. } if interrupted => format!(
+                        "{reason}, after an earlier refresh was cut short (its process stopped while the request was in flight, so the provider may have rotated the token without ehrsync receiving the new one); a person must log in again (`ehrsync login`)"
+                    ),
+                    Phase::NeedsLogin { .. } => {
+                        format!("{reason}; a person must log in again (`ehrsync login`)")
+                    }
+                    _ => reason,
+                });
             }
             Class::NeedsPerson(reason) => {
                 out.finished = Some((request, Outcome::Rejected));

@@ -21,10 +21,11 @@ use crate::config::{Account, TokenEndpoint};
 use crate::crypto::TokenCipher;
 use crate::metrics::Metrics;
 use crate::oidc::Discovery;
-use crate::store::Store;
+use crate::store::{Holder, Lease, LeaseKey, Store, TokenRecord};
 
-/// How long a token lease lasts: longer than any token request (30 s timeout) plus storing it,
-/// short enough that a crashed holder delays others by at most this.
+/// How long a token lease lasts: longer than any token request (30 s timeout) plus storing it.
+/// A holder on this host whose process is gone is taken over at once; one elsewhere delays
+/// others by at most this.
 pub const LEASE_TTL: Duration = Duration::from_secs(120);
 /// How often a process waiting for another's lease looks for the tokens it stores.
 const LEASE_POLL: Duration = Duration::from_millis(500);
@@ -40,8 +41,8 @@ pub struct Shared {
     pub http: reqwest::Client,
     pub clock: SharedClock,
     pub metrics: Metrics,
-    /// This process's name in `token_leases`: unique per process run.
-    pub holder: Arc<str>,
+    /// This process as a lease holder (`token_leases`, `job_leases`): unique per process run.
+    pub holder: Arc<Holder>,
     /// OpenID provider metadata, shared by the accounts of one provider.
     pub discovery: Arc<Discovery>,
     /// The command line an operator runs to log in again, up to the account name
@@ -57,11 +58,6 @@ impl Shared {
         clock: SharedClock,
         metrics: Metrics,
     ) -> Shared {
-        let holder = format!(
-            "{}-{:016x}",
-            std::process::id(),
-            getrandom::u64().unwrap_or_default()
-        );
         let discovery = Discovery::new(http.clone(), Some(store.clone()), clock.clone());
         Shared {
             store,
@@ -69,7 +65,7 @@ impl Shared {
             http,
             clock,
             metrics,
-            holder: holder.into(),
+            holder: Arc::new(Holder::this_process()),
             discovery: Arc::new(discovery),
             login_command: "ehrsync login".into(),
         }
@@ -82,10 +78,13 @@ impl Shared {
     }
 }
 
-/// What came of a token request.
-enum Answer {
-    Response(Result<super::response::TokenResponse, Failure>),
-    /// Another process stored newer tokens meanwhile.
+/// What came of waiting for the account's token lease.
+enum Taken {
+    /// This process holds the lease: send the request. `interrupted`: the stored state says a
+    /// refresh presenting our refresh token was sent by a process that died before storing
+    /// its answer.
+    Proceed { interrupted: bool },
+    /// Another process stored newer tokens meanwhile: no request is needed.
     Adopted(super::core::Saved),
 }
 
@@ -221,7 +220,8 @@ pub async fn spawn(
         rediscover: false,
         published: snap_tx,
         unauthorized: cmd_rx,
-        holding_lease: false,
+        lease: None,
+        unopenable_warned: None,
     };
     let task = tokio::spawn(owner.run(shutdown));
     Ok((handle, task))
@@ -281,8 +281,11 @@ struct Owner {
     rediscover: bool,
     published: watch::Sender<Snapshot>,
     unauthorized: mpsc::UnboundedReceiver<u64>,
-    /// Whether this owner holds the account's lease (from taking it until its result is stored).
-    holding_lease: bool,
+    /// The account's token lease while this owner holds it (from taking it until the answer
+    /// to its request is stored).
+    lease: Option<Lease>,
+    /// The stored generation whose tokens could not be opened, once said (not every poll).
+    unopenable_warned: Option<i64>,
 }
 
 impl Owner {
@@ -296,43 +299,32 @@ impl Owner {
             if out.finished.is_some() {
                 late = None;
             }
-            if self.holding_lease {
+            if self.lease.is_some() {
                 self.release_lease().await;
             }
             if *shutdown.borrow() {
                 return;
             }
             if let Some(request) = out.request {
-                let sent_at = self.shared.clock.now();
-                let started = tokio::time::Instant::now();
-                let answer = tokio::select! {
-                    answer = self.obtain(request) => answer,
+                // Waiting for the lease is abandoned on a stop; a request once sent is not.
+                let taken = tokio::select! {
+                    taken = self.take_lease() => taken,
                     _ = shutdown.changed() => {
-                        if self.holding_lease {
+                        if self.lease.is_some() {
                             self.release_lease().await;
                         }
                         return;
                     }
                 };
-                let now = self.shared.clock.now();
-                out = match answer {
-                    Answer::Adopted(saved) => {
+                out = match taken {
+                    Taken::Adopted(saved) => {
                         late = None;
                         tracing::debug!(account = %name, "adopted tokens another process stored");
-                        self.core.adopt(now, saved).unwrap_or_default()
+                        self.core
+                            .adopt(self.shared.clock.now(), saved)
+                            .unwrap_or_default()
                     }
-                    Answer::Response(result) => {
-                        self.shared
-                            .metrics
-                            .token_request_duration
-                            .with_label_values(&[name.as_str(), request.grant_label()])
-                            .observe(started.elapsed().as_secs_f64());
-                        let event = match result {
-                            Ok(response) => Event::Success { response, sent_at },
-                            Err(failure) => Event::Failure(failure),
-                        };
-                        self.core.step(now, event)
-                    }
+                    Taken::Proceed { interrupted } => self.request(request, interrupted).await,
                 };
                 continue;
             }
@@ -408,10 +400,19 @@ impl Owner {
             match to_record(name, &self.core, now, &self.shared.cipher) {
                 Ok(record) => {
                     let store = self.shared.store.clone();
-                    if let Err(e) =
-                        crate::store::shielded(async move { store.save_token(&record).await }).await
+                    let lease = self.lease.clone();
+                    match crate::store::shielded(async move {
+                        store.save_token(&record, lease.as_ref()).await
+                    })
+                    .await
                     {
-                        tracing::error!(account = name, error = %e, "cannot store the token state; it is kept in memory");
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!(
+                            account = name,
+                            "did not store the token state: another process stored newer tokens, or took the token lease over"
+                        ),
+                        Err(e) => tracing::error!(account = name, error = %e,
+                            "cannot store the token state; it is kept in memory"),
                     }
                 }
                 Err(e) => {
@@ -466,73 +467,159 @@ impl Owner {
             .set(i64::from(snap.state == State::NeedsLogin));
     }
 
-    /// Makes `request` once this process holds the account's lease, unless another process
+    /// Waits until this process holds the account's token lease, unless another process
     /// stores newer tokens first (then those are adopted and no request is made).
-    async fn obtain(&mut self, request: super::core::Request) -> Answer {
+    async fn take_lease(&mut self) -> Taken {
         let name = self.account.name.to_string();
+        let key = LeaseKey::token(&name);
         loop {
-            let now = self.shared.clock.now();
-            let until = (now + LEASE_TTL).unix_seconds();
+            let now = self.shared.clock.now().unix_seconds();
             match self
                 .shared
                 .store
-                .try_lease(&name, &self.shared.holder, now.unix_seconds(), until)
+                .acquire(&key, &self.shared.holder, now, LEASE_TTL)
                 .await
             {
-                Ok(true) => {
-                    self.holding_lease = true;
-                    if let Some(saved) = self.newer_stored().await {
+                Ok(Some(lease)) => {
+                    self.lease = Some(lease);
+                    let record = self.stored_record().await;
+                    let ours = self.core.generation();
+                    let interrupted = record.as_ref().is_some_and(|r| {
+                        r.request_holder
+                            .as_deref()
+                            .is_some_and(|h| h != self.shared.holder.id())
+                            && r.request_generation.and_then(|g| u64::try_from(g).ok())
+                                == Some(ours)
+                    });
+                    if let Some(saved) = record.and_then(|r| self.newer(r)) {
                         self.release_lease().await;
-                        return Answer::Adopted(saved);
+                        return Taken::Adopted(saved);
                     }
-                    return Answer::Response(self.send(request).await);
+                    return Taken::Proceed { interrupted };
                 }
-                Ok(false) => {
+                Ok(None) => {
                     tokio::time::sleep(LEASE_POLL).await;
                     if let Some(saved) = self.newer_stored().await {
-                        return Answer::Adopted(saved);
+                        return Taken::Adopted(saved);
                     }
                 }
                 Err(e) => {
                     // Better a rare duplicate request than an account whose token lapses
                     // because the database is unwell.
                     tracing::warn!(account = %name, error = %e, "cannot take the token lease; requesting anyway");
-                    return Answer::Response(self.send(request).await);
+                    return Taken::Proceed { interrupted: false };
                 }
             }
         }
     }
 
-    /// Tokens another process stored that are newer than ours, if any.
-    async fn newer_stored(&self) -> Option<super::core::Saved> {
-        let name = self.account.name.as_str();
-        let record = match self.shared.store.load_token(name).await {
-            Ok(r) => r?,
-            Err(e) => {
-                tracing::warn!(account = name, error = %e, "cannot read the stored token state");
-                return None;
+    /// Sends `request` (the lease held) and feeds its answer to the core. Nothing cancels
+    /// this: a token request that has left the process is finished (bounded by the HTTP
+    /// client's timeout) and its answer stored, whatever happens to whoever asked, because the
+    /// provider may have rotated the refresh token it presented.
+    async fn request(&mut self, mut request: super::core::Request, interrupted: bool) -> Output {
+        let name = self.account.name.to_string();
+        if interrupted && let Some(instead) = self.core.refresh_interrupted(self.shared.clock.now())
+        {
+            if instead == request {
+                tracing::warn!(account = %name,
+                    "a refresh sent by a process that stopped mid-request was never answered to ehrsync; trying the refresh token once (the provider may have rotated it)");
+            } else {
+                tracing::warn!(account = %name, grant = instead.grant_label(),
+                    "a refresh sent by a process that stopped mid-request was never answered to ehrsync; logging in again rather than presenting a refresh token the provider may have rotated");
             }
+            request = instead;
+        }
+        // The issue time of whatever comes back: now, with the lease held, not when the
+        // request was first wanted.
+        let sent_at = self.shared.clock.now();
+        let marked = self.mark_request(request, sent_at).await;
+        let started = tokio::time::Instant::now();
+        let result = self.send(request).await;
+        self.shared
+            .metrics
+            .token_request_duration
+            .with_label_values(&[name.as_str(), request.grant_label()])
+            .observe(started.elapsed().as_secs_f64());
+        let event = match result {
+            Ok(response) => Event::Success { response, sent_at },
+            Err(failure) => Event::Failure(failure),
         };
-        let ours = self.core.tokens().map_or(0, |t| t.generation);
+        let mut out = self.core.step(self.shared.clock.now(), event);
+        // Storing the state clears the request's durable intent.
+        out.persist |= marked;
+        out
+    }
+
+    /// Writes the durable intent of a refresh about to be sent (migration 0004). True when
+    /// written, so that storing the answer clears it.
+    async fn mark_request(&self, request: super::core::Request, sent_at: Timestamp) -> bool {
+        let Some(lease) = self.lease.as_ref() else {
+            return false;
+        };
+        if request != super::core::Request::Refresh {
+            return false;
+        }
+        let generation = i64::try_from(self.core.generation()).unwrap_or(i64::MAX);
+        match self
+            .shared
+            .store
+            .mark_request(lease, generation, sent_at.unix_seconds())
+            .await
+        {
+            Ok(written) => written,
+            Err(e) => {
+                tracing::warn!(account = %self.account.name, error = %e,
+                    "cannot record the refresh about to be sent; sending it anyway");
+                false
+            }
+        }
+    }
+
+    async fn stored_record(&self) -> Option<TokenRecord> {
+        match self
+            .shared
+            .store
+            .load_token(self.account.name.as_str())
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(account = %self.account.name, error = %e, "cannot read the stored token state");
+                None
+            }
+        }
+    }
+
+    /// Tokens another process stored that are newer than ours, if any.
+    async fn newer_stored(&mut self) -> Option<super::core::Saved> {
+        let record = self.stored_record().await?;
+        self.newer(record)
+    }
+
+    /// The tokens in `record`, if newer than ours and usable.
+    fn newer(&mut self, record: TokenRecord) -> Option<super::core::Saved> {
         let theirs = u64::try_from(record.generation).unwrap_or(0);
-        if theirs <= ours {
+        if theirs <= self.core.generation() {
             return None;
         }
+        let generation = record.generation;
         let (saved, problem) = from_record(record, &self.shared.cipher);
-        if let Some(e) = problem {
-            tracing::warn!(account = name, error = %e, "tokens another process stored cannot be opened");
+        if let Some(e) = problem
+            && self.unopenable_warned != Some(generation)
+        {
+            self.unopenable_warned = Some(generation);
+            tracing::warn!(account = %self.account.name, error = %e,
+                "tokens another process stored cannot be opened with this process's token key; is agent.token_key the same for every ehrsync sharing this database?");
         }
         saved.tokens.is_some().then_some(saved)
     }
 
     async fn release_lease(&mut self) {
-        self.holding_lease = false;
-        if let Err(e) = self
-            .shared
-            .store
-            .release_lease(self.account.name.as_str(), &self.shared.holder)
-            .await
-        {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        if let Err(e) = self.shared.store.release(&lease).await {
             // It expires on its own within LEASE_TTL.
             tracing::warn!(account = %self.account.name, error = %e, "cannot release the token lease");
         }
@@ -637,21 +724,21 @@ pub async fn store_login(
     sent_at: Timestamp,
 ) -> Result<StoredLogin, String> {
     let name = account.name.as_str();
+    let key = LeaseKey::token(name);
     // Wait out another process's token request, so the generations stay in order.
     let deadline = tokio::time::Instant::now() + LEASE_TTL + LEASE_POLL;
-    loop {
-        let now = shared.clock.now();
-        let until = (now + LEASE_TTL).unix_seconds();
+    let lease = loop {
+        let now = shared.clock.now().unix_seconds();
         match shared
             .store
-            .try_lease(name, &shared.holder, now.unix_seconds(), until)
+            .acquire(&key, &shared.holder, now, LEASE_TTL)
             .await
         {
-            Ok(true) => break,
-            Ok(false) if tokio::time::Instant::now() < deadline => {
+            Ok(Some(lease)) => break lease,
+            Ok(None) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(LEASE_POLL).await;
             }
-            Ok(false) => {
+            Ok(None) => {
                 return Err(
                     "another ehrsync process held the account's token lease for over two minutes"
                         .to_owned(),
@@ -659,7 +746,7 @@ pub async fn store_login(
             }
             Err(e) => return Err(format!("cannot take the account's token lease: {e}")),
         }
-    }
+    };
     let result = async {
         let mut core = stored_core(shared, account)
             .await
@@ -667,11 +754,17 @@ pub async fn store_login(
         let now = shared.clock.now();
         core.logged_in(now, response, sent_at);
         let record = to_record(name, &core, now, &shared.cipher).map_err(|e| e.to_string())?;
-        shared
+        let stored = shared
             .store
-            .save_token(&record)
+            .save_token(&record, Some(&lease))
             .await
             .map_err(|e| format!("cannot store the tokens: {e}"))?;
+        if !stored {
+            return Err(
+                "another ehrsync process took the account's token lease over; log in again"
+                    .to_owned(),
+            );
+        }
         let tokens = core
             .tokens()
             .ok_or_else(|| "the login produced no tokens".to_owned())?;
@@ -681,7 +774,7 @@ pub async fn store_login(
         })
     }
     .await;
-    if let Err(e) = shared.store.release_lease(name, &shared.holder).await {
+    if let Err(e) = shared.store.release(&lease).await {
         tracing::warn!(account = name, error = %e, "cannot release the token lease; it expires on its own");
     }
     result

@@ -55,9 +55,13 @@ pub fn to_record(
             .transpose()?,
         refresh_token_issued_at: refresh.map(|r| secs(r.issued_at)),
         refresh_token_expires_at: refresh.and_then(|r| r.expires_at).map(secs),
-        generation: tokens.map_or(0, |t| i64::try_from(t.generation).unwrap_or(i64::MAX)),
+        generation: i64::try_from(saved.generation).unwrap_or(i64::MAX),
         last_error: saved.last_error,
         updated_at: secs(now),
+        // Storing the state answers any request in flight.
+        request_holder: None,
+        request_generation: None,
+        request_sent_at: None,
     })
 }
 
@@ -96,6 +100,7 @@ pub fn from_record(record: TokenRecord, cipher: &TokenCipher) -> (Saved, Option<
     };
     let saved = Saved {
         tokens,
+        generation: u64::try_from(record.generation).unwrap_or(0),
         next_refresh_at: record.next_refresh_at.map(from_secs),
         needs_login: record.state == "needs_login",
         last_error: record.last_error,

@@ -9,21 +9,29 @@ use std::time::Duration;
 use base64::Engine as _;
 use secrecy::SecretString;
 use serde::Deserialize;
-use serde::de::{self, Deserializer, Visitor};
+use serde_json::value::RawValue;
 
 use super::Timestamp;
 
 /// A successful token response, with its secrets wrapped from the moment they are parsed.
+///
+/// Lifetimes are kept as stated, sane or not: a response with an absurd `expires_in` may still
+/// carry a rotated refresh token that must be kept, so [`access_expiry`] judges them, not the
+/// parser.
 pub struct TokenResponse {
     pub access_token: SecretString,
     pub token_type: Option<String>,
-    pub expires_in: Option<u64>,
+    /// Seconds, as stated (may be zero, negative or absurdly large).
+    pub expires_in: Option<i64>,
     /// Azure AD v1: the expiry as Unix seconds.
     pub expires_on: Option<i64>,
     pub refresh_token: Option<SecretString>,
-    pub refresh_token_expires_in: Option<u64>,
+    /// Seconds, as stated.
+    pub refresh_token_expires_in: Option<i64>,
     pub scope: Option<String>,
     pub id_token: Option<SecretString>,
+    /// The first lifetime field whose value is not a finite number (`1e309`, `"soon"`, `{}`).
+    pub unreadable_lifetime: Option<&'static str>,
 }
 
 impl fmt::Debug for TokenResponse {
@@ -39,6 +47,7 @@ impl fmt::Debug for TokenResponse {
             )
             .field("refresh_token_expires_in", &self.refresh_token_expires_in)
             .field("scope", &self.scope)
+            .field("unreadable_lifetime", &self.unreadable_lifetime)
             .finish_non_exhaustive()
     }
 }
@@ -68,18 +77,51 @@ pub enum MalformedResponse {
 }
 
 #[derive(Deserialize)]
-struct RawSuccess {
+struct RawSuccess<'a> {
     access_token: Option<String>,
     token_type: Option<String>,
-    #[serde(default, deserialize_with = "lenient_u64")]
-    expires_in: Option<u64>,
-    #[serde(default, deserialize_with = "lenient_i64")]
-    expires_on: Option<i64>,
+    /// Lifetimes are read from their raw text: a number serde_json cannot hold (`1e309`) must
+    /// not make the whole response unreadable, or its refresh token would be lost.
+    #[serde(borrow)]
+    expires_in: Option<&'a RawValue>,
+    #[serde(borrow)]
+    expires_on: Option<&'a RawValue>,
     refresh_token: Option<String>,
-    #[serde(default, deserialize_with = "lenient_u64")]
-    refresh_token_expires_in: Option<u64>,
+    #[serde(borrow)]
+    refresh_token_expires_in: Option<&'a RawValue>,
     scope: Option<String>,
     id_token: Option<String>,
+}
+
+/// The longest access-token lifetime ehrsync believes: the vendors' are 20 minutes to 48 hours,
+/// and a token that claims to live longer than a year would never be refreshed.
+pub const MAX_ACCESS_LIFETIME: Duration = Duration::from_secs(366 * 86_400);
+/// The longest refresh-token lifetime ehrsync believes (the vendors' are 14 to 30 days).
+pub const MAX_REFRESH_LIFETIME: Duration = Duration::from_secs(10 * 366 * 86_400);
+
+/// A lifetime field's value: a JSON number, or a string holding one (Azure AD v1 sends
+/// `"expires_in": "3599"`), or null. `Err` when it is not a finite number.
+fn read_lifetime(raw: Option<&RawValue>) -> Result<Option<i64>, ()> {
+    let Some(raw) = raw else { return Ok(None) };
+    let text = raw.get().trim();
+    if text == "null" {
+        return Ok(None);
+    }
+    let owned;
+    let number = if text.starts_with('"') {
+        owned = serde_json::from_str::<String>(text).map_err(|_| ())?;
+        owned.trim()
+    } else {
+        text
+    };
+    if let Ok(n) = number.parse::<i64>() {
+        return Ok(Some(n));
+    }
+    match number.parse::<f64>() {
+        // Saturating: an absurd value stays absurd and is judged as such.
+        Ok(f) if f.is_finite() => Ok(Some(f as i64)),
+        _ => Err(()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -99,9 +141,10 @@ fn first_char_kind(body: &[u8]) -> &'static str {
 
 /// Parses a 2xx token response body.
 pub fn parse_success(body: &[u8]) -> Result<TokenResponse, MalformedResponse> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|_| MalformedResponse::NotJson(body.len(), first_char_kind(body)))?;
-    let raw: RawSuccess = serde_json::from_value(value).map_err(|e| {
+    let raw: RawSuccess = serde_json::from_slice(body).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            return MalformedResponse::NotJson(body.len(), first_char_kind(body));
+        }
         // serde_json's message names the field and the expected type; values it may quote are
         // our own field shapes, but be strict: keep only the part before any quoted value.
         let text = e.to_string();
@@ -117,21 +160,33 @@ pub fn parse_success(body: &[u8]) -> Result<TokenResponse, MalformedResponse> {
     {
         return Err(MalformedResponse::NotBearer(tt.chars().take(20).collect()));
     }
+    let mut unreadable_lifetime = None;
+    let mut lifetime = |name: &'static str, raw: Option<&RawValue>| {
+        read_lifetime(raw).unwrap_or_else(|()| {
+            unreadable_lifetime.get_or_insert(name);
+            None
+        })
+    };
+    let expires_in = lifetime("expires_in", raw.expires_in);
+    let expires_on = lifetime("expires_on", raw.expires_on);
+    let refresh_token_expires_in =
+        lifetime("refresh_token_expires_in", raw.refresh_token_expires_in);
     Ok(TokenResponse {
         access_token: SecretString::from(access_token),
         token_type: raw.token_type,
-        expires_in: raw.expires_in,
-        expires_on: raw.expires_on,
+        expires_in,
+        expires_on,
         refresh_token: raw
             .refresh_token
             .filter(|t| !t.is_empty())
             .map(SecretString::from),
-        refresh_token_expires_in: raw.refresh_token_expires_in,
+        refresh_token_expires_in,
         scope: raw.scope,
         id_token: raw
             .id_token
             .filter(|t| !t.is_empty())
             .map(SecretString::from),
+        unreadable_lifetime,
     })
 }
 
@@ -193,86 +248,80 @@ pub enum ExpirySource {
 
 /// The access token's expiry: the earliest credible (later than `issued_at`) of JWT `exp`,
 /// `expires_on`, `issued_at + expires_in` and `issued_at + default`; `issued_at + fallback`
-/// when none is credible.
+/// when the response states none.
+///
+/// A stated lifetime outside sane bounds is an error, never replaced by a default: `expires_in`
+/// of zero or less, any expiry more than [`MAX_ACCESS_LIFETIME`] after issue, or a value that
+/// is not a finite number. (An `expires_on` or `exp` at or before issue is clock skew between
+/// the vendor and us, and is passed over for the other fields, as before.)
 pub fn access_expiry(
     resp: &TokenResponse,
     access_token: &str,
     issued_at: Timestamp,
     default: Option<Duration>,
     fallback: Duration,
-) -> (Timestamp, ExpirySource) {
+) -> Result<(Timestamp, ExpirySource), String> {
+    if let Some(field) = resp.unreadable_lifetime {
+        return Err(format!(
+            "the token response's {field} is not a finite number of seconds"
+        ));
+    }
     let secs = |s: i64| Timestamp::from_unix_millis(s.saturating_mul(1000));
+    let latest = issued_at + MAX_ACCESS_LIFETIME;
+    let beyond = |field: &str, at: Timestamp| {
+        format!(
+            "the token response's {field} puts the access token's expiry at {at}, more than a year after it was issued; refusing to trust it"
+        )
+    };
+    if let Some(s) = resp.expires_in {
+        if s <= 0 {
+            return Err(format!(
+                "the token response's expires_in is {s}: the access token would be dead on arrival"
+            ));
+        }
+        let at = issued_at + Duration::from_secs(s.unsigned_abs());
+        if at > latest {
+            return Err(beyond("expires_in", at));
+        }
+    }
+    let jwt = jwt_exp(access_token).map(secs);
+    let on = resp.expires_on.map(secs);
+    for (field, at) in [("JWT exp claim", jwt), ("expires_on", on)] {
+        if let Some(at) = at.filter(|at| *at > latest) {
+            return Err(beyond(field, at));
+        }
+    }
     let candidates = [
-        (jwt_exp(access_token).map(secs), ExpirySource::JwtExp),
-        (resp.expires_on.map(secs), ExpirySource::ExpiresOn),
+        (jwt, ExpirySource::JwtExp),
+        (on, ExpirySource::ExpiresOn),
         (
             resp.expires_in
-                .filter(|s| *s > 0)
-                .map(|s| issued_at + Duration::from_secs(s)),
+                .map(|s| issued_at + Duration::from_secs(s.unsigned_abs())),
             ExpirySource::ExpiresIn,
         ),
         (default.map(|d| issued_at + d), ExpirySource::PresetDefault),
     ];
-    candidates
+    Ok(candidates
         .into_iter()
         .filter_map(|(t, src)| t.filter(|t| *t > issued_at).map(|t| (t, src)))
         .min_by_key(|(t, _)| *t)
-        .unwrap_or((issued_at + fallback, ExpirySource::Fallback))
+        .unwrap_or((issued_at + fallback, ExpirySource::Fallback)))
 }
 
-fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    lenient_i64(d).and_then(|v| match v {
+/// The refresh token's stated lifetime, if the response states one. An error when it is zero
+/// or less, more than [`MAX_REFRESH_LIFETIME`], or not a number (the token is then kept, with
+/// an unknown lifetime, by whoever reads this).
+pub fn refresh_lifetime(resp: &TokenResponse) -> Result<Option<Duration>, String> {
+    match resp.refresh_token_expires_in {
         None => Ok(None),
-        Some(n) => u64::try_from(n)
-            .map(Some)
-            .map_err(|_| de::Error::custom("a negative lifetime")),
-    })
-}
-
-/// A number, or a numeric string (Azure AD v1 sends `"expires_in": "3599"`), or null.
-fn lenient_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    struct V;
-    impl Visitor<'_> for V {
-        type Value = Option<i64>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a number of seconds, as a number or a numeric string")
-        }
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-            Ok(Some(v))
-        }
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-            i64::try_from(v)
-                .map(Some)
-                .map_err(|_| E::custom("a number too large"))
-        }
-        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
-            if v.is_finite() && v.abs() < 1e15 {
-                Ok(Some(v as i64))
-            } else {
-                Err(E::custom("a number out of range"))
-            }
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            let v = v.trim();
-            v.parse::<i64>()
-                .or_else(|_| {
-                    v.parse::<f64>()
-                        .ok()
-                        .filter(|f| f.is_finite() && f.abs() < 1e15)
-                        .map(|f| f as i64)
-                        .ok_or(())
-                })
-                .map(Some)
-                .map_err(|_| E::custom("a string that is not a number"))
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
+        Some(s) if s <= 0 => Err(format!(
+            "the token response's refresh_token_expires_in is {s}: the refresh token would be dead on arrival"
+        )),
+        Some(s) if Duration::from_secs(s.unsigned_abs()) > MAX_REFRESH_LIFETIME => Err(format!(
+            "the token response's refresh_token_expires_in is {s} seconds, more than ten years; refusing to trust it"
+        )),
+        Some(s) => Ok(Some(Duration::from_secs(s.unsigned_abs()))),
     }
-    d.deserialize_any(V)
 }
 
 #[cfg(test)]
@@ -317,7 +366,8 @@ mod tests {
             issued,
             Some(Duration::from_secs(172_800)),
             Duration::from_secs(300),
-        );
+        )
+        .unwrap();
         assert_eq!(src, ExpirySource::JwtExp);
         assert_eq!(at, Timestamp::from_unix_millis(1_800_172_000_000));
     }
@@ -336,13 +386,15 @@ mod tests {
             issued,
             Some(Duration::from_secs(3600)),
             Duration::from_secs(300),
-        );
+        )
+        .unwrap();
         assert_eq!(
             (at, src),
             (issued + Duration::from_secs(1200), ExpirySource::ExpiresIn)
         );
         let r = parse_success(br#"{"access_token":"opaque"}"#).unwrap();
-        let (at, src) = access_expiry(&r, "opaque", issued, None, Duration::from_secs(300));
+        let (at, src) =
+            access_expiry(&r, "opaque", issued, None, Duration::from_secs(300)).unwrap();
         assert_eq!(
             (at, src),
             (issued + Duration::from_secs(300), ExpirySource::Fallback)
@@ -355,10 +407,7 @@ mod tests {
             (b"<html>secret-page</html>", "like HTML"),
             (b"", "0 bytes"),
             (br#"{"token_type":"Bearer"}"#, "no access_token"),
-            (
-                br#"{"access_token":"secret-at","expires_in":"soon"}"#,
-                "not an object",
-            ),
+            (br#"["secret-at"]"#, "not an object"),
             (
                 br#"{"access_token":"secret-at","token_type":"MAC"}"#,
                 "not Bearer",
@@ -428,5 +477,94 @@ mod tests {
             let _ = parse_error(&body);
             let _ = jwt_exp(&String::from_utf8_lossy(&body));
         }
+    }
+}
+
+#[cfg(test)]
+mod lifetime_tests {
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    const ISSUED: Timestamp = Timestamp::from_unix_millis(1_800_000_000_000);
+
+    fn expiry(body: &str) -> Result<(Timestamp, ExpirySource), String> {
+        let r = parse_success(body.as_bytes()).expect("parses");
+        access_expiry(&r, "opaque", ISSUED, None, Duration::from_secs(300))
+    }
+
+    #[test]
+    fn absurd_lifetimes_are_errors_that_keep_the_refresh_token() {
+        for (body, says) in [
+            (
+                r#"{"access_token":"a","refresh_token":"rt-kept","expires_in":1e309}"#,
+                "expires_in is not a finite number",
+            ),
+            (
+                r#"{"access_token":"a","refresh_token":"rt-kept","expires_in":"soon"}"#,
+                "expires_in is not a finite number",
+            ),
+            (
+                r#"{"access_token":"a","refresh_token":"rt-kept","expires_in":1000000000000000}"#,
+                "more than a year",
+            ),
+            (
+                r#"{"access_token":"a","refresh_token":"rt-kept","expires_in":1e300}"#,
+                "more than a year",
+            ),
+            (
+                r#"{"access_token":"a","refresh_token":"rt-kept","expires_in":0}"#,
+                "expires_in is 0",
+            ),
+            (
+                r#"{"access_token":"a","refresh_token":"rt-kept","expires_in":-5}"#,
+                "expires_in is -5",
+            ),
+            (
+                r#"{"access_token":"a","refresh_token":"rt-kept","expires_in":60,"expires_on":"99999999999"}"#,
+                "expires_on puts",
+            ),
+        ] {
+            // The body parses: its refresh token is there to be kept.
+            let r = parse_success(body.as_bytes()).expect(body);
+            assert_eq!(
+                r.refresh_token
+                    .as_ref()
+                    .map(|t| t.expose_secret().to_owned()),
+                Some("rt-kept".to_owned())
+            );
+            let e = expiry(body).expect_err(body);
+            assert!(e.contains(says), "{body}: {e}");
+            assert!(!e.contains("rt-kept"), "{e}");
+        }
+        // Sane ones still work, as numbers or strings.
+        assert_eq!(
+            expiry(r#"{"access_token":"a","expires_in":"3599"}"#).unwrap(),
+            (ISSUED + Duration::from_secs(3599), ExpirySource::ExpiresIn)
+        );
+        assert_eq!(
+            expiry(r#"{"access_token":"a","expires_in":1200.0}"#).unwrap(),
+            (ISSUED + Duration::from_secs(1200), ExpirySource::ExpiresIn)
+        );
+        assert_eq!(
+            expiry(r#"{"access_token":"a","expires_in":null}"#)
+                .unwrap()
+                .1,
+            ExpirySource::Fallback
+        );
+    }
+
+    #[test]
+    fn refresh_lifetimes_are_bounded_too() {
+        let life = |body: &str| refresh_lifetime(&parse_success(body.as_bytes()).unwrap());
+        assert_eq!(
+            life(r#"{"access_token":"a","refresh_token_expires_in":"86400"}"#),
+            Ok(Some(Duration::from_secs(86_400)))
+        );
+        assert_eq!(life(r#"{"access_token":"a"}"#), Ok(None));
+        assert!(life(r#"{"access_token":"a","refresh_token_expires_in":0}"#).is_err());
+        assert!(life(r#"{"access_token":"a","refresh_token_expires_in":1e12}"#).is_err());
+        let r = parse_success(br#"{"access_token":"a","refresh_token_expires_in":1e999}"#).unwrap();
+        assert_eq!(r.unreadable_lifetime, Some("refresh_token_expires_in"));
     }
 }

@@ -571,6 +571,7 @@ fn a_person_grant_refreshes_before_its_refresh_token_dies_then_needs_login() {
             }),
             ..tokens(T0, DAY)
         }),
+        generation: 0,
         next_refresh_at: None,
         needs_login: false,
         last_error: None,
