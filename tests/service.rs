@@ -96,8 +96,14 @@ async fn assert_consistent_after_stop(db: &Path) {
             .unwrap();
     assert_eq!(running, 0);
     for (table, sql) in [
-        ("job_leases", "SELECT count(*) FROM job_leases"),
-        ("token_leases", "SELECT count(*) FROM token_leases"),
+        (
+            "job_leases",
+            "SELECT count(*) FROM job_leases WHERE holder <> ''",
+        ),
+        (
+            "token_leases",
+            "SELECT count(*) FROM token_leases WHERE holder <> ''",
+        ),
     ] {
         let held: i64 = sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap();
         assert_eq!(held, 0, "{table} released");
@@ -144,7 +150,7 @@ async fn sigterm_during_a_pull_commits_the_page_and_exits_0_within_the_grace() {
     assert_consistent_after_stop(&agent.db()).await;
     let log = agent.log();
     assert!(log.contains("stopping") && log.contains("stopped"), "{log}");
-    assert!(!log.contains("cut off"), "{log}");
+    assert!(!log.contains("it was cut off"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -166,7 +172,7 @@ async fn a_page_write_that_outlasts_the_grace_is_cut_off_and_recorded_interrupte
     // Cut off after the grace, then recorded once the lock is gone; bounded by the lock.
     assert!(took < Duration::from_secs(6), "took {took:?}");
     let log = agent.log();
-    assert!(log.contains("cut off"), "{log}");
+    assert!(log.contains("it was cut off"), "{log}");
     // The row's error is the cut-off's, or none when the run's own `interrupted` outcome (also
     // waiting on the lock, and not cancelled by the cut-off) lands first: both are correct.
     assert_consistent_after_stop(&agent.db()).await;
@@ -192,6 +198,129 @@ async fn a_second_sigterm_exits_at_once() {
     holder.join().unwrap();
     // Exiting mid-transaction loses nothing committed: SQLite's journal rolls back the rest.
     assert_pages_intact(&mut connect(&agent.db()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_cut_off_by_a_reload_never_commits_its_page_and_the_reload_keeps_to_the_grace() {
+    let sandbox = slow_sandbox(Duration::from_millis(200)).await;
+    let account = sandbox.account_config(Vendor::Nextech, "nx");
+    let mut agent = Agent::start(&format!("{account}{JOB}"), "1s", &[]);
+    wait_for_pages(&agent, "patients", 1).await;
+    // Another process holds the write lock for 6 s, longer than SQLite's 5 s busy timeout:
+    // the page being committed waits for it, past the reload's 1 s grace.
+    let holder = common::lock_database(agent.db(), Duration::from_secs(6));
+    let (_, committed, ..) = latest_run(&agent.db(), "patients").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // The job changes (page size): the reload stops it, cutting the stuck run off.
+    agent.rewrite(
+        &format!(
+            "{account}{}",
+            JOB.replace("page_size = 100", "page_size = 50")
+        ),
+        "1s",
+    );
+    agent.signal("HUP");
+    let since = Instant::now();
+    while !agent.log().contains("config reloaded") {
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "no reload; log:
+{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The reload ended with the grace, while the database was still locked: it did not wait
+    // for the cut-off run's bookkeeping.
+    assert!(
+        !holder.is_finished(),
+        "the reload waited for the lock; log:
+{}",
+        agent.log()
+    );
+    holder.join().unwrap();
+    // Let the restarted job run, then stop.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    let log = agent.log();
+    assert!(log.contains("it was cut off"), "{log}");
+    let mut c = connect(&agent.db()).await;
+    let first: (String, i64, i64) = sqlx::query_as(
+        "SELECT outcome, pages, records FROM sync_runs WHERE job = 'patients' ORDER BY id LIMIT 1",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(
+        first,
+        ("interrupted".to_owned(), committed, committed * 100),
+        "the cut-off run's page never committed; log:\n{log}"
+    );
+    let running: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sync_runs WHERE outcome = 'running'")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+    assert_eq!(running, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_killed_mid_pull_is_repeated_at_start_up_and_the_count_is_exact() {
+    let sandbox = slow_sandbox(Duration::from_millis(100)).await;
+    let config = format!("{}{JOB}", sandbox.account_config(Vendor::Nextech, "nx"));
+    let mut agent = Agent::start(&config, "5s", &[]);
+    wait_for_pages(&agent, "patients", 3).await;
+    agent.signal("KILL");
+    agent.wait_exit(Duration::from_secs(5));
+    let (outcome, killed_at, ..) = latest_run(&agent.db(), "patients").await.unwrap();
+    assert_eq!(
+        outcome, "running",
+        "nobody recorded the end of the killed run"
+    );
+
+    // The schedule's next occurrence is months away: only the unfinished run brings it back.
+    agent.restart();
+    let since = Instant::now();
+    let finished = loop {
+        if let Some(run) = latest_run(&agent.db(), "patients").await
+            && run.0 != "running"
+        {
+            break run;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(60),
+            "the run was not repeated; log:
+{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        finished.0,
+        "success",
+        "log:
+{}",
+        agent.log()
+    );
+    assert!(killed_at >= 3);
+    let mut c = connect(&agent.db()).await;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM resources")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(stored, 3_000, "every patient exactly once");
+    let outcomes: Vec<String> = sqlx::query_scalar("SELECT outcome FROM sync_runs ORDER BY id")
+        .fetch_all(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(outcomes, ["interrupted", "success"]);
+    let log = agent.log();
+    assert!(log.contains("its last run did not complete"), "{log}");
+    // The killed process's job lease was taken over at once, not after its 120 s TTL.
+    assert!(log.contains("took over a lease"), "{log}");
+    agent.signal("TERM");
+    agent.wait_exit(Duration::from_secs(10));
 }
 
 fn token_requests(sandbox: &Sandbox, vendor: Vendor) -> u32 {

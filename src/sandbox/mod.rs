@@ -197,6 +197,12 @@ struct Books {
     issued: u64,
     /// Every access token issued, once [`Sandbox::record_issuance`] asked for it.
     issuance: Option<Vec<Issued>>,
+    /// How long every token answer waits after the work is done (see [`Sandbox::delay_answers`]).
+    answer_delay: Option<Duration>,
+    /// Token answers whose client hung up before they were handed over.
+    unread: u32,
+    /// Token answers with a 4xx status, by vendor and grant.
+    rejected: HashMap<(Vendor, String), u32>,
 }
 
 /// One access token the sandbox issued (see [`Sandbox::record_issuance`]). Only Nextech's
@@ -314,6 +320,10 @@ impl Sandbox {
                 "/nikohealth/{domain}/api/external/v1/patients",
                 get(api::niko_patients),
             )
+            .layer(axum::middleware::from_fn_with_state(
+                inner.clone(),
+                token_answers,
+            ))
             .with_state(inner.clone());
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
@@ -485,12 +495,92 @@ impl Sandbox {
         approve_device(&self.inner, user_code)
     }
 
+    /// Makes every token endpoint answer `delay` after it has done its work (issued, rotated),
+    /// as a slow vendor does; `None` answers at once. A client that hangs up meanwhile never
+    /// reads its answer, which [`Sandbox::unread_answers`] counts.
+    pub fn delay_answers(&self, delay: Option<Duration>) {
+        self.inner.books().answer_delay = delay;
+    }
+
+    /// Token answers the sandbox had ready whose client hung up before reading them (a
+    /// rotated refresh token in one of them is lost to the client).
+    pub fn unread_answers(&self) -> u32 {
+        self.inner.books().unread
+    }
+
+    /// Token requests for `vendor` with `grant_type = grant` answered with a 4xx status
+    /// (`invalid_grant` for a refresh token already rotated, among others).
+    pub fn rejected(&self, vendor: Vendor, grant: &str) -> u32 {
+        self.inner
+            .books()
+            .rejected
+            .get(&(vendor, grant.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn set_lifetimes(&self, lifetimes: Lifetimes) {
         *self
             .inner
             .lifetimes
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = lifetimes;
+    }
+}
+
+/// Around every token endpoint: counts refusals by grant, and holds the answer back for the
+/// configured delay after the endpoint has done its work, counting it unread if the client
+/// hangs up meanwhile (hyper drops the handler's future when the connection closes).
+async fn token_answers(
+    State(inner): State<Arc<Inner>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path().to_owned();
+    let is_token = request.method() == axum::http::Method::POST && path.ends_with("/token");
+    if !is_token {
+        return next.run(request).await;
+    }
+    let vendor = match path.split('/').nth(1) {
+        Some("nextech") => Vendor::Nextech,
+        Some("carecentric") => Vendor::CareCentric,
+        Some("nikohealth") => Vendor::NikoHealth,
+        Some("nethealth") => Vendor::NetHealth,
+        _ => Vendor::Generic,
+    };
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "").into_response();
+    };
+    let grant = form(&bytes).remove("grant_type").unwrap_or_default();
+    let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+    let response = next.run(request).await;
+    if response.status().is_client_error() {
+        *inner.books().rejected.entry((vendor, grant)).or_default() += 1;
+    }
+    let delay = inner.books().answer_delay;
+    if let Some(delay) = delay {
+        let mut unread = UnreadGuard {
+            inner: &inner,
+            armed: true,
+        };
+        tokio::time::sleep(delay).await;
+        unread.armed = false;
+    }
+    response
+}
+
+/// Counts an answer as unread when dropped armed (its client hung up while it waited).
+struct UnreadGuard<'a> {
+    inner: &'a Inner,
+    armed: bool,
+}
+
+impl Drop for UnreadGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.books().unread += 1;
+        }
     }
 }
 

@@ -30,28 +30,49 @@ pub fn config_text(port: u16, body: &str, grace: &str) -> String {
     )
 }
 
+/// `ehrsync run --config PATH` with the sandbox's credentials and `extra_env`, its log
+/// appended to `log`.
+fn spawn_run(path: &std::path::Path, log: &std::path::Path, extra_env: &[(&str, &str)]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_ehrsync"))
+        .env_clear()
+        .envs(sandbox::credentials_env())
+        .envs(extra_env.iter().copied())
+        .env("EHRSYNC_LOG", "debug")
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
 impl Agent {
     pub fn start(body: &str, grace: &str, extra_env: &[(&str, &str)]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let port = super::free_port();
         let path = super::write_config(dir.path(), &config_text(port, body, grace));
         let log = dir.path().join("ehrsync.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_ehrsync"))
-            .env_clear()
-            .envs(sandbox::credentials_env())
-            .envs(extra_env.iter().copied())
-            .env("EHRSYNC_LOG", "debug")
-            .args(["run", "--config", path.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let child = spawn_run(&path, &log, extra_env);
         Agent {
             child,
             dir,
             port,
             log,
         }
+    }
+
+    /// Starts the agent again with the same config, database and log, once the previous
+    /// process has exited (the sandbox's credentials only).
+    pub fn restart(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_some(),
+            "the agent is still running"
+        );
+        self.child = spawn_run(&self.config_path(), &self.log, &[]);
     }
 
     pub fn rewrite(&self, body: &str, grace: &str) {
