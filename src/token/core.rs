@@ -10,7 +10,8 @@
 //!   with the primary grant, or wait in `needs_login` when that grant needs a person;
 //! - transient failures back off exponentially (full jitter, capped); 429 waits `Retry-After`;
 //! - errors only a person can fix park the account in `needs_login`, retried at most once per
-//!   `login_retry` — bad passwords are never retried in a loop (Azure AD locks accounts);
+//!   `login_retry` — bad passwords are never retried in a loop (Azure AD locks accounts); which
+//!   error descriptions mean that is vendor data (`Policy::needs_person_codes`);
 //! - a failing refresh never withdraws a token that has not expired;
 //! - one request at a time; a 401 forces at most one refresh per token.
 
@@ -44,6 +45,9 @@ pub struct Policy {
     pub retry_after_cap: Duration,
     /// Lifetime used when neither the response nor the preset states one.
     pub fallback_lifetime: Duration,
+    /// Codes in an error answer's `error_description` that mean a person must act, whatever its
+    /// `error` says (the preset's `needs_person_codes`; empty for most vendors).
+    pub needs_person_codes: &'static [&'static str],
 }
 
 impl Policy {
@@ -68,6 +72,7 @@ impl Policy {
             login_retry: Self::LOGIN_RETRY,
             retry_after_cap: Self::RETRY_AFTER_CAP,
             fallback_lifetime: Self::FALLBACK_LIFETIME,
+            needs_person_codes: &[],
         }
     }
 
@@ -78,6 +83,7 @@ impl Policy {
             refresh_default: l.refresh_token,
             refresh_ratio: l.refresh_ratio,
             min_lead: l.min_lead,
+            needs_person_codes: account.needs_person_codes,
             ..Policy::with_defaults(account.grant)
         }
     }
@@ -253,20 +259,6 @@ pub struct Saved {
     pub needs_login: bool,
     pub last_error: Option<String>,
 }
-
-/// Error codes in Azure AD's `error_description` that mean a person must act (bad or expired
-/// password, locked or disabled account, MFA, consent), whatever the `error` field says.
-const NEEDS_PERSON_AADSTS: [&str; 9] = [
-    "AADSTS50126",  // invalid username or password
-    "AADSTS50053",  // account locked
-    "AADSTS50055",  // password expired
-    "AADSTS50057",  // account disabled
-    "AADSTS50076",  // MFA required
-    "AADSTS50079",  // MFA enrollment required
-    "AADSTS50158",  // external security challenge
-    "AADSTS65001",  // consent required
-    "AADSTS700016", // application not found in the tenant
-];
 
 enum Class {
     Transient(String),
@@ -636,10 +628,12 @@ impl Core {
                     Some(d) => format!("{} ({d})", error.error),
                     None => error.error.clone(),
                 };
-                let person_code = error
-                    .description
-                    .as_deref()
-                    .is_some_and(|d| NEEDS_PERSON_AADSTS.iter().any(|code| d.contains(code)));
+                let person_code = error.description.as_deref().is_some_and(|d| {
+                    self.policy
+                        .needs_person_codes
+                        .iter()
+                        .any(|code| d.contains(code))
+                });
                 if status >= 500
                     || matches!(
                         error.error.as_str(),

@@ -15,6 +15,7 @@ fn nextech() -> Policy {
     Policy {
         access_default: Some(Duration::from_secs(3600)),
         refresh_default: Some(14 * DAY),
+        needs_person_codes: crate::vendor::NEXTECH.needs_person_codes,
         ..policy(Grant::Password)
     }
 }
@@ -473,6 +474,89 @@ fn rate_limits_wait_for_retry_after() {
     assert_eq!(core.next_refresh_at(), core.next_refresh_at());
     let out = core.step(T0 + Duration::from_secs(31), Event::Timer);
     assert_eq!(out.wake_at, Some(T0 + Policy::RETRY_AFTER_CAP));
+}
+
+#[test]
+fn which_error_descriptions_need_a_person_is_the_presets_word() {
+    // Azure AD refuses a refresh for MFA with `invalid_grant`. For Nextech (whose preset lists
+    // the AADSTS codes) that parks the account: a password login would hit the same wall, and
+    // bad passwords in a loop lock the account.
+    let mfa = || {
+        oauth(
+            400,
+            "invalid_grant",
+            Some("AADSTS50076: Due to a configuration change, you must use MFA"),
+        )
+    };
+    let mut core = logged_in_nextech();
+    let at = core.next_refresh_at().unwrap();
+    core.step(at, Event::Timer);
+    let out = core.step(at, mfa());
+    assert_eq!(out.finished, Some((Request::Refresh, Outcome::Rejected)));
+    assert_eq!(out.request, None);
+    assert_eq!(core.state(at), State::NeedsLogin);
+
+    // A vendor without such codes reads the same answer by its `error` alone: a dead refresh
+    // token, so the password grant logs in again at once.
+    let generic = Policy {
+        needs_person_codes: &[],
+        ..nextech()
+    };
+    let mut core = Core::new(generic, 7);
+    core.step(T0, Event::Start);
+    core.step(
+        T0,
+        success(
+            r#"{"access_token":"a1","refresh_token":"r1","expires_in":3600}"#,
+            T0,
+        ),
+    );
+    let at = core.next_refresh_at().unwrap();
+    core.step(at, Event::Timer);
+    let out = core.step(at, mfa());
+    assert_eq!(out.finished, Some((Request::Refresh, Outcome::Rejected)));
+    assert_eq!(out.request, Some(Request::Login(Grant::Password)));
+}
+
+#[test]
+fn an_accounts_policy_carries_its_presets_codes() {
+    let text = r#"
+[accounts.nx]
+vendor = "nextech"
+client_id = "c"
+username = "u"
+password = "p"
+practice_id = "1"
+
+[accounts.other]
+vendor = "generic"
+token_url = "https://id.example.com/token"
+grant = "client_credentials"
+client_id = "c"
+client_secret = "s"
+"#;
+    let loaded = crate::config::load_text(
+        std::path::Path::new("/etc/ehrsync/ehrsync.toml"),
+        text,
+        &crate::config::Env::from_iter(Vec::<(String, String)>::new()),
+        &crate::config::Secrets::All,
+    )
+    .unwrap();
+    let policy = |name: &str| {
+        let account = loaded
+            .config
+            .accounts
+            .iter()
+            .find(|a| a.name.as_str() == name)
+            .unwrap();
+        Policy::for_account(account)
+    };
+    assert_eq!(
+        policy("nx").needs_person_codes,
+        crate::vendor::NEXTECH.needs_person_codes
+    );
+    assert!(policy("nx").needs_person_codes.contains(&"AADSTS50126"));
+    assert!(policy("other").needs_person_codes.is_empty());
 }
 
 #[test]
