@@ -8,7 +8,8 @@
 //!   `min(min_lead, lifetime / 2)` before expiry;
 //! - prefer the refresh token while it is not expired (or about to be); otherwise log in again
 //!   with the primary grant, or wait in `needs_login` when that grant needs a person;
-//! - transient failures back off exponentially (full jitter, capped); 429 waits `Retry-After`;
+//! - transient failures back off exponentially (full jitter, capped); 429, and 503 with a
+//!   `Retry-After`, wait at least what the server states (capped);
 //! - errors only a person can fix park the account in `needs_login`, retried at most once per
 //!   `login_retry` — bad passwords are never retried in a loop (Azure AD locks accounts); which
 //!   error descriptions mean that is vendor data (`Policy::needs_person_codes`);
@@ -22,6 +23,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::Timestamp;
 use super::response::{OAuthError, TokenResponse, access_expiry};
 use crate::config::Account;
+use crate::http::RetryAfter;
 use crate::vendor::Grant;
 
 /// Timing policy of one account.
@@ -154,11 +156,44 @@ impl Request {
 pub enum Failure {
     /// No usable answer: connection error, timeout, HTTP 5xx or 408, or a body that is not the
     /// JSON RFC 6749 promises.
-    Transient { reason: String },
+    Transient {
+        kind: TransientKind,
+        /// For the operator (`last_error`); never holds a secret.
+        reason: String,
+        /// The server's `Retry-After` (RFC 9110 §10.2.3 gives it to 503): no retry before it.
+        retry_after: Option<RetryAfter>,
+    },
     /// HTTP 429.
-    RateLimited { retry_after: Option<Duration> },
+    RateLimited { retry_after: Option<RetryAfter> },
     /// An error answer (4xx) with its RFC 6749 error code.
     OAuth { status: u16, error: OAuthError },
+}
+
+impl Failure {
+    /// A transient failure without a stated delay.
+    pub fn transient(kind: TransientKind, reason: impl Into<String>) -> Failure {
+        Failure::Transient {
+            kind,
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// Why a [`Failure::Transient`] happened. The shell acts on it (a discovered endpoint that
+/// refuses connections may have moved), so it is a type rather than words in the reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransientKind {
+    /// No connection could be opened.
+    Connect,
+    /// No answer within the request's deadline.
+    Timeout,
+    /// An HTTP status that means "try again" (5xx, 408; 404 from a discovered endpoint).
+    Status(u16),
+    /// An answer that is not what RFC 6749 promises (not JSON, no token, too large).
+    Malformed,
+    /// Anything else: an answer that broke off, an endpoint not discovered yet.
+    Other,
 }
 
 /// An input to the state machine.
@@ -261,7 +296,11 @@ pub struct Saved {
 }
 
 enum Class {
-    Transient(String),
+    /// `retry_after`: the wait the server stated, if any.
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
     RateLimited(Option<Duration>),
     DeadRefresh(String),
     NeedsPerson(String),
@@ -522,7 +561,7 @@ impl Core {
             let reason = format!(
                 "the token endpoint returned a token that expired at {expires_at}, before it arrived; check the system clock"
             );
-            return self.on_failure(now, Failure::Transient { reason }, out);
+            return self.on_failure(now, Failure::transient(TransientKind::Other, reason), out);
         }
         let refresh = match response.refresh_token {
             Some(token) => Some(RefreshToken {
@@ -563,18 +602,32 @@ impl Core {
     }
 
     fn fail(&mut self, now: Timestamp, request: Request, failure: Failure, out: &mut Output) {
-        match self.classify(request, failure) {
-            Class::Transient(reason) => {
+        match self.classify(now, request, failure) {
+            Class::Transient {
+                reason,
+                retry_after,
+            } => {
                 self.failures = self.failures.saturating_add(1);
-                let delay = self.backoff();
-                self.last_error = Some(reason);
+                let delay = match retry_after {
+                    Some(d) => self.stated_delay(d),
+                    None => self.backoff(),
+                };
+                // The stated wait, not the delay: repeats of one outage then read the same and
+                // are not stored again.
+                self.last_error = Some(match retry_after {
+                    Some(d) => format!(
+                        "{reason}; it asks to wait {} (Retry-After)",
+                        humantime::format_duration(Duration::from_secs(d.as_secs()))
+                    ),
+                    None => reason,
+                });
                 self.phase = Phase::Backoff { until: now + delay };
                 out.finished = Some((request, Outcome::TransientError));
             }
             Class::RateLimited(retry_after) => {
                 self.failures = self.failures.saturating_add(1);
                 let delay = match retry_after {
-                    Some(d) => d.min(self.policy.retry_after_cap),
+                    Some(d) => self.stated_delay(d),
                     None => self.backoff(),
                 };
                 self.last_error = Some(format!(
@@ -619,10 +672,19 @@ impl Core {
         self.send_next(now, out);
     }
 
-    fn classify(&self, request: Request, failure: Failure) -> Class {
+    fn classify(&self, now: Timestamp, request: Request, failure: Failure) -> Class {
         match failure {
-            Failure::Transient { reason } => Class::Transient(reason),
-            Failure::RateLimited { retry_after } => Class::RateLimited(retry_after),
+            Failure::Transient {
+                reason,
+                retry_after,
+                kind: _,
+            } => Class::Transient {
+                reason,
+                retry_after: retry_after.map(|r| r.wait(now)),
+            },
+            Failure::RateLimited { retry_after } => {
+                Class::RateLimited(retry_after.map(|r| r.wait(now)))
+            }
             Failure::OAuth { status, error } => {
                 let described = match &error.description {
                     Some(d) => format!("{} ({d})", error.error),
@@ -640,9 +702,10 @@ impl Core {
                         "temporarily_unavailable" | "server_error"
                     )
                 {
-                    Class::Transient(format!(
-                        "the token endpoint failed (HTTP {status}): {described}"
-                    ))
+                    Class::Transient {
+                        reason: format!("the token endpoint failed (HTTP {status}): {described}"),
+                        retry_after: None,
+                    }
                 } else if person_code {
                     Class::NeedsPerson(format!(
                         "the token endpoint refused: {described}; a person must fix the account"
@@ -663,6 +726,14 @@ impl Core {
     fn backoff(&mut self) -> Duration {
         let ceiling = self.policy.backoff_ceiling(self.failures);
         ceiling.mul_f64(self.rng.f64())
+    }
+
+    /// The wait before retrying after a server stated `stated`: at least that (asking earlier
+    /// is asking to be refused again), at most `retry_after_cap` (a misconfigured server could
+    /// otherwise park the account for years), and never less than the backoff, so a server
+    /// repeating `Retry-After: 0` is not asked again in a tight loop.
+    fn stated_delay(&mut self, stated: Duration) -> Duration {
+        stated.min(self.policy.retry_after_cap).max(self.backoff())
     }
 
     /// How long before expiry a refresh must happen, for a token of this lifetime.
