@@ -189,6 +189,11 @@ pub struct Preset {
     pub api_base: Option<&'static str>,
     /// A header every API call carries, valued from the account's `practice_id`.
     pub practice_id_header: Option<&'static str>,
+    /// Codes in an error answer's `error_description` that mean a person must act (bad or
+    /// expired password, locked account, MFA, consent), whatever its `error` says. Such an
+    /// account waits in `needs_login` instead of logging in again: retrying a bad password
+    /// locks the account.
+    pub needs_person_codes: &'static [&'static str],
     /// The vendor document(s) in `shared/seeds/` these values come from.
     pub documented_in: &'static str,
 }
@@ -214,8 +219,24 @@ pub static NEXTECH: Preset = Preset {
     refresh_token_lifetime: Some(Duration::from_secs(14 * DAY)),
     api_base: Some("https://select.nextech-api.com/api"),
     practice_id_header: Some("nx-practice-id"),
+    needs_person_codes: &AZURE_AD_NEEDS_PERSON,
     documented_in: "seeds/000_a0e2275484b07051.txt, seeds/001_b19ac80d246a9f50.txt",
 };
+
+/// Azure AD's `AADSTS` codes (in `error_description`) that mean a person must act, from
+/// Microsoft's list of Entra ID authentication error codes. Azure AD answers most of them with
+/// `invalid_grant`, which on a refresh would otherwise mean "log in again with the password".
+const AZURE_AD_NEEDS_PERSON: [&str; 9] = [
+    "AADSTS50126",  // invalid username or password
+    "AADSTS50053",  // account locked (after repeated bad passwords)
+    "AADSTS50055",  // password expired
+    "AADSTS50057",  // account disabled
+    "AADSTS50076",  // MFA required
+    "AADSTS50079",  // MFA enrollment required
+    "AADSTS50158",  // external security challenge
+    "AADSTS65001",  // consent required
+    "AADSTS700016", // application not found in the tenant
+];
 
 /// Net Health: an OpenID provider; a person logs in once, the agent lives on refresh tokens.
 pub static NETHEALTH: Preset = Preset {
@@ -232,6 +253,7 @@ pub static NETHEALTH: Preset = Preset {
     refresh_token_lifetime: None,
     api_base: None,
     practice_id_header: None,
+    needs_person_codes: &[],
     documented_in: "seeds/002_723bbb611e66b232.txt",
 };
 
@@ -250,6 +272,7 @@ pub static CARECENTRIC: Preset = Preset {
     refresh_token_lifetime: None,
     api_base: None,
     practice_id_header: None,
+    needs_person_codes: &[],
     documented_in: "seeds/003_2b2fb7e0c1e5c041.txt",
 };
 
@@ -270,6 +293,7 @@ pub static NIKOHEALTH: Preset = Preset {
     refresh_token_lifetime: None,
     api_base: Some("https://{domain}.nikohealth.com"),
     practice_id_header: None,
+    needs_person_codes: &[],
     documented_in: "seeds/004_9164cb579ef29772.txt",
 };
 
@@ -288,6 +312,7 @@ pub static GENERIC: Preset = Preset {
     refresh_token_lifetime: None,
     api_base: None,
     practice_id_header: None,
+    needs_person_codes: &[],
     documented_in: "RFC 6749",
 };
 
@@ -321,6 +346,17 @@ mod tests {
         assert_eq!(p.practice_id_header, Some("nx-practice-id"));
         // seeds/000 Auth URL: resource=https%3A%2F%2Fselect.nextech-api.com%2Fapi
         assert_eq!(p.resource, Some("https://select.nextech-api.com/api"));
+        // seeds/000, seeds/001: Azure AD v1 (login.microsoftonline.com), whose errors carry
+        // AADSTS codes; DESIGN.md §2 names bad credentials, locked accounts, MFA and consent.
+        for code in [
+            "AADSTS50126",
+            "AADSTS50053",
+            "AADSTS50076",
+            "AADSTS50079",
+            "AADSTS65001",
+        ] {
+            assert!(p.needs_person_codes.contains(&code), "{code}");
+        }
     }
 
     #[test]
@@ -375,6 +411,20 @@ mod tests {
     fn every_vendor_has_its_own_preset() {
         for v in Vendor::ALL {
             assert_eq!(v.preset().vendor, v);
+        }
+    }
+
+    #[test]
+    fn only_azure_ad_vendors_read_aadsts_codes() {
+        // The other vendors' documents (seeds/002-004) and RFC 6749 give `error` codes only;
+        // an `error_description` is free text there, not a code to act on.
+        for v in [
+            Vendor::NetHealth,
+            Vendor::CareCentric,
+            Vendor::NikoHealth,
+            Vendor::Generic,
+        ] {
+            assert!(v.preset().needs_person_codes.is_empty(), "{v}");
         }
     }
 }

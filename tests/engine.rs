@@ -289,6 +289,41 @@ async fn rate_limits_wait_for_retry_after() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_503_with_retry_after_is_retried_no_earlier() {
+    // Seen before: `503` with `Retry-After` was retried on the backoff (567 ms after a
+    // `Retry-After: 1`), so a token endpoint down for maintenance was asked again at once.
+    let h = start_with(Vendor::NikoHealth, Lifetimes::documented(), None, |s| {
+        s.inject(
+            Vendor::NikoHealth,
+            Fault::Unavailable {
+                retry_after_secs: 20,
+            },
+            2,
+        )
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(19)).await;
+    assert_eq!(
+        h.sandbox.total_requests(Vendor::NikoHealth),
+        1,
+        "nothing before Retry-After"
+    );
+    assert_eq!(h.handle.snapshot().state, State::Retrying);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.sandbox.total_requests(Vendor::NikoHealth), 2);
+    // The second 503 says the same: again nothing for 20 s.
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    assert_eq!(h.sandbox.total_requests(Vendor::NikoHealth), 2);
+    h.assert_valid_token("after two Retry-Afters").await;
+    assert!(started.elapsed() >= Duration::from_secs(40));
+    assert_eq!(h.sandbox.total_requests(Vendor::NikoHealth), 3);
+    assert_eq!(h.requests("client_credentials", "transient_error"), 2);
+    assert_eq!(h.requests("client_credentials", "success"), 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn server_errors_malformed_json_and_slow_answers_are_retried() {
     let h = start_with(Vendor::CareCentric, Lifetimes::documented(), None, |s| {
         s.inject(Vendor::CareCentric, Fault::ServerError, 3);

@@ -28,7 +28,7 @@ async fn sandbox(access: Duration) -> Sandbox {
 
 /// A browser that follows nothing by itself: each redirect is looked at, as a test must.
 fn browser() -> reqwest::Client {
-    ehrsync::token::client::client_builder(Duration::from_secs(10))
+    ehrsync::http::client_builder(Duration::from_secs(10))
         .build()
         .unwrap()
 }

@@ -361,6 +361,51 @@ async fn rate_limits_wait_for_retry_after() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_503s_retry_after_is_waited_for() {
+    let h = start(Vendor::Nextech, &fhir_job(100), 300).await;
+    h.sandbox.inject_api_after(
+        Vendor::Nextech,
+        1,
+        ApiFault::Http(Fault::Unavailable {
+            retry_after_secs: 40,
+        }),
+        2,
+    );
+    let started = tokio::time::Instant::now();
+    let run = h.run(false).await;
+    assert_eq!((run.outcome, run.records), (Outcome::Success, 300), "{run}");
+    assert_eq!(h.api("5xx"), 2);
+    assert!(
+        started.elapsed() >= Duration::from_secs(80),
+        "waited 2 × Retry-After, not the 1-2 s backoff: {:?}",
+        started.elapsed()
+    );
+    h.stop().await;
+
+    // Longer than the sync waits: the run fails now and the next run continues.
+    let h = start(Vendor::Nextech, &fhir_job(100), 300).await;
+    h.sandbox.inject_api_after(
+        Vendor::Nextech,
+        1,
+        ApiFault::Http(Fault::Unavailable {
+            retry_after_secs: 3600,
+        }),
+        1,
+    );
+    let started = tokio::time::Instant::now();
+    let run = h.run(false).await;
+    assert_eq!(run.outcome, Outcome::Failed, "{run}");
+    let error = run.error.clone().unwrap();
+    assert!(error.contains("HTTP 503: unavailable for 3600s"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn server_errors_are_retried_a_few_times_then_the_run_fails_keeping_its_pages() {
     let h = start(Vendor::Nextech, &fhir_job(100), 500).await;
     h.sandbox

@@ -80,7 +80,7 @@ fn start_oidc_provider(access_ttl_secs: u64) -> OidcProvider {
 
 fn http_client() -> reqwest::Client {
     // Redirects are off in ehrsync's builder: the browser below follows them itself.
-    ehrsync::token::client::client_builder(Duration::from_secs(10))
+    ehrsync::http::client_builder(Duration::from_secs(10))
         .build()
         .unwrap()
 }

@@ -162,6 +162,8 @@ pub struct Account {
     pub api_base: Option<Url>,
     /// Headers on every API call (besides `Authorization`), preset ones included.
     pub headers: Vec<Header>,
+    /// The preset's error codes that mean a person must act (not configurable: vendor facts).
+    pub needs_person_codes: &'static [&'static str],
     pub jobs: Vec<Job>,
 }
 
@@ -202,6 +204,7 @@ impl Account {
             lifetimes,
             api_base,
             headers,
+            needs_person_codes,
             jobs: _,
         } = self;
         self.same_identity(other)
@@ -216,6 +219,7 @@ impl Account {
             && *lifetimes == other.lifetimes
             && *api_base == other.api_base
             && *headers == other.headers
+            && *needs_person_codes == other.needs_person_codes
     }
 }
 

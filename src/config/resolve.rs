@@ -686,6 +686,7 @@ fn resolve_account(
         },
         api_base,
         headers,
+        needs_person_codes: preset.needs_person_codes,
         jobs,
     })
 }

@@ -344,11 +344,20 @@ pub async fn device(
                 }
             },
             Err(Failure::RateLimited { retry_after }) => {
-                interval = interval.max(retry_after.unwrap_or(Duration::from_secs(5)));
+                let asked = retry_after.map(|r| r.wait(ctx.clock.now()));
+                interval = interval.max(asked.unwrap_or(Duration::from_secs(5)));
             }
             // A network hiccup while the person is still typing: keep polling.
-            Err(Failure::Transient { reason }) => {
+            Err(Failure::Transient {
+                reason,
+                retry_after,
+                ..
+            }) => {
                 tracing::warn!(reason, "polling the token endpoint failed; trying again");
+                // A 503's Retry-After holds for the next poll only (the loop sleeps `interval`).
+                if let Some(r) = retry_after {
+                    tokio::time::sleep(r.wait(ctx.clock.now()).saturating_sub(interval)).await;
+                }
             }
         }
     }
@@ -469,7 +478,7 @@ async fn finish(
 /// A token-endpoint failure as a person reads it (the provider's `error`, its description).
 pub fn describe_failure(f: &Failure) -> String {
     match f {
-        Failure::Transient { reason } => reason.clone(),
+        Failure::Transient { reason, .. } => reason.clone(),
         Failure::RateLimited { .. } => "the provider asks to slow down (HTTP 429)".to_owned(),
         Failure::OAuth { status, error } => {
             let mut text = format!("{} (HTTP {status})", error.error);

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::clock::SharedClock;
+use crate::http::{BodyError, TransportError, read_limited};
 use crate::store::Store;
 use crate::token::Timestamp;
 
@@ -134,32 +135,21 @@ pub async fn fetch(
 
 /// GETs a small JSON document (discovery, JWKS): status and body, at most [`MAX_DOCUMENT`].
 pub(crate) async fn get_json(http: &reqwest::Client, url: &str) -> Result<(u16, Vec<u8>), String> {
-    let mut response = http
-        .get(url)
+    let parsed = Url::parse(url).map_err(|e| format!("`{url}` is not a URL ({e})"))?;
+    let response = http
+        .get(parsed.clone())
         .header(reqwest::header::ACCEPT, "application/json")
         .send()
         .await
-        .map_err(|e| describe(&e))?;
+        .map_err(|e| TransportError::new(e, &parsed).without_url())?;
     let status = response.status().as_u16();
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| describe(&e))? {
-        if body.len() + chunk.len() > MAX_DOCUMENT {
-            return Err(format!("the answer is larger than {MAX_DOCUMENT} bytes"));
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let body = read_limited(response, MAX_DOCUMENT)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge { .. } => e.to_string(),
+            BodyError::Read(e) => e.without_url(),
+        })?;
     Ok((status, body))
-}
-
-fn describe(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "no answer in time"
-    } else if e.is_connect() {
-        "cannot connect"
-    } else {
-        "the request failed"
-    };
-    format!("{kind}{}", crate::token::client::causes(e))
 }
 
 struct Entry {

@@ -147,6 +147,8 @@ pub enum Fault {
     ServerError,
     /// HTTP 429 with `Retry-After: N`.
     RateLimited { retry_after_secs: u64 },
+    /// HTTP 503 with `Retry-After: N` (down for maintenance, back in N seconds).
+    Unavailable { retry_after_secs: u64 },
     /// Wait this long, then answer normally.
     Slow(Duration),
     /// HTTP 200 with a body that is not JSON.
@@ -668,6 +670,12 @@ fn fault_response(vendor: Vendor, fault: Fault) -> Response {
             StatusCode::TOO_MANY_REQUESTS,
             [(header::RETRY_AFTER, retry_after_secs.to_string())],
             "Too Many Requests",
+        )
+            .into_response(),
+        Fault::Unavailable { retry_after_secs } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, retry_after_secs.to_string())],
+            "Service Unavailable",
         )
             .into_response(),
         Fault::MalformedJson => (

@@ -1,18 +1,20 @@
 //! One page GET against a vendor API, with the fault rules of a pull: the account's token and
 //! preset headers on every request; HTTP 401 → one forced token refresh and one retry; 429 →
 //! wait for `Retry-After`; 5xx, 408, timeouts and connection errors → bounded retries with
-//! backoff; any other status → an error carrying the server's `OperationOutcome` diagnostics.
+//! backoff (a 503's `Retry-After` waited for at least); any other status → an error carrying
+//! the server's `OperationOutcome` diagnostics.
 //! Every answer is counted in `ehrsync_api_requests_total`.
 
 use std::time::Duration;
 
 use axum::http::{HeaderName, HeaderValue as HttpHeaderValue};
-use reqwest::header::{ACCEPT, AUTHORIZATION, RETRY_AFTER};
+use reqwest::header::{ACCEPT, AUTHORIZATION};
 use url::Url;
 
 use super::SyncError;
 use crate::clock::SharedClock;
 use crate::config::{Account, HeaderValue};
+use crate::http::{BodyError, RetryAfter, TransportError, read_limited};
 use crate::metrics::Metrics;
 use crate::token::owner::{TokenHandle, Unavailable, bearer};
 
@@ -25,7 +27,8 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// 429 answers honoured for one page before the run gives up.
 pub const RATE_LIMIT_RETRIES: u32 = 10;
-/// The longest `Retry-After` waited for; a longer one fails the run (the next run tries again).
+/// The longest `Retry-After` waited for (429 or 503); a longer one fails the run (the next run
+/// tries again).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
 /// Wait for a 429 without `Retry-After`.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -51,7 +54,11 @@ enum Attempt {
     Done(Vec<u8>),
     Unauthorized(u64),
     RateLimited(Option<Duration>),
-    Transient(String),
+    /// `retry_after`: what a 503 stated (RFC 9110 §10.2.3), waited for at least.
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 impl Fetcher<'_> {
@@ -112,7 +119,10 @@ impl Fetcher<'_> {
                     tokio::time::sleep(wait).await;
                     token = self.tokens.token().await.map_err(token_error)?;
                 }
-                Attempt::Transient(reason) => {
+                Attempt::Transient {
+                    reason,
+                    retry_after,
+                } => {
                     transient += 1;
                     if transient > TRANSIENT_RETRIES {
                         return Err(SyncError::Unreachable {
@@ -122,7 +132,20 @@ impl Fetcher<'_> {
                             reason,
                         });
                     }
-                    let wait = backoff(transient);
+                    if let Some(stated) = retry_after.filter(|d| *d > MAX_RETRY_AFTER) {
+                        return Err(SyncError::Http {
+                            url: url.to_string(),
+                            page,
+                            status: 503,
+                            detail: format!(
+                                "unavailable for {}s (Retry-After); the next run continues",
+                                stated.as_secs()
+                            ),
+                        });
+                    }
+                    // At least what the server asked for, and never less than the backoff (a
+                    // `Retry-After: 0` would otherwise be a tight loop).
+                    let wait = backoff(transient).max(retry_after.unwrap_or_default());
                     tracing::warn!(account = %self.account.name, page, attempt = transient, wait_ms = wait.as_millis() as u64, reason = %reason, "page request failed; retrying");
                     tokio::time::sleep(wait).await;
                     token = self.tokens.token().await.map_err(token_error)?;
@@ -162,15 +185,18 @@ impl Fetcher<'_> {
             Ok(r) => r,
             Err(e) => {
                 self.count("error");
-                return Ok(Attempt::Transient(describe(e)));
+                return Ok(Attempt::Transient {
+                    reason: TransportError::new(e, url).without_url(),
+                    retry_after: None,
+                });
             }
         };
         let status = response.status().as_u16();
         match status {
             200..=299 => {
-                let body = match read_limited(response).await {
+                let body = match read_limited(response, MAX_PAGE_BYTES).await {
                     Ok(b) => b,
-                    Err(BodyError::TooLarge) => {
+                    Err(BodyError::TooLarge { .. }) => {
                         self.count("2xx");
                         return Err(SyncError::Malformed {
                             url: url.to_string(),
@@ -178,9 +204,12 @@ impl Fetcher<'_> {
                             reason: format!("the page is larger than {MAX_PAGE_BYTES} bytes"),
                         });
                     }
-                    Err(BodyError::Read(reason)) => {
+                    Err(BodyError::Read(e)) => {
                         self.count("error");
-                        return Ok(Attempt::Transient(reason));
+                        return Ok(Attempt::Transient {
+                            reason: e.without_url(),
+                            retry_after: None,
+                        });
                     }
                 };
                 self.count("2xx");
@@ -192,24 +221,28 @@ impl Fetcher<'_> {
             }
             429 => {
                 self.count("429");
-                let after = response
-                    .headers()
-                    .get(RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| retry_after(v, self.clock.now().unix_millis()));
-                Ok(Attempt::RateLimited(after))
+                Ok(Attempt::RateLimited(self.retry_after(&response)))
             }
             500..=599 | 408 => {
                 self.count(if status == 408 { "4xx" } else { "5xx" });
-                let body = read_limited(response).await.unwrap_or_default();
-                Ok(Attempt::Transient(format!(
-                    "HTTP {status}{}",
-                    outcome_suffix(&body)
-                )))
+                let retry_after = if status == 503 {
+                    self.retry_after(&response)
+                } else {
+                    None
+                };
+                let body = read_limited(response, MAX_PAGE_BYTES)
+                    .await
+                    .unwrap_or_default();
+                Ok(Attempt::Transient {
+                    reason: format!("HTTP {status}{}", outcome_suffix(&body)),
+                    retry_after,
+                })
             }
             _ => {
                 self.count(if status < 500 { "4xx" } else { "5xx" });
-                let body = read_limited(response).await.unwrap_or_default();
+                let body = read_limited(response, MAX_PAGE_BYTES)
+                    .await
+                    .unwrap_or_default();
                 Err(SyncError::Http {
                     url: url.to_string(),
                     page,
@@ -219,6 +252,11 @@ impl Fetcher<'_> {
                 })
             }
         }
+    }
+
+    /// The answer's `Retry-After` as a wait from now on the run's clock.
+    fn retry_after(&self, response: &reqwest::Response) -> Option<Duration> {
+        RetryAfter::from_headers(response.headers()).map(|r| r.wait(self.clock.now()))
     }
 
     fn count(&self, status: &str) {
@@ -240,57 +278,6 @@ fn backoff(attempt: u32) -> Duration {
         .saturating_mul(1 << attempt.saturating_sub(1).min(16))
         .min(MAX_BACKOFF);
     ceiling / 2 + ceiling.mul_f64(fastrand::f64() / 2.0)
-}
-
-/// `Retry-After` as seconds or an HTTP date (RFC 9110 §10.2.3), relative to `now_ms`.
-pub fn retry_after(value: &str, now_ms: i64) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    let at_ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
-    let now_ms = u128::try_from(now_ms).ok()?;
-    Some(Duration::from_millis(
-        u64::try_from(at_ms.saturating_sub(now_ms)).unwrap_or(u64::MAX),
-    ))
-}
-
-/// A transport error in words, without the URL (callers add it) or anything from the body.
-fn describe(e: reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".to_owned()
-    } else if e.is_connect() {
-        "cannot connect".to_owned()
-    } else {
-        let e = e.without_url();
-        format!("{e}{}", crate::token::client::causes(&e))
-    }
-}
-
-enum BodyError {
-    TooLarge,
-    Read(String),
-}
-
-async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, BodyError> {
-    let mut body = Vec::with_capacity(
-        response
-            .content_length()
-            .map_or(64 * 1024, |n| n.min(MAX_PAGE_BYTES as u64) as usize),
-    );
-    loop {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > MAX_PAGE_BYTES {
-                    return Err(BodyError::TooLarge);
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(body),
-            Err(e) => return Err(BodyError::Read(describe(e))),
-        }
-    }
 }
 
 /// The diagnostics of an `OperationOutcome` body: each issue's severity, code and
@@ -353,17 +340,6 @@ fn truncate(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_after_takes_seconds_or_a_date() {
-        assert_eq!(retry_after("7", 0), Some(Duration::from_secs(7)));
-        let now = 1_800_000_000_000;
-        let date = httpdate::fmt_http_date(
-            std::time::UNIX_EPOCH + Duration::from_millis(now as u64 + 90_000),
-        );
-        assert_eq!(retry_after(&date, now), Some(Duration::from_secs(90)));
-        assert_eq!(retry_after("soon", now), None);
-    }
 
     #[test]
     fn backoff_doubles_within_bounds() {

@@ -154,7 +154,7 @@ impl fmt::Display for RunSummary {
 
 /// The HTTP client for API pages: keep-alive connections (a run sends its pages back to back).
 pub fn api_client() -> Result<reqwest::Client, reqwest::Error> {
-    crate::token::client::client_builder(API_REQUEST_TIMEOUT)
+    crate::http::client_builder(API_REQUEST_TIMEOUT)
         .pool_idle_timeout(Duration::from_secs(20))
         .build()
 }

@@ -9,31 +9,19 @@ use base64::Engine as _;
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
-use super::core::{Failure, Request};
+use super::core::{Failure, Request, TransientKind};
 use super::response::{OAuthError, TokenResponse, parse_error, parse_success};
 use crate::config::{Account, TokenEndpoint};
+use crate::http::{BodyError, RetryAfter, TransportError, TransportKind, read_limited};
 use crate::oidc::ProviderMetadata;
 use crate::vendor::{ClientAuth, Grant};
 
 /// Token responses are a few kilobytes; anything much larger is not one.
 const MAX_BODY: usize = 256 * 1024;
 
-/// What every ehrsync HTTP client has: rustls on ring, a per-request deadline, ehrsync's user
-/// agent, and no redirects (one would carry credentials or a token wherever it points).
-pub fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
-    // ring, not aws-lc-rs: no cmake or NASM in the build, and it cross-compiles for Windows.
-    // Installing twice is harmless (the first provider stays), hence the ignored result.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .user_agent(concat!("ehrsync/", env!("CARGO_PKG_VERSION")))
-        .redirect(reqwest::redirect::Policy::none())
-}
-
 /// The HTTP client the engine shares between accounts for token requests.
 pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
-    client_builder(timeout)
+    crate::http::client_builder(timeout)
         // Token requests are minutes apart, so a pooled connection is always long idle, and a
         // server closing it as it is reused fails the request ("connection closed before
         // message completed"). A fresh connection per token request avoids that race.
@@ -94,9 +82,10 @@ impl TokenTarget {
             (TokenEndpoint::Url(u), _) => u.clone(),
             (TokenEndpoint::Discovery { .. }, Some(p)) => p.token_endpoint.clone(),
             (TokenEndpoint::Discovery { issuer }, None) => {
-                return Err(Failure::Transient {
-                    reason: format!("the token endpoint of {issuer} is not discovered yet"),
-                });
+                return Err(Failure::transient(
+                    TransientKind::Other,
+                    format!("the token endpoint of {issuer} is not discovered yet"),
+                ));
             }
         };
         Ok(TokenTarget {
@@ -220,7 +209,8 @@ pub async fn request_token(
 /// An HTTP answer from an OAuth endpoint, its body bounded.
 pub struct FormAnswer {
     pub status: u16,
-    pub retry_after: Option<Duration>,
+    /// Resolved by whoever acts on it, against their own clock.
+    pub retry_after: Option<RetryAfter>,
     pub body: Vec<u8>,
 }
 
@@ -280,14 +270,21 @@ pub async fn post_form(
         .body(body.expose_secret().to_owned())
         .send()
         .await
-        .map_err(|e| transport(&e))?;
+        .map_err(|e| transport(TransportError::new(e, url)))?;
     let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_retry_after);
-    let body = read_limited(response).await?;
+    let retry_after = RetryAfter::from_headers(response.headers());
+    let body = read_limited(response, MAX_BODY)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge { limit } => Failure::transient(
+                TransientKind::Malformed,
+                format!(
+                    "the answer from {} is larger than {limit} bytes",
+                    crate::http::public_url(url)
+                ),
+            ),
+            BodyError::Read(e) => transport(e),
+        })?;
     Ok(FormAnswer {
         status,
         retry_after,
@@ -298,20 +295,23 @@ pub async fn post_form(
 /// Maps an HTTP answer from a token endpoint (separate from the I/O so it can be tested alone).
 pub fn map_answer(
     status: u16,
-    retry_after: Option<Duration>,
+    retry_after: Option<RetryAfter>,
     body: &[u8],
 ) -> Result<TokenResponse, Failure> {
     match status {
-        200..=299 => parse_success(body).map_err(|e| Failure::Transient {
-            reason: e.to_string(),
-        }),
+        200..=299 => parse_success(body)
+            .map_err(|e| Failure::transient(TransientKind::Malformed, e.to_string())),
         429 => Err(Failure::RateLimited { retry_after }),
         408 | 500..=599 => {
             let detail = parse_error(body)
                 .map(|e| format!(": {}", e.error))
                 .unwrap_or_default();
             Err(Failure::Transient {
+                kind: TransientKind::Status(status),
                 reason: format!("the token endpoint answered HTTP {status}{detail}"),
+                // RFC 9110 §10.2.3: on a 503 it is how long the service expects to be down
+                // (maintenance, overload); a retry before it only adds to the load.
+                retry_after: retry_after.filter(|_| status == 503),
             })
         }
         _ => Err(Failure::OAuth {
@@ -324,65 +324,26 @@ pub fn map_answer(
     }
 }
 
-/// `Retry-After`: delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
-fn parse_retry_after(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
+/// Whether `failure` is a connection that never opened (the endpoint may have moved).
+pub fn is_connect_failure(failure: &Failure) -> bool {
+    matches!(
+        failure,
+        Failure::Transient {
+            kind: TransientKind::Connect,
+            ..
+        }
     )
 }
 
-async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, Failure> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| transport(&e))? {
-        if body.len() + chunk.len() > MAX_BODY {
-            return Err(Failure::Transient {
-                reason: format!("the token endpoint's answer is larger than {MAX_BODY} bytes"),
-            });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-/// How a failure to reach the token endpoint at all begins.
-const CONNECT_FAILED: &str = "cannot connect to the token endpoint";
-
-/// Whether `failure` is a connection that never opened (the endpoint may have moved).
-pub fn is_connect_failure(failure: &Failure) -> bool {
-    matches!(failure, Failure::Transient { reason } if reason.starts_with(CONNECT_FAILED))
-}
-
-/// Describes a transport failure without the request (whose body holds secrets).
-fn transport(e: &reqwest::Error) -> Failure {
-    let kind = if e.is_timeout() {
-        "the token endpoint did not answer in time"
-    } else if e.is_connect() {
-        CONNECT_FAILED
-    } else {
-        "the token request failed"
+/// A request that got no answer, as a transient failure. The description names the endpoint
+/// and the cause, never the request (its body holds secrets).
+fn transport(e: TransportError) -> Failure {
+    let kind = match e.kind {
+        TransportKind::Connect => TransientKind::Connect,
+        TransportKind::Timeout => TransientKind::Timeout,
+        TransportKind::Other => TransientKind::Other,
     };
-    Failure::Transient {
-        reason: format!("{kind}{}", causes(e)),
-    }
-}
-
-/// `": cause: deeper cause…"`: the sources of `e`, for errors whose own text says too little
-/// (reqwest's "error sending request"). Empty when there are none.
-pub fn causes(e: &dyn std::error::Error) -> String {
-    let mut text = String::new();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+    Failure::transient(kind, e.to_string())
 }
 
 fn not_configured(what: &str) -> Failure {
@@ -402,23 +363,28 @@ mod tests {
     #[test]
     fn answers_map_to_failures_as_the_design_says() {
         assert!(map_answer(200, None, br#"{"access_token":"a","expires_in":"3599"}"#).is_ok());
+        let seven = Some(RetryAfter::Delay(Duration::from_secs(7)));
         assert!(matches!(
-            map_answer(200, None, b"<html>"),
-            Err(Failure::Transient { .. })
-        ));
-        assert!(matches!(
-            map_answer(429, Some(Duration::from_secs(7)), b""),
-            Err(Failure::RateLimited { retry_after: Some(d) }) if d == Duration::from_secs(7)
+            map_answer(429, seven, b""),
+            Err(Failure::RateLimited { retry_after }) if retry_after == seven
         ));
         for status in [408, 500, 502, 503] {
-            assert!(
-                matches!(
-                    map_answer(status, None, b"oops"),
-                    Err(Failure::Transient { .. })
-                ),
-                "{status}"
-            );
+            match map_answer(status, None, b"oops") {
+                Err(Failure::Transient {
+                    kind: TransientKind::Status(s),
+                    retry_after: None,
+                    ..
+                }) => assert_eq!(s, status),
+                other => panic!("{status}: {other:?}"),
+            }
         }
+        assert!(matches!(
+            map_answer(200, None, b"<html>"),
+            Err(Failure::Transient {
+                kind: TransientKind::Malformed,
+                ..
+            })
+        ));
         match map_answer(
             400,
             None,
@@ -434,13 +400,46 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_takes_seconds_or_a_date() {
-        assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
-            Some(Duration::ZERO)
-        );
-        assert_eq!(parse_retry_after("soon"), None);
+    fn retry_after_counts_on_503_and_429_only() {
+        // RFC 9110 §10.2.3 gives Retry-After a meaning on 503 (and RFC 6585 on 429); on other
+        // statuses it is ignored and the backoff decides.
+        let seven = Some(RetryAfter::Delay(Duration::from_secs(7)));
+        assert!(matches!(
+            map_answer(503, seven, b"Service Unavailable"),
+            Err(Failure::Transient { kind: TransientKind::Status(503), retry_after, .. }) if retry_after == seven
+        ));
+        for status in [500, 502, 504, 408] {
+            assert!(
+                matches!(
+                    map_answer(status, seven, b""),
+                    Err(Failure::Transient {
+                        retry_after: None,
+                        ..
+                    })
+                ),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_connect_failures_count_as_connect_failures() {
+        assert!(is_connect_failure(&Failure::transient(
+            TransientKind::Connect,
+            "cannot connect to https://id.example.com/token"
+        )));
+        for kind in [
+            TransientKind::Timeout,
+            TransientKind::Status(503),
+            TransientKind::Malformed,
+            TransientKind::Other,
+        ] {
+            // Even when the words say so: the kind decides, not the message.
+            assert!(!is_connect_failure(&Failure::transient(
+                kind,
+                "cannot connect to the token endpoint"
+            )));
+        }
     }
 
     #[test]

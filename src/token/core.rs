@@ -8,9 +8,11 @@
 //!   `min(min_lead, lifetime / 2)` before expiry;
 //! - prefer the refresh token while it is not expired (or about to be); otherwise log in again
 //!   with the primary grant, or wait in `needs_login` when that grant needs a person;
-//! - transient failures back off exponentially (full jitter, capped); 429 waits `Retry-After`;
+//! - transient failures back off exponentially (full jitter, capped); 429, and 503 with a
+//!   `Retry-After`, wait at least what the server states (capped);
 //! - errors only a person can fix park the account in `needs_login`, retried at most once per
-//!   `login_retry` — bad passwords are never retried in a loop (Azure AD locks accounts);
+//!   `login_retry` — bad passwords are never retried in a loop (Azure AD locks accounts); which
+//!   error descriptions mean that is vendor data (`Policy::needs_person_codes`);
 //! - a failing refresh never withdraws a token that has not expired;
 //! - one request at a time; a 401 forces at most one refresh per token.
 
@@ -21,6 +23,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::Timestamp;
 use super::response::{OAuthError, TokenResponse, access_expiry, refresh_lifetime};
 use crate::config::Account;
+use crate::http::RetryAfter;
 use crate::vendor::Grant;
 
 /// Timing policy of one account.
@@ -44,6 +47,9 @@ pub struct Policy {
     pub retry_after_cap: Duration,
     /// Lifetime used when neither the response nor the preset states one.
     pub fallback_lifetime: Duration,
+    /// Codes in an error answer's `error_description` that mean a person must act, whatever its
+    /// `error` says (the preset's `needs_person_codes`; empty for most vendors).
+    pub needs_person_codes: &'static [&'static str],
 }
 
 impl Policy {
@@ -68,6 +74,7 @@ impl Policy {
             login_retry: Self::LOGIN_RETRY,
             retry_after_cap: Self::RETRY_AFTER_CAP,
             fallback_lifetime: Self::FALLBACK_LIFETIME,
+            needs_person_codes: &[],
         }
     }
 
@@ -78,6 +85,7 @@ impl Policy {
             refresh_default: l.refresh_token,
             refresh_ratio: l.refresh_ratio,
             min_lead: l.min_lead,
+            needs_person_codes: account.needs_person_codes,
             ..Policy::with_defaults(account.grant)
         }
     }
@@ -148,11 +156,44 @@ impl Request {
 pub enum Failure {
     /// No usable answer: connection error, timeout, HTTP 5xx or 408, or a body that is not the
     /// JSON RFC 6749 promises.
-    Transient { reason: String },
+    Transient {
+        kind: TransientKind,
+        /// For the operator (`last_error`); never holds a secret.
+        reason: String,
+        /// The server's `Retry-After` (RFC 9110 §10.2.3 gives it to 503): no retry before it.
+        retry_after: Option<RetryAfter>,
+    },
     /// HTTP 429.
-    RateLimited { retry_after: Option<Duration> },
+    RateLimited { retry_after: Option<RetryAfter> },
     /// An error answer (4xx) with its RFC 6749 error code.
     OAuth { status: u16, error: OAuthError },
+}
+
+impl Failure {
+    /// A transient failure without a stated delay.
+    pub fn transient(kind: TransientKind, reason: impl Into<String>) -> Failure {
+        Failure::Transient {
+            kind,
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// Why a [`Failure::Transient`] happened. The shell acts on it (a discovered endpoint that
+/// refuses connections may have moved), so it is a type rather than words in the reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransientKind {
+    /// No connection could be opened.
+    Connect,
+    /// No answer within the request's deadline.
+    Timeout,
+    /// An HTTP status that means "try again" (5xx, 408; 404 from a discovered endpoint).
+    Status(u16),
+    /// An answer that is not what RFC 6749 promises (not JSON, no token, too large).
+    Malformed,
+    /// Anything else: an answer that broke off, an endpoint not discovered yet.
+    Other,
 }
 
 /// An input to the state machine.
@@ -257,22 +298,12 @@ pub struct Saved {
     pub last_error: Option<String>,
 }
 
-/// Error codes in Azure AD's `error_description` that mean a person must act (bad or expired
-/// password, locked or disabled account, MFA, consent), whatever the `error` field says.
-const NEEDS_PERSON_AADSTS: [&str; 9] = [
-    "AADSTS50126",  // invalid username or password
-    "AADSTS50053",  // account locked
-    "AADSTS50055",  // password expired
-    "AADSTS50057",  // account disabled
-    "AADSTS50076",  // MFA required
-    "AADSTS50079",  // MFA enrollment required
-    "AADSTS50158",  // external security challenge
-    "AADSTS65001",  // consent required
-    "AADSTS700016", // application not found in the tenant
-];
-
 enum Class {
-    Transient(String),
+    /// `retry_after`: the wait the server stated, if any.
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
     RateLimited(Option<Duration>),
     DeadRefresh(String),
     NeedsPerson(String),
@@ -611,7 +642,8 @@ impl Core {
         self.forced_generation = None;
         out.persist = true;
         if let Some(reason) = problem {
-            return self.fail(now, request, Failure::Transient { reason }, out);
+            let failure = Failure::transient(TransientKind::Malformed, reason);
+            return self.fail(now, request, failure, out);
         }
         self.phase = Phase::Idle;
         self.failures = 0;
@@ -627,18 +659,32 @@ impl Core {
     }
 
     fn fail(&mut self, now: Timestamp, request: Request, failure: Failure, out: &mut Output) {
-        match self.classify(request, failure) {
-            Class::Transient(reason) => {
+        match self.classify(now, request, failure) {
+            Class::Transient {
+                reason,
+                retry_after,
+            } => {
                 self.failures = self.failures.saturating_add(1);
-                let delay = self.backoff();
-                self.last_error = Some(reason);
+                let delay = match retry_after {
+                    Some(d) => self.stated_delay(d),
+                    None => self.backoff(),
+                };
+                // The stated wait, not the delay: repeats of one outage then read the same and
+                // are not stored again.
+                self.last_error = Some(match retry_after {
+                    Some(d) => format!(
+                        "{reason}; it asks to wait {} (Retry-After)",
+                        humantime::format_duration(Duration::from_secs(d.as_secs()))
+                    ),
+                    None => reason,
+                });
                 self.phase = Phase::Backoff { until: now + delay };
                 out.finished = Some((request, Outcome::TransientError));
             }
             Class::RateLimited(retry_after) => {
                 self.failures = self.failures.saturating_add(1);
                 let delay = match retry_after {
-                    Some(d) => d.min(self.policy.retry_after_cap),
+                    Some(d) => self.stated_delay(d),
                     None => self.backoff(),
                 };
                 self.last_error = Some(format!(
@@ -692,28 +738,40 @@ impl Core {
         self.send_next(now, out);
     }
 
-    fn classify(&self, request: Request, failure: Failure) -> Class {
+    fn classify(&self, now: Timestamp, request: Request, failure: Failure) -> Class {
         match failure {
-            Failure::Transient { reason } => Class::Transient(reason),
-            Failure::RateLimited { retry_after } => Class::RateLimited(retry_after),
+            Failure::Transient {
+                reason,
+                retry_after,
+                kind: _,
+            } => Class::Transient {
+                reason,
+                retry_after: retry_after.map(|r| r.wait(now)),
+            },
+            Failure::RateLimited { retry_after } => {
+                Class::RateLimited(retry_after.map(|r| r.wait(now)))
+            }
             Failure::OAuth { status, error } => {
                 let described = match &error.description {
                     Some(d) => format!("{} ({d})", error.error),
                     None => error.error.clone(),
                 };
-                let person_code = error
-                    .description
-                    .as_deref()
-                    .is_some_and(|d| NEEDS_PERSON_AADSTS.iter().any(|code| d.contains(code)));
+                let person_code = error.description.as_deref().is_some_and(|d| {
+                    self.policy
+                        .needs_person_codes
+                        .iter()
+                        .any(|code| d.contains(code))
+                });
                 if status >= 500
                     || matches!(
                         error.error.as_str(),
                         "temporarily_unavailable" | "server_error"
                     )
                 {
-                    Class::Transient(format!(
-                        "the token endpoint failed (HTTP {status}): {described}"
-                    ))
+                    Class::Transient {
+                        reason: format!("the token endpoint failed (HTTP {status}): {described}"),
+                        retry_after: None,
+                    }
                 } else if person_code {
                     Class::NeedsPerson(format!(
                         "the token endpoint refused: {described}; a person must fix the account"
@@ -734,6 +792,14 @@ impl Core {
     fn backoff(&mut self) -> Duration {
         let ceiling = self.policy.backoff_ceiling(self.failures);
         ceiling.mul_f64(self.rng.f64())
+    }
+
+    /// The wait before retrying after a server stated `stated`: at least that (asking earlier
+    /// is asking to be refused again), at most `retry_after_cap` (a misconfigured server could
+    /// otherwise park the account for years), and never less than the backoff, so a server
+    /// repeating `Retry-After: 0` is not asked again in a tight loop.
+    fn stated_delay(&mut self, stated: Duration) -> Duration {
+        stated.min(self.policy.retry_after_cap).max(self.backoff())
     }
 
     /// How long before expiry a refresh must happen, for a token of this lifetime.

@@ -645,9 +645,10 @@ impl Owner {
             .map(|r| r.token.clone());
         let Some(form) = GrantForm::for_request(request, refresh.as_ref()) else {
             // The core asks for a refresh only while it holds a refresh token.
-            return Err(Failure::Transient {
-                reason: "no refresh token to refresh with".to_owned(),
-            });
+            return Err(Failure::transient(
+                super::core::TransientKind::Other,
+                "no refresh token to refresh with",
+            ));
         };
         let mut result = request_token(&self.shared.http, &self.account, &target, form).await;
         // A discovered endpoint that cannot be reached or is gone may have moved: the next
@@ -657,12 +658,13 @@ impl Owner {
             self.rediscover = match &result {
                 Err(failure) if super::client::is_connect_failure(failure) => true,
                 Err(Failure::OAuth { status, .. }) if matches!(status, 404 | 405 | 410) => {
-                    result = Err(Failure::Transient {
-                        reason: format!(
+                    result = Err(Failure::transient(
+                        super::core::TransientKind::Status(*status),
+                        format!(
                             "the discovered token endpoint {} answered HTTP {status}; reading the provider's configuration again",
                             target.url
                         ),
-                    });
+                    ));
                     true
                 }
                 _ => false,
@@ -684,8 +686,8 @@ impl Owner {
                 } else {
                     self.shared.discovery.get(issuer).await
                 };
-                Some(found.map_err(|e| Failure::Transient {
-                    reason: e.to_string(),
+                Some(found.map_err(|e| {
+                    Failure::transient(super::core::TransientKind::Other, e.to_string())
                 })?)
             }
             _ => None,

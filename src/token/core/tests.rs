@@ -15,6 +15,7 @@ fn nextech() -> Policy {
     Policy {
         access_default: Some(Duration::from_secs(3600)),
         refresh_default: Some(14 * DAY),
+        needs_person_codes: crate::vendor::NEXTECH.needs_person_codes,
         ..policy(Grant::Password)
     }
 }
@@ -51,9 +52,10 @@ fn oauth(status: u16, error: &str, description: Option<&str>) -> Event {
 }
 
 fn transient() -> Event {
-    Event::Failure(Failure::Transient {
-        reason: "connection refused".into(),
-    })
+    Event::Failure(Failure::transient(
+        TransientKind::Connect,
+        "connection refused",
+    ))
 }
 
 fn tokens(issued: Timestamp, life: Duration) -> Tokens {
@@ -442,7 +444,7 @@ fn rate_limits_wait_for_retry_after() {
     let out = core.step(
         T0,
         Event::Failure(Failure::RateLimited {
-            retry_after: Some(Duration::from_secs(30)),
+            retry_after: Some(RetryAfter::Delay(Duration::from_secs(30))),
         }),
     );
     assert_eq!(out.wake_at, Some(T0 + Duration::from_secs(30)));
@@ -467,12 +469,218 @@ fn rate_limits_wait_for_retry_after() {
     core.step(
         T0,
         Event::Failure(Failure::RateLimited {
-            retry_after: Some(Duration::from_secs(10 * 86_400)),
+            retry_after: Some(RetryAfter::Delay(Duration::from_secs(10 * 86_400))),
         }),
     );
     assert_eq!(core.next_refresh_at(), core.next_refresh_at());
     let out = core.step(T0 + Duration::from_secs(31), Event::Timer);
     assert_eq!(out.wake_at, Some(T0 + Policy::RETRY_AFTER_CAP));
+}
+
+fn unavailable(retry_after: Option<RetryAfter>) -> Event {
+    Event::Failure(Failure::Transient {
+        kind: TransientKind::Status(503),
+        reason: "the token endpoint answered HTTP 503".into(),
+        retry_after,
+    })
+}
+
+#[test]
+fn a_503_waits_for_its_retry_after() {
+    // Seen: `503` with `Retry-After: 1` was retried on the full-jitter backoff, 567 ms later.
+    for (name, stated, due) in [
+        (
+            "seconds",
+            RetryAfter::Delay(Duration::from_secs(30)),
+            T0 + Duration::from_secs(30),
+        ),
+        (
+            "an HTTP-date, read on the core's clock",
+            RetryAfter::At(T0 + Duration::from_secs(90)),
+            T0 + Duration::from_secs(90),
+        ),
+        (
+            "one second, more than the first backoff's ceiling",
+            RetryAfter::Delay(SEC),
+            T0 + SEC,
+        ),
+    ] {
+        let mut core = Core::new(policy(Grant::ClientCredentials), 3);
+        core.step(T0, Event::Start);
+        let out = core.step(T0, unavailable(Some(stated)));
+        assert_eq!(out.wake_at, Some(due), "{name}");
+        assert_eq!(
+            out.finished,
+            Some((
+                Request::Login(Grant::ClientCredentials),
+                Outcome::TransientError
+            )),
+            "{name}"
+        );
+        assert_eq!(core.state(T0), State::Retrying, "{name}");
+        assert!(
+            core.last_error().is_some_and(|e| e.contains("Retry-After")),
+            "{name}: {:?}",
+            core.last_error()
+        );
+        assert_eq!(
+            core.step(due - Duration::from_millis(1), Event::Timer)
+                .request,
+            None,
+            "{name}: nothing before Retry-After"
+        );
+        assert!(
+            core.step(due, Event::Timer).request.is_some(),
+            "{name}: the retry at Retry-After"
+        );
+    }
+
+    // An absurd Retry-After is capped, as on a 429.
+    let mut core = Core::new(policy(Grant::ClientCredentials), 3);
+    core.step(T0, Event::Start);
+    let out = core.step(
+        T0,
+        unavailable(Some(RetryAfter::Delay(Duration::from_secs(10 * 86_400)))),
+    );
+    assert_eq!(out.wake_at, Some(T0 + Policy::RETRY_AFTER_CAP));
+
+    // Without Retry-After a 503 is an ordinary transient failure: within the first backoff.
+    let mut core = Core::new(policy(Grant::ClientCredentials), 3);
+    core.step(T0, Event::Start);
+    assert!(core.step(T0, unavailable(None)).wake_at.unwrap() <= T0 + SEC);
+}
+
+#[test]
+fn a_retry_after_of_zero_still_backs_off() {
+    // A server repeating `Retry-After: 0` must not be asked again in a tight loop: the backoff
+    // still grows underneath the stated delay.
+    for zero in [
+        Event::Failure(Failure::RateLimited {
+            retry_after: Some(RetryAfter::Delay(Duration::ZERO)),
+        }),
+        unavailable(Some(RetryAfter::Delay(Duration::ZERO))),
+    ] {
+        let is_429 = matches!(zero, Event::Failure(Failure::RateLimited { .. }));
+        let again = || {
+            if is_429 {
+                Event::Failure(Failure::RateLimited {
+                    retry_after: Some(RetryAfter::Delay(Duration::ZERO)),
+                })
+            } else {
+                unavailable(Some(RetryAfter::Delay(Duration::ZERO)))
+            }
+        };
+        let mut core = Core::new(policy(Grant::ClientCredentials), 3);
+        core.step(T0, Event::Start);
+        let mut now = T0;
+        let mut out = core.step(now, zero);
+        for _ in 0..10 {
+            now = out.wake_at.unwrap();
+            assert!(core.step(now, Event::Timer).request.is_some());
+            out = core.step(now, again());
+        }
+        assert!(
+            now.since(T0) > Duration::from_secs(60),
+            "429: {is_429}: eleven answers in {:?}",
+            now.since(T0)
+        );
+    }
+}
+
+#[test]
+fn rate_limits_read_an_http_date_on_the_cores_clock() {
+    let mut core = Core::new(policy(Grant::ClientCredentials), 3);
+    core.step(T0, Event::Start);
+    let out = core.step(
+        T0,
+        Event::Failure(Failure::RateLimited {
+            retry_after: Some(RetryAfter::At(T0 + Duration::from_secs(45))),
+        }),
+    );
+    assert_eq!(out.wake_at, Some(T0 + Duration::from_secs(45)));
+}
+
+#[test]
+fn which_error_descriptions_need_a_person_is_the_presets_word() {
+    // Azure AD refuses a refresh for MFA with `invalid_grant`. For Nextech (whose preset lists
+    // the AADSTS codes) that parks the account: a password login would hit the same wall, and
+    // bad passwords in a loop lock the account.
+    let mfa = || {
+        oauth(
+            400,
+            "invalid_grant",
+            Some("AADSTS50076: Due to a configuration change, you must use MFA"),
+        )
+    };
+    let mut core = logged_in_nextech();
+    let at = core.next_refresh_at().unwrap();
+    core.step(at, Event::Timer);
+    let out = core.step(at, mfa());
+    assert_eq!(out.finished, Some((Request::Refresh, Outcome::Rejected)));
+    assert_eq!(out.request, None);
+    assert_eq!(core.state(at), State::NeedsLogin);
+
+    // A vendor without such codes reads the same answer by its `error` alone: a dead refresh
+    // token, so the password grant logs in again at once.
+    let generic = Policy {
+        needs_person_codes: &[],
+        ..nextech()
+    };
+    let mut core = Core::new(generic, 7);
+    core.step(T0, Event::Start);
+    core.step(
+        T0,
+        success(
+            r#"{"access_token":"a1","refresh_token":"r1","expires_in":3600}"#,
+            T0,
+        ),
+    );
+    let at = core.next_refresh_at().unwrap();
+    core.step(at, Event::Timer);
+    let out = core.step(at, mfa());
+    assert_eq!(out.finished, Some((Request::Refresh, Outcome::Rejected)));
+    assert_eq!(out.request, Some(Request::Login(Grant::Password)));
+}
+
+#[test]
+fn an_accounts_policy_carries_its_presets_codes() {
+    let text = r#"
+[accounts.nx]
+vendor = "nextech"
+client_id = "c"
+username = "u"
+password = "p"
+practice_id = "1"
+
+[accounts.other]
+vendor = "generic"
+token_url = "https://id.example.com/token"
+grant = "client_credentials"
+client_id = "c"
+client_secret = "s"
+"#;
+    let loaded = crate::config::load_text(
+        std::path::Path::new("/etc/ehrsync/ehrsync.toml"),
+        text,
+        &crate::config::Env::from_iter(Vec::<(String, String)>::new()),
+        &crate::config::Secrets::All,
+    )
+    .unwrap();
+    let policy = |name: &str| {
+        let account = loaded
+            .config
+            .accounts
+            .iter()
+            .find(|a| a.name.as_str() == name)
+            .unwrap();
+        Policy::for_account(account)
+    };
+    assert_eq!(
+        policy("nx").needs_person_codes,
+        crate::vendor::NEXTECH.needs_person_codes
+    );
+    assert!(policy("nx").needs_person_codes.contains(&"AADSTS50126"));
+    assert!(policy("other").needs_person_codes.is_empty());
 }
 
 #[test]
