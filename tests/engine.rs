@@ -263,6 +263,53 @@ async fn a_revoked_refresh_token_leads_to_one_password_login() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_foreign_lease_held_past_the_tokens_life_discards_no_token() {
+    let mut lifetimes = Lifetimes::documented();
+    lifetimes.nextech_access = Duration::from_secs(20);
+    let h = start_with(Vendor::Nextech, lifetimes, None, |_| {}).await;
+    h.assert_valid_token("first login").await;
+    // Another host's process holds the account's token lease for 35 s: past the planned
+    // refresh (about 15 s) and past the token's expiry (20 s).
+    let other = ehrsync::store::Holder::elsewhere("a-process-on-another-host");
+    let key = ehrsync::store::LeaseKey::token("nx");
+    let now = h.now().unix_seconds();
+    let planted = h
+        .shared
+        .store
+        .acquire(&key, &other, now, Duration::from_secs(35))
+        .await
+        .unwrap();
+    assert!(planted.is_some());
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    // The refresh went out once the lease expired; its answer is judged from when it was
+    // sent, not from when the refresh was first wanted, so it is kept.
+    h.assert_valid_token("after the foreign lease").await;
+    assert_eq!(h.requests("refresh_token", "success"), 1);
+    assert_eq!(h.requests("refresh_token", "transient_error"), 0);
+    assert_eq!(h.requests("refresh_token", "rejected"), 0);
+    assert_eq!(h.requests("password", "success"), 1, "no second login");
+    assert_eq!(h.sandbox.rejected(Vendor::Nextech, "refresh_token"), 0);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_absurd_expiry_keeps_the_rotated_refresh_token() {
+    let h = start(Vendor::Nextech).await;
+    h.assert_valid_token("first login").await;
+    // The next refresh's answer claims a lifetime of ~31 million years: an error, but the
+    // refresh token it rotated is kept, and the retry presents it.
+    h.sandbox.inject(Vendor::Nextech, Fault::AbsurdExpiry, 1);
+    tokio::time::sleep(HOUR).await;
+    h.assert_valid_token("after the absurd answer").await;
+    assert_eq!(h.requests("refresh_token", "transient_error"), 1);
+    assert_eq!(h.requests("refresh_token", "success"), 1);
+    assert_eq!(h.requests("refresh_token", "rejected"), 0);
+    assert_eq!(h.requests("password", "success"), 1, "no second login");
+    assert_eq!(h.sandbox.rejected(Vendor::Nextech, "refresh_token"), 0);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn rate_limits_wait_for_retry_after() {
     let h = start_with(Vendor::NikoHealth, Lifetimes::documented(), None, |s| {
         s.inject(

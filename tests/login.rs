@@ -14,7 +14,7 @@ use ehrsync::clock::SystemClock;
 use ehrsync::sandbox::{self, Fault, Lifetimes, Sandbox};
 use ehrsync::vendor::Vendor;
 
-use common::agent::{Agent, Login};
+use common::agent::{Agent, Login, authorize, deliver};
 
 const ACCOUNT: &str = "nh";
 
@@ -24,30 +24,6 @@ async fn sandbox(access: Duration) -> Sandbox {
     Sandbox::start(Arc::new(SystemClock), lifetimes, 0)
         .await
         .unwrap()
-}
-
-/// A browser that follows nothing by itself: each redirect is looked at, as a test must.
-fn browser() -> reqwest::Client {
-    ehrsync::http::client_builder(Duration::from_secs(10))
-        .build()
-        .unwrap()
-}
-
-/// Opens the authorization URL (the sandbox consents at once) and returns where it redirects.
-async fn authorize(url: &str) -> url::Url {
-    let response = browser().get(url).send().await.unwrap();
-    assert_eq!(response.status().as_u16(), 302, "{url}");
-    let location = response.headers()["location"].to_str().unwrap().to_owned();
-    url::Url::parse(&location).unwrap()
-}
-
-/// Delivers the redirect to `ehrsync login`'s loopback listener, as the browser would.
-async fn deliver(callback: &url::Url) -> (u16, String) {
-    let response = browser().get(callback.clone()).send().await.unwrap();
-    (
-        response.status().as_u16(),
-        response.text().await.unwrap_or_default(),
-    )
 }
 
 /// Runs a whole browser login for `ACCOUNT` against the agent's config; returns its stdout.

@@ -162,6 +162,9 @@ pub enum Fault {
     AccessDenied,
     /// Net Health: the next ID token is signed by a key the provider does not publish.
     ForgedIdToken,
+    /// Nextech: the next token answer is issued as usual (its refresh token rotated) but says
+    /// `expires_in` is 10^15 seconds.
+    AbsurdExpiry,
 }
 
 /// An authorization code waiting for its exchange.
@@ -645,11 +648,12 @@ async fn take_fault(inner: &Inner, vendor: Vendor, grant: &str) -> Option<Fault>
             .requests
             .entry((vendor, grant.to_owned()))
             .or_default() += 1;
-        // A forged ID token is served by the token response itself, not instead of it.
+        // Forged ID tokens and absurd expiries are served by the token response itself, not
+        // instead of it.
         books
             .faults
             .get_mut(&vendor)
-            .filter(|q| q.front() != Some(&Fault::ForgedIdToken))
+            .filter(|q| !matches!(q.front(), Some(Fault::ForgedIdToken | Fault::AbsurdExpiry)))
             .and_then(VecDeque::pop_front)
     };
     match fault {
@@ -699,7 +703,7 @@ fn fault_response(vendor: Vendor, fault: Fault) -> Response {
             "Invalid client secret provided",
         ),
         // Handled in take_fault, and at the authorization endpoint.
-        Fault::Slow(_) | Fault::AccessDenied | Fault::ForgedIdToken => {
+        Fault::Slow(_) | Fault::AccessDenied | Fault::ForgedIdToken | Fault::AbsurdExpiry => {
             (StatusCode::INTERNAL_SERVER_ERROR, "").into_response()
         }
     }
@@ -822,6 +826,16 @@ async fn nextech_token(
         "nbf": now.unix_seconds(), "exp": expires.unix_seconds(), "scp": "user_impersonation", "jti": random_hex(8),
     }));
     let refresh = format!("0.nx-{}", random_hex(24));
+    let expires_in = {
+        let mut books = inner.books();
+        let queue = books.faults.entry(vendor).or_default();
+        if queue.front() == Some(&Fault::AbsurdExpiry) {
+            queue.pop_front();
+            "1000000000000000".to_owned()
+        } else {
+            life.nextech_access.as_secs().to_string()
+        }
+    };
     {
         let mut books = inner.books();
         books.issued += 1;
@@ -847,7 +861,7 @@ async fn nextech_token(
         serde_json::json!({
             "token_type": "Bearer",
             "scope": "user_impersonation",
-            "expires_in": life.nextech_access.as_secs().to_string(),
+            "expires_in": expires_in,
             "ext_expires_in": life.nextech_access.as_secs().to_string(),
             "expires_on": expires.unix_seconds().to_string(),
             "not_before": now.unix_seconds().to_string(),

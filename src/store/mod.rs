@@ -294,14 +294,8 @@ impl Store {
             .foreign_keys(true);
         let mut store = Store::connect(path, options.clone()).await?;
         store.migrate().await?;
-        store.lease_pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.synchronous(SqliteSynchronous::Normal))
-            .await
-            .map_err(|source| StoreError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+        store.lease_pool =
+            connect_pool(path, 1, options.synchronous(SqliteSynchronous::Normal)).await?;
         Ok(store)
     }
 
@@ -334,14 +328,7 @@ impl Store {
     }
 
     async fn connect(path: &Path, options: SqliteConnectOptions) -> Result<Store, StoreError> {
-        let pool = SqlitePoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .connect_with(options)
-            .await
-            .map_err(|source| StoreError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+        let pool = connect_pool(path, MAX_CONNECTIONS, options).await?;
         // Read-only stores take no leases; writable ones get their own lease pool in `open_now`.
         Ok(Store {
             lease_pool: pool.clone(),
@@ -384,18 +371,18 @@ impl Store {
                 supported,
             });
         }
-        // Two processes opening a fresh database at once may race to apply the same migration;
-        // the loser fails on "table already exists". Re-reading the version settles it.
-        let mut attempts = 0;
+        // Two processes opening a fresh database at once (`ehrsync run` and `ehrsync login`
+        // started together) race to apply the same migrations; the loser fails on "table
+        // already exists" while the winner is still migrating. Applied migrations are recorded
+        // one by one, so running again continues where the other stopped.
+        let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
         loop {
             match MIGRATOR.run(&self.pool).await {
                 Ok(()) => return Ok(()),
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Err(source) => {
-                    attempts += 1;
-                    let now = self.schema_version_now().await?;
-                    if now == supported && attempts < 3 {
-                        continue;
-                    }
                     return Err(StoreError::Migrate {
                         path: self.path.clone(),
                         source,
@@ -492,6 +479,37 @@ impl Store {
         .bind(account)
         .fetch_optional(&self.pool)
         .await?)
+    }
+}
+
+/// A pool on `path`. Opening sets the journal mode, which SQLite answers with "busy" without
+/// waiting when another process is opening the same new database at that moment (`ehrsync
+/// run` and `ehrsync login` started together): that is retried for up to [`BUSY_TIMEOUT`].
+async fn connect_pool(
+    path: &Path,
+    max_connections: u32,
+    options: SqliteConnectOptions,
+) -> Result<SqlitePool, StoreError> {
+    let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        let opened = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(options.clone())
+            .await;
+        match opened {
+            Ok(pool) => return Ok(pool),
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("5") && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(source) => {
+                return Err(StoreError::Open {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        }
     }
 }
 

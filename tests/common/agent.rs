@@ -256,3 +256,38 @@ impl Login {
         (status, self.seen.join("\n"), stderr)
     }
 }
+
+/// A browser that follows nothing by itself: each redirect is looked at, as a test must.
+pub fn browser() -> reqwest::Client {
+    ehrsync::http::client_builder(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// Opens the authorization URL (the sandbox consents at once) and returns where it redirects.
+pub async fn authorize(url: &str) -> url::Url {
+    let response = browser().get(url).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 302, "{url}");
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    url::Url::parse(&location).unwrap()
+}
+
+/// Delivers the redirect to `ehrsync login`'s loopback listener, as the browser would.
+pub async fn deliver(callback: &url::Url) -> (u16, String) {
+    let response = browser().get(callback.clone()).send().await.unwrap();
+    (
+        response.status().as_u16(),
+        response.text().await.unwrap_or_default(),
+    )
+}
+
+/// A whole browser login for `account` with `ehrsync --config CONFIG login ACCOUNT
+/// --no-browser`, the sandbox consenting at once; panics unless it succeeds.
+pub async fn log_in(config: &std::path::Path, account: &str) {
+    let mut login = Login::start(config, &[account, "--no-browser"], &[]);
+    let callback = authorize(&login.url()).await;
+    let (status, page) = deliver(&callback).await;
+    assert_eq!(status, 200, "{page}");
+    let (exit, stdout, stderr) = login.finish(Duration::from_secs(20));
+    assert!(exit.success(), "login failed:\n{stdout}\n{stderr}");
+}
