@@ -11,10 +11,7 @@ use crate::config::{Account, Config, Loaded, Problem};
 
 pub fn run(path: &Path) -> ExitCode {
     match super::load_config(path) {
-        Ok(loaded) => {
-            print!("{}", Plan(&loaded));
-            ExitCode::SUCCESS
-        }
+        Ok(loaded) => super::output::finish(super::output::print(Plan(&loaded)), ExitCode::SUCCESS),
         Err(code) => code,
     }
 }

@@ -5,7 +5,6 @@
 //! pulls all happen within a minute or two. Its config, database and key live in `--dir`, started afresh
 //! each time; a compact status table is printed every 10 s; Ctrl-C (or `--for`) stops it.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,7 +13,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::sync::mpsc;
 
-use super::status;
+use super::{output, status};
 use crate::clock::SystemClock;
 use crate::config::{self, Env};
 use crate::metrics::Metrics;
@@ -89,11 +88,16 @@ enum DemoError {
     Agent(#[from] crate::agent::AgentError),
     #[error("the agent task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("cannot write to stdout: {0}")]
+    Output(std::io::Error),
 }
 
 pub async fn run(dir: &Path, run_for: Option<Duration>, metrics_port: u16) -> ExitCode {
     match demo(dir, run_for, metrics_port).await {
         Ok(()) => ExitCode::SUCCESS,
+        // Whoever read the output (`ehrsync demo | head`) stopped: so does the demo, as after
+        // Ctrl-C (see `output::finish`).
+        Err(DemoError::Output(e)) if output::reader_gone(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(super::EXIT_FAILURE)
@@ -131,29 +135,25 @@ async fn demo(dir: &Path, run_for: Option<Duration>, metrics_port: u16) -> Resul
     let table_config = config::load_with_env(&config_path, &env)?.config;
     let db = loaded.config.agent.database.clone();
 
-    println!(
-        "ehrsync demo: the agent against the built-in vendor sandbox at http://{}",
-        sandbox.addr()
-    );
-    println!("  config    {}", config_path.display());
-    println!("  database  {}", db.display());
-    println!("  metrics   http://{listen}/metrics   (also /healthz, /readyz)");
-    println!(
-        "  lifetimes Nextech 40 s, CareCentric 45 s, NikoHealth 30 s, Net Health 40 s; Nextech's refresh tokens are revoked at {} s",
-        REVOKE_AT.as_secs()
-    );
-    println!(
-        "  login     {PERSON_ACCOUNT} waits for a person; at {} s the demo logs in as one would with `ehrsync login {PERSON_ACCOUNT}`",
-        LOGIN_AT.as_secs()
-    );
-    match run_for {
-        Some(d) => println!(
-            "  runs for  {}, or until Ctrl-C\n",
-            humantime::format_duration(d)
-        ),
-        None => println!("  runs until Ctrl-C\n"),
-    }
-    let _ = std::io::stdout().flush();
+    output::print(format_args!(
+        "ehrsync demo: the agent against the built-in vendor sandbox at http://{}\n\
+         \x20 config    {}\n\
+         \x20 database  {}\n\
+         \x20 metrics   http://{listen}/metrics   (also /healthz, /readyz)\n\
+         \x20 lifetimes Nextech 40 s, CareCentric 45 s, NikoHealth 30 s, Net Health 40 s; Nextech's refresh tokens are revoked at {} s\n\
+         \x20 login     {PERSON_ACCOUNT} waits for a person; at {} s the demo logs in as one would with `ehrsync login {PERSON_ACCOUNT}`\n\
+         \x20 {}\n\n",
+        sandbox.addr(),
+        config_path.display(),
+        db.display(),
+        REVOKE_AT.as_secs(),
+        LOGIN_AT.as_secs(),
+        match run_for {
+            Some(d) => format!("runs for  {}, or until Ctrl-C", humantime::format_duration(d)),
+            None => "runs until Ctrl-C".to_owned(),
+        }
+    ))
+    .map_err(DemoError::Output)?;
 
     let mut signals = crate::signals::listen().map_err(DemoError::Signals)?;
     let (controls_tx, controls) = mpsc::unbounded_channel();
@@ -180,6 +180,7 @@ async fn demo(dir: &Path, run_for: Option<Duration>, metrics_port: u16) -> Resul
     let end = run_for.map(|d| started + d);
     let mut changed = 0u64;
     let mut last_table = started;
+    let mut unwritable = None;
     loop {
         tokio::select! {
             control = signals.recv() => match control {
@@ -208,7 +209,10 @@ async fn demo(dir: &Path, run_for: Option<Duration>, metrics_port: u16) -> Resul
                 changed += 1;
             }
             _ = table.tick() => {
-                print_table(&table_config, &db, &metrics, started.elapsed()).await;
+                if let Err(e) = print_table(&table_config, &db, &metrics, started.elapsed()).await {
+                    unwritable = Some(e);
+                    break;
+                }
                 last_table = tokio::time::Instant::now();
             }
         }
@@ -218,16 +222,21 @@ async fn demo(dir: &Path, run_for: Option<Duration>, metrics_port: u16) -> Resul
     }
     let _ = controls_tx.send(Control::Stop);
     agent.await??;
+    if let Some(e) = unwritable {
+        return Err(DemoError::Output(e));
+    }
     if last_table.elapsed() > Duration::from_secs(2) {
         // The final state, unless a table was printed a moment ago.
-        print_table(&table_config, &db, &metrics, started.elapsed()).await;
+        print_table(&table_config, &db, &metrics, started.elapsed())
+            .await
+            .map_err(DemoError::Output)?;
     }
-    println!(
-        "\nThe pulled records stay in {}; for example:\n  sqlite3 {} \"SELECT account, count(*) FROM patients GROUP BY account\"",
+    output::print(format_args!(
+        "\nThe pulled records stay in {}; for example:\n  sqlite3 {} \"SELECT account, count(*) FROM patients GROUP BY account\"\n",
         db.display(),
         db.display()
-    );
-    Ok(())
+    ))
+    .map_err(DemoError::Output)
 }
 
 /// What `ehrsync login demo-nethealth` does, with the demo playing the person: it opens the
@@ -323,14 +332,16 @@ fn demo_config(sandbox: &Sandbox, listen: std::net::SocketAddr) -> String {
 
 /// One line per account: state, token time left, logins and refreshes so far, patients stored,
 /// and the last pull.
-async fn print_table(config: &config::Config, db: &Path, metrics: &Metrics, elapsed: Duration) {
+async fn print_table(
+    config: &config::Config,
+    db: &Path,
+    metrics: &Metrics,
+    elapsed: Duration,
+) -> std::io::Result<()> {
     let now = Utc::now();
     let report = match status::build(config, now).await {
         Ok(r) => r,
-        Err(e) => {
-            println!("(status unavailable: {e})");
-            return;
-        }
+        Err(e) => return output::print(format_args!("(status unavailable: {e})\n")),
     };
     let counts = patient_counts(db).await;
     let mut rows = vec![
@@ -389,9 +400,12 @@ async fn print_table(config: &config::Config, db: &Path, metrics: &Metrics, elap
         ]);
     }
     let secs = elapsed.as_secs();
-    println!("── ehrsync demo, {}:{:02} ──", secs / 60, secs % 60);
-    print!("{}", status::Table(&rows));
-    let _ = std::io::stdout().flush();
+    output::print(format_args!(
+        "── ehrsync demo, {}:{:02} ──\n{}",
+        secs / 60,
+        secs % 60,
+        status::Table(&rows)
+    ))
 }
 
 /// Patients stored per account (the `patients` view), read alongside the running agent.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use super::output;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{self, Account};
 use crate::login::{self, LoggedIn, Progress};
@@ -98,13 +99,16 @@ async fn login_and_store(shared: &Shared, account: &Account, args: &Args) -> Exi
     let notes = obtained.notes;
     let subject = obtained.subject;
     match store_login(shared, account, obtained.response, obtained.sent_at).await {
-        Ok(stored) => {
-            print!(
-                "{}",
-                summary(account, subject.as_deref(), &stored, &notes, Utc::now())
-            );
-            ExitCode::SUCCESS
-        }
+        Ok(stored) => output::finish(
+            output::print(summary(
+                account,
+                subject.as_deref(),
+                &stored,
+                &notes,
+                Utc::now(),
+            )),
+            ExitCode::SUCCESS,
+        ),
         Err(e) => {
             eprintln!("error: the login worked but its tokens could not be stored: {e}");
             ExitCode::from(super::EXIT_FAILURE)
@@ -126,10 +130,11 @@ async fn primary_grant(shared: &Shared, account: &Account) -> Result<LoggedIn, S
     };
     let target = TokenTarget::resolve(account, provider.as_deref())
         .map_err(|e| login::describe_failure(&e))?;
-    println!(
-        "Logging in to {} with its {} grant...",
+    // Progress only: the login goes on without a reader.
+    let _ = output::print(format_args!(
+        "Logging in to {} with its {} grant...\n",
         account.name, account.grant
-    );
+    ));
     let sent_at = shared.clock.now();
     let response = request_token(
         &shared.http,
@@ -152,6 +157,8 @@ async fn primary_grant(shared: &Shared, account: &Account) -> Result<LoggedIn, S
     })
 }
 
+/// Shows the person what to do. Written even when nobody reads stdout any more: the browser
+/// this command opened (or the person) may still complete the login, which then ends normally.
 fn show(progress: Progress<'_>, timeout: Duration) {
     match progress {
         Progress::Authorize { url, redirect_uri } => {
@@ -159,16 +166,14 @@ fn show(progress: Progress<'_>, timeout: Duration) {
                 .ok()
                 .and_then(|u| u.port())
                 .unwrap_or(0);
-            println!(
-                "Open this address in a browser and log in as the person whose access ehrsync should use:\n"
-            );
-            println!("{url}\n");
-            println!(
-                "Waiting up to {} for the provider to redirect to {redirect_uri} (Ctrl-C to give up).\n\
+            let _ = output::print(format_args!(
+                "Open this address in a browser and log in as the person whose access ehrsync should use:\n\n\
+                 {url}\n\n\
+                 Waiting up to {} for the provider to redirect to {redirect_uri} (Ctrl-C to give up).\n\
                  If the browser runs on another machine, forward the port to this one first: \
-                 ssh -L {port}:127.0.0.1:{port} THIS-SERVER (and use --port {port}).",
+                 ssh -L {port}:127.0.0.1:{port} THIS-SERVER (and use --port {port}).\n",
                 humantime::format_duration(timeout)
-            );
+            ));
         }
         Progress::NoBrowser(why) => {
             eprintln!("note: cannot open a browser here ({why}); open the address above yourself");
@@ -179,14 +184,18 @@ fn show(progress: Progress<'_>, timeout: Duration) {
             user_code,
             expires_in,
         } => {
-            println!("On any device, open {verification_uri} and enter the code {user_code}");
+            let mut text =
+                format!("On any device, open {verification_uri} and enter the code {user_code}\n");
             if let Some(complete) = verification_uri_complete {
-                println!("or open this address, which carries the code:\n\n{complete}\n");
+                text.push_str(&format!(
+                    "or open this address, which carries the code:\n\n{complete}\n\n"
+                ));
             }
-            println!(
-                "Waiting for the approval (the code expires in {}; Ctrl-C to give up).",
+            text.push_str(&format!(
+                "Waiting for the approval (the code expires in {}; Ctrl-C to give up).\n",
                 humantime::format_duration(expires_in)
-            );
+            ));
+            let _ = output::print(text);
         }
     }
 }

@@ -4,6 +4,7 @@
 mod check_config;
 mod demo;
 mod login;
+mod output;
 mod status;
 mod sync;
 
@@ -224,17 +225,17 @@ fn service_install(path: &std::path::Path, log_format: crate::logging::LogFormat
         );
     }
     match crate::service::install(&path, log_format) {
-        Ok(()) => {
-            println!(
+        Ok(()) => output::finish(
+            output::print(format_args!(
                 "installed the service {name} (runs as {account}, config {config})\n\
                  next: grant {account} access to the config, secrets and data directory \
-                 (README, \"Install on Windows\"), then `sc.exe start {name}`",
+                 (README, \"Install on Windows\"), then `sc.exe start {name}`\n",
                 name = crate::service::SERVICE_NAME,
                 account = crate::service::ACCOUNT,
                 config = path.display(),
-            );
-            ExitCode::SUCCESS
-        }
+            )),
+            ExitCode::SUCCESS,
+        ),
         Err(e) => service_failed(&e),
     }
 }
@@ -242,18 +243,18 @@ fn service_install(path: &std::path::Path, log_format: crate::logging::LogFormat
 fn service_uninstall() -> ExitCode {
     use crate::service::{SERVICE_NAME, Uninstalled};
     match crate::service::uninstall() {
-        Ok(Uninstalled::Removed) => {
-            println!("removed the service {SERVICE_NAME}");
-            ExitCode::SUCCESS
-        }
-        Ok(Uninstalled::MarkedForDeletion) => {
-            println!(
+        Ok(Uninstalled::Removed) => output::finish(
+            output::print(format_args!("removed the service {SERVICE_NAME}\n")),
+            ExitCode::SUCCESS,
+        ),
+        Ok(Uninstalled::MarkedForDeletion) => output::finish(
+            output::print(format_args!(
                 "the service {SERVICE_NAME} is marked for deletion: it is removed once it has \
                  stopped and nothing holds it open (close the Services console), or at the next \
-                 reboot"
-            );
-            ExitCode::SUCCESS
-        }
+                 reboot\n"
+            )),
+            ExitCode::SUCCESS,
+        ),
         Err(e) => service_failed(&e),
     }
 }

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::output;
 use crate::config::{Account, Config};
 use crate::store::{Store, StoreError, SyncRunRow, TokenStateRow};
 
@@ -34,18 +35,18 @@ pub async fn run(config_path: &Path, json: bool) -> ExitCode {
             return ExitCode::from(super::EXIT_FAILURE);
         }
     };
-    if json {
+    let printed = if json {
         match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => output::print(format_args!("{text}\n")),
             Err(e) => {
                 eprintln!("error: cannot encode the status as JSON: {e}");
                 return ExitCode::from(super::EXIT_FAILURE);
             }
         }
     } else {
-        print!("{report}");
-    }
-    ExitCode::SUCCESS
+        output::print(&report)
+    };
+    output::finish(printed, ExitCode::SUCCESS)
 }
 
 /// What `status` reports; its JSON form is a stable interface for scripts.

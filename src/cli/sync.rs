@@ -67,12 +67,13 @@ pub async fn run(config_path: &Path, account: &str, job: &str, full: bool) -> Ex
     let _ = owner_stop_tx.send(true);
     let _ = owner.await;
     store.close().await;
-    println!("{summary}");
-    if summary.outcome == Outcome::Success {
+    let code = if summary.outcome == Outcome::Success {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(super::EXIT_FAILURE)
-    }
+    };
+    // The run is over and recorded whatever becomes of its summary line.
+    super::output::finish(super::output::print(format_args!("{summary}\n")), code)
 }
 
 /// The named account (taken out of `config`) and its named job, or what to write instead.

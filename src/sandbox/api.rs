@@ -5,6 +5,7 @@
 //! token the sandbox issued to that vendor and has not expired or revoked (and `nx-practice-id`
 //! on the Nextech route), and take injected faults of their own.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::{Arc, MutexGuard};
@@ -50,6 +51,8 @@ struct Patients {
     changed: BTreeMap<u64, (i64, u32)>,
     /// The changed patients in `lastUpdated` order.
     changed_order: BTreeSet<(i64, u64)>,
+    /// Text served verbatim instead of a patient's generated JSON (hostile records).
+    planted: HashMap<u64, String>,
 }
 
 impl Patients {
@@ -62,6 +65,7 @@ impl Patients {
             first_ms: now.unix_millis() - 86_400_000 - span,
             changed: BTreeMap::new(),
             changed_order: BTreeSet::new(),
+            planted: HashMap::new(),
         }
     }
 
@@ -237,6 +241,19 @@ impl Sandbox {
             ids.push(fhir_id(i));
         }
         ids
+    }
+
+    /// Serves `raw` verbatim, unchecked, as patient `index`'s record: its resource in FHIR
+    /// searches and its item in NikoHealth's list (write it in the shape of the API the test
+    /// reads). Paging and `_lastUpdated` filtering still go by the generated patient. Lasts until
+    /// [`Sandbox::unplant_patients`] or [`Sandbox::set_patients`].
+    pub fn plant_patient(&self, index: u64, raw: impl Into<String>) {
+        self.inner.api().patients.planted.insert(index, raw.into());
+    }
+
+    /// Serves the generated JSON again for every patient given to [`Sandbox::plant_patient`].
+    pub fn unplant_patients(&self) {
+        self.inner.api().patients.planted.clear();
     }
 
     /// Queues `faults` for `vendor`'s data API, served one per request in order (use
@@ -614,13 +631,13 @@ pub(super) async fn fhir_search(
     };
     let (selected, total) = {
         let api = inner.api();
-        let selected: Vec<(u64, Cursor, i64, u32)> = api
+        let selected: Vec<(u64, Cursor, i64, u32, Option<String>)> = api
             .patients
             .select(filter, cursor, count)
             .into_iter()
             .map(|(i, c)| {
                 let (ms, v) = api.patients.version(i);
-                (i, c, ms, v)
+                (i, c, ms, v, api.patients.planted.get(&i).cloned())
             })
             .collect();
         (selected, api.patients.total(filter))
@@ -638,7 +655,7 @@ pub(super) async fn fhir_search(
         }
         url
     };
-    let mut next = selected.get(count).map(|(_, c, _, _)| link(Some(*c)));
+    let mut next = selected.get(count).map(|(_, c, ..)| link(Some(*c)));
     let mut entries = &selected[..selected.len().min(count)];
     match fault {
         Some(ApiFault::MissingEntries) => {
@@ -663,7 +680,7 @@ pub(super) async fn fhir_search(
     body.push(']');
     if !entries.is_empty() {
         body.push_str(r#","entry":["#);
-        for (k, (i, _, ms, v)) in entries.iter().enumerate() {
+        for (k, (i, _, ms, v, planted)) in entries.iter().enumerate() {
             if k > 0 {
                 body.push(',');
             }
@@ -671,7 +688,9 @@ pub(super) async fn fhir_search(
                 body,
                 r#"{{"fullUrl":"{base}/Patient/{}","resource":{},"search":{{"mode":"match"}}}}"#,
                 fhir_id(*i),
-                fhir_patient(*i, *ms, *v)
+                planted
+                    .as_deref()
+                    .map_or_else(|| fhir_patient(*i, *ms, *v).into(), Cow::Borrowed)
             );
         }
         body.push(']');
@@ -730,9 +749,12 @@ pub(super) async fn niko_patients(
         let total = api.patients.count;
         let start = (page - 1).saturating_mul(size);
         (start..total.min(start.saturating_add(size)))
-            .map(|i| {
-                let (ms, v) = api.patients.version(i);
-                niko_patient(i, ms, v)
+            .map(|i| match api.patients.planted.get(&i) {
+                Some(raw) => raw.clone(),
+                None => {
+                    let (ms, v) = api.patients.version(i);
+                    niko_patient(i, ms, v)
+                }
             })
             .collect()
     };

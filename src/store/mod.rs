@@ -82,6 +82,14 @@ pub enum StoreError {
     /// A write under a lease found the lease in other hands (fencing): nothing was written.
     #[error("the {0} lease was taken over by another process; nothing was written")]
     LeaseLost(&'static str),
+    #[error(
+        "cannot read the database {path} consistently as this user: its write-ahead log {wal} \
+         holds changes not yet in the database file, and reading them needs a `-shm` file that \
+         this user cannot create beside it. Run this as the user that runs ehrsync, or while \
+         `ehrsync run` is running (it keeps that file), or after it has stopped cleanly (it \
+         folds the log into the database)"
+    )]
+    WalUnreadable { path: PathBuf, wal: PathBuf },
 }
 
 /// Whether store calls go through the blocking pool (see [`shielded`]); the binary turns it off.
@@ -307,8 +315,11 @@ impl Store {
             .filename(path)
             .read_only(true)
             .busy_timeout(BUSY_TIMEOUT);
-        let store = Store::connect(path, options).await?;
-        let found = store.schema_version().await?;
+        let (store, found) = match Store::read_only_checked(path, options.clone()).await {
+            Ok(opened) => opened,
+            Err(e) if Store::lacks_wal_index(&e) => Store::open_immutable(path, options, e).await?,
+            Err(e) => return Err(e),
+        };
         let supported = supported_schema_version();
         if found > supported {
             return Err(StoreError::TooNew {
@@ -325,6 +336,85 @@ impl Store {
             });
         }
         Ok(Some(store))
+    }
+
+    /// Opens with `options` and reads the schema version, which is when SQLite first reads the
+    /// file (and its WAL).
+    async fn read_only_checked(
+        path: &Path,
+        options: SqliteConnectOptions,
+    ) -> Result<(Store, i64), StoreError> {
+        let store = Store::connect(path, options).await?;
+        match store.schema_version_now().await {
+            Ok(found) => Ok((store, found)),
+            Err(e) => {
+                store.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The read-only open of a WAL-mode database by a user who cannot create its `-shm` file
+    /// (the directory or file system is read-only to them, e.g. an operator in the service's
+    /// group): `failed` is why the normal open failed.
+    ///
+    /// SQLite (since 3.22) reads a WAL database read-only when its `-wal` and `-shm` exist, as
+    /// they do while the agent runs or after it crashed, or when it may create them. Otherwise
+    /// the only read-only way is `immutable=1`, which skips locking and the WAL: SQLite then
+    /// assumes nothing changes the file. That is true enough here only when there is no WAL
+    /// (or an empty one): every commit is then in the database file, and no writer is attached
+    /// (a writer's connection keeps `-wal` and `-shm`, and a normal open would have worked).
+    /// What remains is a writer starting during the few milliseconds `status` reads: its
+    /// commits go to a new WAL this read does not see (as if `status` had run a moment
+    /// earlier), and only a checkpoint copying pages into the file mid-read could show a torn
+    /// page, as an error or an odd row in a report that writes nothing. A non-empty WAL holds
+    /// commits that an immutable read would silently miss, so it is refused, saying what to do.
+    /// (`locking_mode=EXCLUSIVE` with `nolock=1` would read a WAL without `-shm`, just as
+    /// unlocked; SQLite documents exclusive mode for the file's sole user, not for a reader
+    /// beside a writer.)
+    async fn open_immutable(
+        path: &Path,
+        options: SqliteConnectOptions,
+        failed: StoreError,
+    ) -> Result<(Store, i64), StoreError> {
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = PathBuf::from(wal);
+        match std::fs::metadata(&wal) {
+            Ok(m) if m.len() > 0 => {
+                return Err(StoreError::WalUnreadable {
+                    path: path.to_owned(),
+                    wal,
+                });
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => return Err(failed),
+        }
+        tracing::debug!(path = %path.display(), error = %failed, "cannot create the database's -shm file; reading it as immutable (it has no WAL)");
+        Store::read_only_checked(path, options.immutable(true)).await
+    }
+
+    /// Whether `e` is SQLite failing to open a WAL-mode database read-only for want of its `-shm`
+    /// (wal-index) file, which it may not create: SQLITE_READONLY_DIRECTORY (1544) when there is no
+    /// WAL either, SQLITE_CANTOPEN (14) when only the WAL exists (measured with the bundled
+    /// SQLite, `tests/status_read_only.rs`). Other READONLY codes (SQLITE_READONLY_CANTINIT, 1288)
+    /// mean the same in other versions. A file the user cannot read at all also gives CANTOPEN; the
+    /// immutable open that follows then fails the same way.
+    fn lacks_wal_index(e: &StoreError) -> bool {
+        const SQLITE_READONLY: i32 = 8;
+        const SQLITE_CANTOPEN: i32 = 14;
+        let (StoreError::Query(sqlx::Error::Database(db))
+        | StoreError::Open {
+            source: sqlx::Error::Database(db),
+            ..
+        }) = e
+        else {
+            return false;
+        };
+        db.code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| matches!(c & 0xff, SQLITE_READONLY | SQLITE_CANTOPEN))
     }
 
     async fn connect(path: &Path, options: SqliteConnectOptions) -> Result<Store, StoreError> {

@@ -1,6 +1,7 @@
 //! FHIR R4 search: the first URL of a run, reading a searchset `Bundle` page into rows without
 //! re-serializing the resources (each one's JSON is kept byte for byte), and following
-//! `Bundle.link[relation=next]` only to the API's own origin.
+//! `Bundle.link[relation=next]` only to the API's own origin. A resource SQLite could not read
+//! back (`super::limits`) fails its page.
 
 use std::borrow::Cow;
 
@@ -194,6 +195,7 @@ pub fn read_page(
                 }
             }
         }
+        super::limits::check_record(&id, raw.get())?;
         rows.push(PageRow {
             id,
             version_id,
@@ -299,6 +301,52 @@ mod tests {
         )
         .unwrap();
         assert!(empty.rows.is_empty() && empty.next.is_none());
+    }
+
+    #[test]
+    fn records_sqlite_could_not_read_fail_the_page_and_nothing_overflows() {
+        use super::super::limits::MAX_DEPTH;
+        let here = url("https://x.example/fhir/Patient");
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let page = |extension: &str| {
+            format!(
+                r#"{{"resourceType":"Bundle","type":"searchset","entry":[
+                  {{"resource":{{"resourceType":"Patient","id":"fine"}}}},
+                  {{"resource":{{"resourceType":"Patient","id":"deep-1","extension":{extension}}}}}]}}"#
+            )
+        };
+        let read = |body: &str| read_page(body.as_bytes(), &here, &here, "Patient", true);
+        // The resource plus MAX_DEPTH - 1 arrays: as deep as SQLite reads.
+        assert_eq!(read(&page(&deep(MAX_DEPTH - 1))).unwrap().rows.len(), 2);
+        for depth in [MAX_DEPTH, 200_000] {
+            let err = read(&page(&deep(depth))).unwrap_err();
+            assert!(
+                err.contains("record `deep-1` nests") && !err.contains("[["),
+                "{err}"
+            );
+        }
+        // Deep JSON anywhere else in a page is skipped or refused, and never exhausts the stack.
+        let d = deep(200_000);
+        let skipped = read(&format!(
+            r#"{{"resourceType":"Bundle","meta":{d},"entry":[{{"resource":{{"resourceType":"Organization","id":"o","x":{d}}}}}]}}"#
+        ))
+        .unwrap();
+        assert!(skipped.rows.is_empty());
+        for body in [
+            d.clone(),
+            format!(r#"{{"resourceType":"Bundle","link":{d}}}"#),
+            format!(r#"{{"resourceType":"Bundle","entry":{d}}}"#),
+            format!(r#"{{"resourceType":"Bundle","entry":[{{"resource":{d}}}]}}"#),
+            format!(r#"{{"resourceType":"Bundle","entry":[{{"search":{d},"resource":{{}}}}]}}"#),
+            format!(
+                r#"{{"resourceType":"Bundle","entry":[{{"resource":{{"resourceType":"Patient","id":{d}}}}}]}}"#
+            ),
+            format!(
+                r#"{{"resourceType":"Bundle","entry":[{{"resource":{{"resourceType":"Patient","id":"x","meta":{{"lastUpdated":{d}}}}}}}]}}"#
+            ),
+        ] {
+            assert!(read(&body).is_err(), "{}", &body[..80]);
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A paged JSON list (NikoHealth's patients): page URLs from the configured parameters, and the
-//! records of a page found by a JSON pointer, each kept as the vendor's JSON byte for byte.
+//! records of a page found by a JSON pointer, each kept as the vendor's JSON byte for byte. A
+//! record SQLite could not read back (`super::limits`) fails its page.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -80,6 +81,7 @@ pub fn read_page(body: &[u8], paging: &ListPaging) -> Result<Vec<PageRow>, Strin
                 .as_deref()
                 .and_then(|f| record.get(f))
                 .and_then(|v| scalar(v));
+            super::limits::check_record(&id, raw.get())?;
             Ok(PageRow {
                 id,
                 version_id: None,
@@ -141,6 +143,45 @@ mod tests {
         assert_eq!(read_page(bare, &paging("")).unwrap().len(), 2);
         let nested = br#"{"data":{"a/b":[{"id":1}]}}"#;
         assert_eq!(read_page(nested, &paging("/data/a~1b")).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn records_sqlite_could_not_read_fail_the_page_and_nothing_overflows() {
+        use super::super::limits::MAX_DEPTH;
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let page = |extra: &str| {
+            format!(r#"{{"items":[{{"id":1,"lastName":"Ng"}},{{"id":17,"notes":{extra}}}]}}"#)
+        };
+        let read = |body: &str| read_page(body.as_bytes(), &paging("/items"));
+        // The record plus MAX_DEPTH - 1 arrays: as deep as SQLite reads.
+        assert_eq!(read(&page(&deep(MAX_DEPTH - 1))).unwrap().len(), 2);
+        for depth in [MAX_DEPTH, 200_000] {
+            let err = read(&page(&deep(depth))).unwrap_err();
+            assert!(
+                err.contains("record `17` nests") && !err.contains("[[") && !err.contains("Ng"),
+                "{err}"
+            );
+        }
+        // Deep JSON where the pointer leads, or as an id, is refused without exhausting the stack.
+        let d = deep(200_000);
+        for (body, expected) in [
+            (d.clone(), "nothing at `/items`"),
+            (
+                format!(r#"{{"items":{d}}}"#),
+                "record 0 is not a JSON object",
+            ),
+            (
+                format!(r#"{{"items":[{{"id":{d}}}]}}"#),
+                "record 0 has no `id`",
+            ),
+            (
+                format!(r#"{{"items":[{{"id":2,"modifiedDate":{d}}}]}}"#),
+                "record `2` nests",
+            ),
+        ] {
+            let err = read(&body).unwrap_err();
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
     }
 
     #[test]

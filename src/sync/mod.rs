@@ -11,6 +11,7 @@
 
 pub mod fetch;
 pub mod fhir;
+pub mod limits;
 pub mod list;
 
 use std::collections::HashSet;
