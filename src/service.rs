@@ -242,8 +242,9 @@ mod windows {
     /// How long `Start-Service` may wait for `Running`: start-up includes database migrations
     /// after an upgrade (systemd's `TimeoutStartSec=5min`).
     const START_WAIT_HINT: Duration = Duration::from_secs(300);
-    /// Added to the shutdown grace for the stop's wait hint: closing the database and listener.
-    const STOP_MARGIN: Duration = Duration::from_secs(10);
+    /// Added to the shutdown grace for the stop's wait hint: a token request already sent is
+    /// finished and stored (at most its 30 s timeout), then the database and listener close.
+    const STOP_MARGIN: Duration = Duration::from_secs(40);
     /// How long `uninstall` waits for a running service to stop.
     const UNINSTALL_STOP_WAIT: Duration = Duration::from_secs(60);
 

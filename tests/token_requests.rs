@@ -256,3 +256,43 @@ async fn a_sync_killed_mid_run_does_not_block_the_next_one() {
     assert!(run.stdout.contains("3000 records"), "{}", run.stdout);
     assert!(run.stderr.contains("took over a lease"), "{}", run.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_sealed_with_another_key_are_reported_once_not_every_poll() {
+    let sandbox = sandbox(Duration::from_secs(3600)).await;
+    let mut agent = Agent::start(
+        &sandbox.account_config(Vendor::NetHealth, ACCOUNT),
+        "5s",
+        &[],
+    );
+    log_in(&agent.config_path(), ACCOUNT).await;
+    agent
+        .metrics_until("a valid token", |m| {
+            m.contains(&format!("ehrsync_token_valid{{account=\"{ACCOUNT}\"}} 1"))
+        })
+        .await;
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    // The token key is replaced (restored from another machine, say): the stored tokens can
+    // no longer be opened, and the account waits for a person.
+    std::fs::remove_file(agent.dir.path().join("state/ehrsync.key")).unwrap();
+    agent.restart();
+    agent
+        .metrics_until("needs_login", |m| {
+            m.contains(&format!(
+                "ehrsync_account_needs_login{{account=\"{ACCOUNT}\"}} 1"
+            ))
+        })
+        .await;
+    // Three of the parked account's 5 s looks at the database.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let log = agent.log();
+    assert_eq!(
+        log.matches("stored tokens are unusable").count(),
+        1,
+        "said once, at start:\n{log}"
+    );
+    assert_eq!(log.matches("cannot be opened").count(), 0, "{log}");
+    agent.signal("TERM");
+    agent.wait_exit(Duration::from_secs(20));
+}

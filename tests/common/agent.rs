@@ -38,7 +38,7 @@ fn spawn_run(path: &std::path::Path, log: &std::path::Path, extra_env: &[(&str, 
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_ehrsync"))
+    Command::new(super::binary())
         .env_clear()
         .envs(sandbox::credentials_env())
         .envs(extra_env.iter().copied())

@@ -41,9 +41,17 @@ impl Run {
     }
 }
 
+/// The ehrsync binary the tests run: this build's, or the one `EHRSYNC_TEST_BINARY` names
+/// (to measure an older build against the same scenarios, as issue 14's figures were).
+pub fn binary() -> PathBuf {
+    std::env::var_os("EHRSYNC_TEST_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ehrsync")))
+}
+
 /// Runs `ehrsync ARGS` with only `env` in its environment (nothing leaks in from the host).
 pub fn ehrsync(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ehrsync"));
+    let mut cmd = Command::new(binary());
     cmd.env_clear().args(args);
     for (k, v) in env {
         cmd.env(k, v);

@@ -954,3 +954,110 @@ fn nextech_survives_30_days_with_a_15_day_outage() {
         core.state(now)
     );
 }
+
+/// A Net Health (authorization code) core holding tokens a person's login stored at T0.
+fn logged_in_person_grant() -> Core {
+    let mut core = Core::new(policy(Grant::AuthorizationCode), 5);
+    core.logged_in(
+        T0,
+        parse_success(br#"{"access_token":"a1","refresh_token":"r1","expires_in":3600}"#).unwrap(),
+        T0,
+    );
+    core
+}
+
+#[test]
+fn a_refused_refresh_on_a_person_grant_says_the_server_refused_it() {
+    let mut core = logged_in_person_grant();
+    let at = core.next_refresh_at().unwrap();
+    assert_eq!(core.step(at, Event::Timer).request, Some(Request::Refresh));
+    core.step(at, oauth(400, "invalid_grant", Some("grant revoked")));
+    assert_eq!(core.state(at), State::NeedsLogin);
+    let e = core.last_error().unwrap();
+    assert!(
+        e.contains("the refresh token was refused: invalid_grant (grant revoked)"),
+        "{e}"
+    );
+    assert!(e.contains("log in again"), "{e}");
+    assert!(!e.contains("no refresh token"), "{e}");
+}
+
+#[test]
+fn an_interrupted_refresh_logs_in_again_where_no_person_is_needed() {
+    let mut core = logged_in_nextech();
+    let at = core.next_refresh_at().unwrap();
+    assert_eq!(core.step(at, Event::Timer).request, Some(Request::Refresh));
+    // The lease holder found another process's refresh intent, never answered.
+    assert_eq!(
+        core.refresh_interrupted(at),
+        Some(Request::Login(Grant::Password)),
+        "a refresh token that may be rotated already is not presented"
+    );
+    assert!(core.tokens().unwrap().refresh.is_none());
+    let out = core.step(
+        at,
+        success(
+            r#"{"access_token":"a2","refresh_token":"r2","expires_in":3600}"#,
+            at,
+        ),
+    );
+    assert_eq!(
+        out.finished,
+        Some((Request::Login(Grant::Password), Outcome::Success))
+    );
+}
+
+#[test]
+fn an_interrupted_refresh_of_a_person_grant_tries_once_then_says_why() {
+    let mut core = logged_in_person_grant();
+    let at = core.next_refresh_at().unwrap();
+    core.step(at, Event::Timer);
+    assert_eq!(core.refresh_interrupted(at), Some(Request::Refresh));
+    core.step(at, oauth(400, "invalid_grant", None));
+    assert_eq!(core.state(at), State::NeedsLogin);
+    let e = core.last_error().unwrap();
+    assert!(e.contains("cut short"), "{e}");
+    // Succeeding instead clears the suspicion: a later refusal is worded plainly.
+    let mut core = logged_in_person_grant();
+    core.step(at, Event::Timer);
+    core.refresh_interrupted(at);
+    core.step(
+        at,
+        success(
+            r#"{"access_token":"a2","refresh_token":"r2","expires_in":3600}"#,
+            at,
+        ),
+    );
+    let next = core.next_refresh_at().unwrap();
+    core.step(next, Event::Timer);
+    core.step(next, oauth(400, "invalid_grant", None));
+    assert!(!core.last_error().unwrap().contains("cut short"));
+}
+
+#[test]
+fn a_response_with_an_absurd_lifetime_keeps_its_refresh_token() {
+    let mut core = logged_in_nextech();
+    let at = core.next_refresh_at().unwrap();
+    core.step(at, Event::Timer);
+    let out = core.step(
+        at,
+        success(
+            r#"{"access_token":"a2","refresh_token":"r2","expires_in":1e309}"#,
+            at,
+        ),
+    );
+    assert_eq!(
+        out.finished,
+        Some((Request::Refresh, Outcome::TransientError))
+    );
+    assert!(out.persist, "the rotated refresh token is stored");
+    let t = core.tokens().unwrap();
+    assert_eq!(t.refresh.as_ref().unwrap().token.expose_secret(), "r2");
+    assert!(t.expires_at <= at, "the access token is never handed out");
+    assert!(core.valid_tokens(at).is_none());
+    assert!(core.last_error().unwrap().contains("not a finite number"));
+    // The retry presents the new refresh token.
+    let retry = core.next_refresh_at().unwrap_or(at);
+    let out = core.step(retry.max(at + Duration::from_secs(600)), Event::Timer);
+    assert_eq!(out.request, Some(Request::Refresh));
+}
