@@ -1,6 +1,8 @@
 //! Pull runs against the vendor sandbox's data APIs over real HTTP on loopback, under tokio's
 //! paused clock: full and incremental FHIR pulls, NikoHealth's list, runs dropped halfway and
-//! repeated, 401/429/5xx/malformed pages, and a schedule whose runs outlast its interval.
+//! repeated, 401/429/5xx/malformed pages, records too deep for SQLite (planted with
+//! `Sandbox::plant_patient`: the page fails naming the record, nothing of it is stored, and the
+//! database keeps answering), and a schedule whose runs outlast its interval.
 
 mod common;
 
@@ -177,6 +179,19 @@ impl Harness {
     async fn stop(self) {
         let _ = self.owner_stop.send(true);
         let _ = self.owner.await;
+    }
+
+    /// `sql`'s one value, or SQLite's error.
+    async fn try_scalar(&self, sql: &'static str) -> Result<i64, String> {
+        let pool = self.shared.store.pool().clone();
+        shielded(async move { Ok(sqlx::query_scalar(sql).fetch_one(&pool).await?) })
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn last_run(&self) -> ehrsync::store::SyncRunRow {
+        let runs = self.shared.store.runs(ACCOUNT, "patients").await.unwrap();
+        runs.last().cloned().unwrap()
     }
 }
 
@@ -765,5 +780,94 @@ async fn a_shutdown_mid_run_keeps_the_written_pages_and_records_interrupted() {
             .sync_runs(ACCOUNT, "patients", "interrupted"),
         1
     );
+    h.stop().await;
+}
+
+/// Nested arrays in the hostile record: far past SQLite's JSON depth limit (1000).
+const DEPTH: usize = 200_000;
+
+/// `DEPTH` nested arrays.
+fn deep_array() -> String {
+    format!("{}{}", "[".repeat(DEPTH), "]".repeat(DEPTH))
+}
+
+/// `record` (a JSON object) with a `contained` member that is [`deep_array`].
+fn with_deep_member(record: &str) -> String {
+    format!("{{\"contained\":{},{}", deep_array(), &record[1..])
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fhir_record_too_deep_for_sqlite_fails_its_page_and_the_view_still_answers() {
+    let h = start(Vendor::Nextech, &fhir_job(50), 250).await;
+    // Patient 60 is on page 2.
+    let hostile = with_deep_member(&h.sandbox.patient_json(60));
+    h.sandbox.plant_patient(60, hostile);
+
+    let failed = h.run(true).await;
+    assert_eq!(failed.outcome, Outcome::Failed, "{failed}");
+    let error = failed.error.clone().unwrap_or_default();
+    for expected in [
+        "page 2 (GET ",
+        &format!("record `{}`", fhir_id(60)),
+        "1000 levels deep",
+        "none of this page's records were stored",
+    ] {
+        assert!(error.contains(expected), "`{expected}` in: {error}");
+    }
+    assert!(!error.contains("[["), "no record content in: {error}");
+    // The run's row says the same; page 1 is kept, nothing of page 2 is stored.
+    let run = h.last_run().await;
+    assert_eq!(run.outcome, "failed");
+    assert_eq!(run.error.as_deref(), Some(error.as_str()));
+    assert_eq!((run.pages, run.records), (1, 50));
+    assert_eq!(
+        h.try_scalar("SELECT count(*) FROM resources WHERE id >= 'pat-0000050'")
+            .await,
+        Ok(0)
+    );
+    // Every stored row is readable by SQLite's JSON functions, so the view answers.
+    assert_eq!(h.try_scalar("SELECT count(*) FROM patients").await, Ok(50));
+    assert_eq!(
+        h.try_scalar("SELECT count(*) FROM resources WHERE NOT json_valid(data)")
+            .await,
+        Ok(0)
+    );
+
+    // Once the vendor corrects the record, the next run stores everything.
+    h.sandbox.unplant_patients();
+    let fixed = h.run(true).await;
+    assert_eq!(fixed.outcome, Outcome::Success, "{fixed}");
+    assert_eq!((fixed.pages, fixed.records), (5, 250));
+    assert_eq!(h.try_scalar("SELECT count(*) FROM patients").await, Ok(250));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_nikohealth_record_too_deep_for_sqlite_fails_its_page() {
+    let h = start(
+        Vendor::NikoHealth,
+        "kind = 'nikohealth_patients'\nschedule = '0 0 * * * *'\npage_size = 20",
+        60,
+    )
+    .await;
+    // NikoHealth ids are the index + 1: patient 45 (id 46) is on page 3.
+    let hostile = with_deep_member(&sandbox::niko_patient(45, 1_700_000_000_000, 1));
+    h.sandbox.plant_patient(45, hostile);
+
+    let failed = h.run(true).await;
+    assert_eq!(failed.outcome, Outcome::Failed, "{failed}");
+    let error = failed.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("page 3 (GET ") && error.contains("record `46`"),
+        "{error}"
+    );
+    assert!(!error.contains("[["), "no record content in: {error}");
+    assert_eq!((failed.pages, failed.records), (2, 40));
+    assert_eq!(h.try_scalar("SELECT count(*) FROM patients").await, Ok(40));
+
+    h.sandbox.unplant_patients();
+    let fixed = h.run(true).await;
+    assert_eq!(fixed.outcome, Outcome::Success, "{fixed}");
+    assert_eq!(h.try_scalar("SELECT count(*) FROM patients").await, Ok(60));
     h.stop().await;
 }

@@ -70,12 +70,14 @@ async fn sigterm_during_a_refresh(vendor: Vendor, primary_grant: &str) {
             m.contains(&format!("ehrsync_token_valid{{account=\"{ACCOUNT}\"}} 1"))
         })
         .await;
+    // The next refresh (not one answered while the login was being adopted).
+    let earlier = sandbox.requests(vendor, "refresh_token");
     sandbox.delay_answers(Some(Duration::from_secs(3)));
     wait_for(
         "a refresh sent",
         Duration::from_secs(30),
         || agent.log(),
-        || sandbox.requests(vendor, "refresh_token") >= 1,
+        || sandbox.requests(vendor, "refresh_token") > earlier,
     )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -293,6 +295,105 @@ async fn tokens_sealed_with_another_key_are_reported_once_not_every_poll() {
         "said once, at start:\n{log}"
     );
     assert_eq!(log.matches("cannot be opened").count(), 0, "{log}");
+    agent.signal("TERM");
+    agent.wait_exit(Duration::from_secs(20));
+}
+
+/// `kill -9` one second into a refresh whose answer takes three: the answer is lost with the
+/// process, and the provider has already rotated the refresh token it was sent. The restarted
+/// agent finds the refresh the dead process recorded before sending it.
+async fn killed_during_a_refresh(vendor: Vendor) -> (Sandbox, Agent) {
+    let sandbox = sandbox(Duration::from_secs(8)).await;
+    let mut agent = Agent::start(&sandbox.account_config(vendor, ACCOUNT), "5s", &[]);
+    if vendor == Vendor::NetHealth {
+        log_in(&agent.config_path(), ACCOUNT).await;
+    }
+    agent
+        .metrics_until("a valid token", |m| {
+            m.contains(&format!("ehrsync_token_valid{{account=\"{ACCOUNT}\"}} 1"))
+        })
+        .await;
+    // The next refresh (not one answered while the login was being adopted).
+    let earlier = sandbox.requests(vendor, "refresh_token");
+    sandbox.delay_answers(Some(Duration::from_secs(3)));
+    wait_for(
+        "a refresh sent",
+        Duration::from_secs(30),
+        || agent.log(),
+        || sandbox.requests(vendor, "refresh_token") > earlier,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    agent.signal("KILL");
+    agent.wait_exit(Duration::from_secs(5));
+    wait_for(
+        "the lost answer",
+        Duration::from_secs(5),
+        || agent.log(),
+        || sandbox.unread_answers() == 1,
+    )
+    .await;
+    sandbox.delay_answers(None);
+    agent.restart();
+    (sandbox, agent)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_kill_mid_refresh_a_password_account_logs_in_instead_of_presenting_a_dead_token() {
+    let (sandbox, mut agent) = killed_during_a_refresh(Vendor::Nextech).await;
+    wait_for(
+        "a second login",
+        Duration::from_secs(30),
+        || agent.log(),
+        || sandbox.requests(Vendor::Nextech, "password") == 2,
+    )
+    .await;
+    agent
+        .metrics_until("a valid token", |m| {
+            m.contains(&format!("ehrsync_token_valid{{account=\"{ACCOUNT}\"}} 1"))
+        })
+        .await;
+    assert_eq!(
+        sandbox.rejected(Vendor::Nextech, "refresh_token"),
+        0,
+        "the possibly rotated refresh token was not presented; log:\n{}",
+        agent.log()
+    );
+    assert!(
+        agent
+            .log()
+            .contains("logging in again rather than presenting")
+    );
+    agent.signal("TERM");
+    agent.wait_exit(Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_kill_mid_refresh_an_authorization_code_account_tries_once_then_says_why() {
+    let (sandbox, mut agent) = killed_during_a_refresh(Vendor::NetHealth).await;
+    agent
+        .metrics_until("needs_login", |m| {
+            m.contains(&format!(
+                "ehrsync_account_needs_login{{account=\"{ACCOUNT}\"}} 1"
+            ))
+        })
+        .await;
+    // One try with the refresh token the provider had rotated, no more.
+    assert_eq!(sandbox.rejected(Vendor::NetHealth, "refresh_token"), 1);
+    let status = common::ehrsync(
+        &[
+            "--config",
+            agent.config_path().to_str().unwrap(),
+            "status",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(
+        status.stdout.contains("cut short"),
+        "status says why: {}",
+        status.stdout
+    );
     agent.signal("TERM");
     agent.wait_exit(Duration::from_secs(20));
 }

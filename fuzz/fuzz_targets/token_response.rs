@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use ehrsync::token::Timestamp;
 use ehrsync::token::response::{
-    ExpirySource, MAX_DESCRIPTION, MalformedResponse, TokenResponse, access_expiry, jwt_exp,
-    parse_error, parse_success,
+    ExpirySource, MAX_ACCESS_LIFETIME, MAX_DESCRIPTION, MalformedResponse, TokenResponse,
+    access_expiry, jwt_exp, parse_error, parse_success, refresh_lifetime,
 };
 use libfuzzer_sys::fuzz_target;
 use secrecy::ExposeSecret;
@@ -112,22 +112,35 @@ fn check_success(resp: &TokenResponse) {
     let fallback = Duration::from_secs(300);
     let secs = |s: i64| Timestamp::from_unix_millis(s.saturating_mul(1000));
     for default in [None, Some(Duration::from_secs(3600))] {
-        let (at, source) = access_expiry(resp, access, issued, default, fallback);
-        // Only a credible expiry (after issue) is chosen, and the earliest one.
+        let (at, source) = match access_expiry(resp, access, issued, default, fallback) {
+            Ok(chosen) => chosen,
+            Err(reason) => {
+                // A stated lifetime out of bounds: a reason naming the field.
+                assert!(reason.starts_with("the token response's"), "{reason}");
+                continue;
+            }
+        };
+        // Only a credible expiry (after issue), never more than a year on, the earliest one.
         assert!(at > issued, "{at:?} from {source:?}");
+        assert!(at <= issued + MAX_ACCESS_LIFETIME, "{at:?} from {source:?}");
         if let Some(d) = default {
             assert!(at <= issued + d, "{at:?} from {source:?}");
         }
         let expected = match source {
             ExpirySource::JwtExp => jwt_exp(access).map(secs),
             ExpirySource::ExpiresOn => resp.expires_on.map(secs),
-            ExpirySource::ExpiresIn => resp.expires_in.map(|s| issued + Duration::from_secs(s)),
+            ExpirySource::ExpiresIn => resp
+                .expires_in
+                .map(|s| issued + Duration::from_secs(s.unsigned_abs())),
             ExpirySource::PresetDefault => default.map(|d| issued + d),
             ExpirySource::Fallback => Some(issued + fallback),
         };
         assert_eq!(Some(at), expected, "{source:?}");
         // Log lines print it.
         let _ = at.to_string();
+    }
+    if let Err(reason) = refresh_lifetime(resp) {
+        assert!(reason.starts_with("the token response's"), "{reason}");
     }
     for token in [&resp.refresh_token, &resp.id_token].into_iter().flatten() {
         let _ = jwt_exp(token.expose_secret());
