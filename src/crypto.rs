@@ -50,6 +50,8 @@ pub struct OpenError;
 /// The cipher for stored tokens. `Debug` shows no key.
 pub struct TokenCipher {
     aead: XChaCha20Poly1305,
+    /// For [`TokenCipher::fingerprint`]: derived from the token key, never the key itself.
+    mac: ring::hmac::Key,
 }
 
 impl fmt::Debug for TokenCipher {
@@ -82,7 +84,29 @@ impl TokenCipher {
 
     pub fn from_key(key: &SecretBox<[u8; KEY_LEN]>) -> TokenCipher {
         let aead = XChaCha20Poly1305::new(key.expose_secret().into());
-        TokenCipher { aead }
+        // A key of its own for fingerprints, so the AEAD key is used for nothing else.
+        let root = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.expose_secret());
+        let derived = ring::hmac::sign(&root, b"ehrsync/fingerprint-key/v1");
+        let mac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref());
+        TokenCipher { aead, mac }
+    }
+
+    /// A keyed fingerprint of `parts` (HMAC-SHA256, hex): equal inputs give equal fingerprints
+    /// under one token key, and it tells nothing about them to whoever lacks the key. Used to
+    /// notice that an account's credentials changed without storing them.
+    pub fn fingerprint(&self, label: &str, parts: &[&[u8]]) -> String {
+        let mut ctx = ring::hmac::Context::with_key(&self.mac);
+        ctx.update(label.as_bytes());
+        for part in parts {
+            // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part);
+        }
+        ctx.sign()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// Encrypts `plaintext`, bound to `aad`.

@@ -40,6 +40,11 @@ use crate::token::owner::{Shared, TokenHandle, spawn};
 /// How long a stop waits for the database's connections to close after the jobs and owners.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often a running agent renews its row in `agents` (see [`crate::store::AgentRow`]).
+pub const HEARTBEAT: Duration = Duration::from_secs(15);
+/// An agent whose heartbeat is older than this is not running (three missed heartbeats).
+pub const HEARTBEAT_STALE: Duration = Duration::from_secs(45);
+
 /// How long a token request may take before it counts as a transient failure.
 pub const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -110,6 +115,20 @@ pub async fn run(
             });
         }
     };
+    let holder = shared.holder.clone();
+    let version = env!("CARGO_PKG_VERSION");
+    if let Err(e) = store
+        .register_agent(&holder, version, clock.now().unix_seconds())
+        .await
+    {
+        tracing::warn!(error = %e, "cannot record this agent in the database; `status` will say no agent is running");
+    }
+    let heartbeat = tokio::spawn(heartbeat(
+        store.clone(),
+        holder.clone(),
+        clock.clone(),
+        version,
+    ));
     let (handles_tx, handles_rx) = watch::channel(Arc::new(Vec::new()));
     let mut agent = Agent {
         shared,
@@ -124,6 +143,8 @@ pub async fn run(
     for account in config.accounts {
         if let Err(e) = agent.start_account(account).await {
             agent.shutdown().await;
+            heartbeat.abort();
+            let _ = store.unregister_agent(&holder).await;
             store.close().await;
             return Err(e.into());
         }
@@ -170,6 +191,10 @@ pub async fn run(
     if let Some(w) = watchdog {
         w.abort();
     }
+    heartbeat.abort();
+    if let Err(e) = store.unregister_agent(&holder).await {
+        tracing::warn!(error = %e, "cannot remove this agent's row; `status` will see its heartbeat go stale");
+    }
     // A run cut off at the end of the grace may still hold a connection, waiting for a lock.
     if tokio::time::timeout(CLOSE_TIMEOUT, store.close())
         .await
@@ -181,6 +206,29 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Renews this agent's row every [`HEARTBEAT`], writing it again if it went missing (a
+/// database restored from a backup, say). Runs until aborted.
+async fn heartbeat(
+    store: Store,
+    holder: Arc<crate::store::Holder>,
+    clock: SharedClock,
+    version: &'static str,
+) {
+    loop {
+        tokio::time::sleep(HEARTBEAT).await;
+        let now = clock.now().unix_seconds();
+        match store.heartbeat(&holder, now).await {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Err(e) = store.register_agent(&holder, version, now).await {
+                    tracing::warn!(error = %e, "cannot record this agent's heartbeat");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot record this agent's heartbeat"),
+        }
+    }
 }
 
 /// What runs: one token owner per account, one schedule per job.

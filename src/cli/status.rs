@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::output;
 use crate::config::{Account, Config};
-use crate::store::{Store, StoreError, SyncRunRow, TokenStateRow};
+use crate::store::{AgentRow, Store, StoreError, SyncRunRow, TokenStateRow};
 
 pub async fn run(config_path: &Path, json: bool) -> ExitCode {
     // The status reads the database only: no secret is needed (nor readable, often, outside
@@ -58,7 +58,31 @@ pub struct Report {
     pub generated_at: String,
     #[serde(skip)]
     now: DateTime<Utc>,
+    /// Every `ehrsync run` that recorded itself in the database, running or not.
+    pub agents: Vec<AgentReport>,
     pub accounts: Vec<AccountReport>,
+}
+
+/// An agent's row, judged at the report's time.
+#[derive(Debug, Serialize)]
+pub struct AgentReport {
+    pub id: String,
+    pub host: String,
+    pub pid: i64,
+    pub version: String,
+    pub started_at: Option<String>,
+    pub heartbeat_at: Option<String>,
+    /// A heartbeat within the last 45 s, and (on this host) a process that still exists.
+    pub running: bool,
+    #[serde(skip)]
+    times: [Option<DateTime<Utc>>; 2],
+}
+
+impl Report {
+    /// Whether any agent is running: only then do planned times in the past mean "now".
+    pub fn agent_running(&self) -> bool {
+        self.agents.iter().any(|a| a.running)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -79,6 +103,8 @@ pub struct AccountReport {
     /// The command a person runs when only a login helps (the state is `needs_login`, or an
     /// account whose grant needs a person has no tokens yet).
     pub login_command: Option<String>,
+    /// What to do about the account's state, when something is to be done.
+    pub advice: Option<String>,
     pub jobs: Vec<JobReport>,
     #[serde(skip)]
     times: [Option<DateTime<Utc>>; 3],
@@ -119,7 +145,7 @@ fn rfc3339(t: Option<DateTime<Utc>>) -> Option<String> {
 /// Gathers the report for `config` at `now`.
 pub async fn build(config: &Config, now: DateTime<Utc>) -> Result<Report, StoreError> {
     let store = Store::open_read_only(&config.agent.database).await?;
-    let (schema_version, mut tokens, mut runs) = match &store {
+    let (schema_version, mut tokens, mut runs, agents) = match &store {
         Some(s) => {
             let tokens: BTreeMap<String, TokenStateRow> = s
                 .token_states()
@@ -133,10 +159,25 @@ pub async fn build(config: &Config, now: DateTime<Utc>) -> Result<Report, StoreE
                 .into_iter()
                 .map(|r| ((r.account.clone(), r.job.clone()), r))
                 .collect();
-            (Some(s.schema_version().await?), tokens, runs)
+            let agents = s.agents().await?;
+            (Some(s.schema_version().await?), tokens, runs, agents)
         }
-        None => (None, BTreeMap::new(), BTreeMap::new()),
+        None => (None, BTreeMap::new(), BTreeMap::new(), Vec::new()),
     };
+    let stale = i64::try_from(crate::agent::HEARTBEAT_STALE.as_secs()).unwrap_or(45);
+    let agents = agents
+        .into_iter()
+        .map(|a: AgentRow| AgentReport {
+            running: a.alive(now.timestamp(), stale),
+            id: a.id,
+            host: a.host,
+            pid: a.pid,
+            version: a.version,
+            started_at: rfc3339(at(Some(a.started_at))),
+            heartbeat_at: rfc3339(at(Some(a.heartbeat_at))),
+            times: [at(Some(a.started_at)), at(Some(a.heartbeat_at))],
+        })
+        .collect();
     if let Some(s) = store {
         s.close().await;
     }
@@ -175,6 +216,7 @@ pub async fn build(config: &Config, now: DateTime<Utc>) -> Result<Report, StoreE
         schema_version,
         generated_at: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         now,
+        agents,
         accounts,
     })
 }
@@ -233,6 +275,11 @@ fn account_report(
             .is_none_or(|r| r.access_token_expires_at.is_none());
     let login_command =
         (account.is_some() && (parked || never_logged_in)).then(|| format!("{login} {name}"));
+    let last_error = row.as_ref().and_then(|r| r.last_error.clone());
+    let advice = match (account, &login_command) {
+        (Some(a), Some(command)) => Some(advise(a, last_error.as_deref(), command)),
+        _ => None,
+    };
     let times = row.as_ref().map_or([None; 3], |r| {
         [
             at(r.access_token_expires_at),
@@ -251,13 +298,35 @@ fn account_report(
         token_expires_at: rfc3339(times[0]),
         next_refresh_at: rfc3339(times[1]),
         refresh_token_expires_at: rfc3339(times[2]),
-        last_error: row.as_ref().and_then(|r| r.last_error.clone()),
+        last_error,
+        advice,
         updated_at: rfc3339(row.as_ref().and_then(|r| at(Some(r.updated_at)))),
         note,
         login_command,
         jobs,
         times,
     }
+}
+
+/// What to do for an account that waits for someone: a person's login where only a person can
+/// help (an authorization-code account, consent, MFA, a locked account), else the credentials
+/// in the config, which the agent tries again as soon as they change.
+fn advise(account: &Account, last_error: Option<&str>, command: &str) -> String {
+    let person =
+        account.grant.needs_person() || last_error.is_some_and(|e| e.contains("a person must"));
+    if person {
+        return format!("needs a person to log in: run `{command}`");
+    }
+    let name = &account.name;
+    let what = match account.grant {
+        crate::vendor::Grant::Password => {
+            format!("`accounts.{name}.password` (or `client_secret`)")
+        }
+        _ => format!("`accounts.{name}.client_secret`"),
+    };
+    format!(
+        "its credentials were refused: fix {what} (or the file it names) and reload          (`systemctl reload ehrsync`); a changed secret is tried again at once. `{command}`          tries them now"
+    )
 }
 
 impl AccountReport {
@@ -279,6 +348,38 @@ fn when(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
     format!("{} ({})", t.format("%Y-%m-%d %H:%M:%SZ"), relative(t, now))
 }
 
+/// An expiry: `2026-11-22 06:01:00Z (in 45m)`, `… (expired 3m ago)`, or `-`.
+fn expiry(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+    match t {
+        Some(t) if t <= now => format!(
+            "{} (expired {})",
+            t.format("%Y-%m-%d %H:%M:%SZ"),
+            relative(t, now)
+        ),
+        _ => when(t, now),
+    }
+}
+
+/// A time the agent plans to act at: in the past it is overdue, and without a running agent
+/// nothing will happen at it.
+fn planned(t: Option<DateTime<Utc>>, now: DateTime<Utc>, agent_running: bool) -> String {
+    match t {
+        Some(t) if t <= now && !agent_running => format!(
+            "{} (was due {}; no agent is running)",
+            t.format("%Y-%m-%d %H:%M:%SZ"),
+            relative(t, now)
+        ),
+        Some(t) if t <= now => format!("{} (due now)", t.format("%Y-%m-%d %H:%M:%SZ")),
+        _ => when(t, now),
+    }
+}
+
+/// `2h 5m` since `t`.
+fn since(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    let secs = u64::try_from((now - t).num_seconds()).unwrap_or(0);
+    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+}
+
 /// `in 45m` or `3s ago`.
 pub(super) fn relative(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
     let secs = (t - now).num_seconds();
@@ -288,7 +389,7 @@ pub(super) fn relative(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
         s if s < 48 * 3600 => (s / 3600, "h"),
         s => (s / 86400, "d"),
     };
-    if secs >= 0 {
+    if secs > 0 {
         format!("in {n}{unit}")
     } else {
         format!("{n}{unit} ago")
@@ -336,6 +437,28 @@ impl fmt::Display for Report {
             Some(v) => writeln!(f, "database: {} (schema {v})", self.database)?,
             None => writeln!(f, "database: {} does not exist yet", self.database)?,
         }
+        let alive = self.agent_running();
+        for a in self.agents.iter().filter(|a| a.running) {
+            let up = a.times[0].map_or_else(|| "-".to_owned(), |t| since(t, self.now));
+            let beat = a.times[1].map_or_else(|| "-".to_owned(), |t| relative(t, self.now));
+            writeln!(
+                f,
+                "agent: running (pid {}, host {}, up {up}, heartbeat {beat})",
+                a.pid, a.host
+            )?;
+        }
+        if !alive {
+            match self.agents.first() {
+                Some(a) => writeln!(
+                    f,
+                    "agent: not running (last seen {}: pid {} on host {}; it did not stop cleanly)",
+                    a.times[1].map_or_else(|| "-".to_owned(), |t| relative(t, self.now)),
+                    a.pid,
+                    a.host
+                )?,
+                None => writeln!(f, "agent: not running")?,
+            }
+        }
         if self.accounts.is_empty() {
             return writeln!(f, "\nno accounts are configured");
         }
@@ -353,9 +476,9 @@ impl fmt::Display for Report {
                 a.name.clone(),
                 a.vendor.clone().unwrap_or_else(|| "-".to_owned()),
                 a.state.clone(),
-                when(a.times[0], self.now),
-                when(a.times[1], self.now),
-                when(a.times[2], self.now),
+                expiry(a.times[0], self.now),
+                planned(a.times[1], self.now, alive),
+                expiry(a.times[2], self.now),
             ]);
         }
         writeln!(f)?;
@@ -367,8 +490,8 @@ impl fmt::Display for Report {
             if let Some(err) = &a.last_error {
                 writeln!(f, "  {}: last error: {err}", a.name)?;
             }
-            if let Some(command) = &a.login_command {
-                writeln!(f, "  {}: needs a person to log in: run `{command}`", a.name)?;
+            if let Some(advice) = &a.advice {
+                writeln!(f, "  {}: {advice}", a.name)?;
             }
         }
         let header = [
@@ -397,7 +520,11 @@ impl fmt::Display for Report {
                     last,
                     outcome,
                     records,
-                    when(j.next, self.now),
+                    if alive {
+                        when(j.next, self.now)
+                    } else {
+                        "- (no agent is running)".to_owned()
+                    },
                 ]);
             }
         }

@@ -133,7 +133,7 @@ name_type!(AccountName);
 name_type!(JobName);
 
 /// One vendor account with its preset applied.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Account {
     pub name: AccountName,
     pub vendor: Vendor,
@@ -263,13 +263,13 @@ pub struct Lifetimes {
     pub min_lead: Duration,
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Header {
     pub name: String,
     pub value: HeaderValue,
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum HeaderValue {
     Public(String),
     Secret(Secret),

@@ -158,6 +158,22 @@ impl Secret {
     pub fn origin(&self) -> &SecretOrigin {
         &self.origin
     }
+
+    /// The secret as its file holds it now, if it comes from a file whose content changed
+    /// (an operator fixed it without reloading). `None` when it is unchanged, not from a file,
+    /// or unreadable or empty now (the value read before stays in use).
+    pub fn reread(&self) -> Option<Secret> {
+        let SecretOrigin::File(path) = &self.origin else {
+            return None;
+        };
+        let value = read_secret_file(path, &mut Vec::new()).ok()?;
+        (!value.expose_secret().is_empty() && value.expose_secret() != self.expose()).then(|| {
+            Secret {
+                value,
+                origin: self.origin.clone(),
+            }
+        })
+    }
 }
 
 /// Equal when read from the same place with the same value: a reload uses this to tell a

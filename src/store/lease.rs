@@ -62,6 +62,31 @@ impl Holder {
     pub fn id(&self) -> &str {
         &self.id
     }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn pid_started(&self) -> u64 {
+        self.pid_started
+    }
+
+    /// The host's name, for people (the first part of [`this_host`], or the computer name).
+    pub fn host_name(&self) -> String {
+        host_name()
+    }
+}
+
+/// This machine's name: the kernel's host name on Linux, `COMPUTERNAME` on Windows,
+/// `HOSTNAME` elsewhere; empty when none is known.
+pub fn host_name() -> String {
+    let read = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned());
+    read.filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default()
 }
 
 /// What a lease is for.

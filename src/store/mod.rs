@@ -7,9 +7,11 @@
 //! embedded and applied at open, and a database written by a newer ehrsync is refused rather
 //! than touched. Read-only opens (for `status`) never create, migrate or modify anything.
 
+mod agents;
 mod lease;
 mod sync;
 
+pub use agents::AgentRow;
 pub use lease::{Holder, Lease, LeaseKey, LeaseRow, process_started, this_host};
 pub use sync::{JobHistory, PageRow, RunStart};
 
@@ -520,8 +522,8 @@ impl Store {
             "INSERT INTO token_state (account, state, access_token, access_token_issued_at, \
                  access_token_expires_at, next_refresh_at, refresh_token, refresh_token_issued_at, \
                  refresh_token_expires_at, generation, last_error, updated_at, request_holder, \
-                 request_generation, request_sent_at) \
-             SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE {fence} \
+                 request_generation, request_sent_at, credentials) \
+             SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE {fence} \
              ON CONFLICT (account) DO UPDATE SET \
                  state = excluded.state, access_token = excluded.access_token, \
                  access_token_issued_at = excluded.access_token_issued_at, \
@@ -532,7 +534,8 @@ impl Store {
                  generation = excluded.generation, last_error = excluded.last_error, \
                  updated_at = excluded.updated_at, request_holder = excluded.request_holder, \
                  request_generation = excluded.request_generation, \
-                 request_sent_at = excluded.request_sent_at \
+                 request_sent_at = excluded.request_sent_at, \
+                 credentials = coalesce(excluded.credentials, token_state.credentials) \
              WHERE token_state.generation <= excluded.generation"
         );
         let q = sqlx::query(AssertSqlSafe(sql))
@@ -550,7 +553,8 @@ impl Store {
             .bind(r.updated_at)
             .bind(&r.request_holder)
             .bind(r.request_generation)
-            .bind(r.request_sent_at);
+            .bind(r.request_sent_at)
+            .bind(&r.credentials);
         let q = match lease {
             Some(l) => l.bind_fence(q),
             None => q,
@@ -563,7 +567,7 @@ impl Store {
             "SELECT account, state, access_token, access_token_issued_at, access_token_expires_at, \
                     next_refresh_at, refresh_token, refresh_token_issued_at, refresh_token_expires_at, \
                     generation, last_error, updated_at, request_holder, request_generation, \
-                    request_sent_at \
+                    request_sent_at, credentials \
              FROM token_state WHERE account = ?",
         )
         .bind(account)
@@ -636,6 +640,9 @@ pub struct TokenRecord {
     /// The token generation whose refresh token that request presented.
     pub request_generation: Option<i64>,
     pub request_sent_at: Option<i64>,
+    /// The keyed fingerprint of the credentials in use when this was stored (see
+    /// [`crate::crypto::TokenCipher::fingerprint`]); `None` keeps the stored one.
+    pub credentials: Option<String>,
 }
 
 /// One row of `sync_runs`.

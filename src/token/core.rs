@@ -489,6 +489,22 @@ impl Core {
         Some(self.finish(now, Output::default()))
     }
 
+    /// The account's credentials changed since they were refused (an operator fixed a secret):
+    /// an account parked in `needs_login` that logs in without a person tries once, at once.
+    /// A second refusal parks it for `login_retry` again, so this never becomes a loop of
+    /// attempts with the same credentials. `None`, changing nothing, in any other state.
+    pub fn credentials_changed(&mut self, now: Timestamp) -> Option<Output> {
+        match self.phase {
+            Phase::NeedsLogin { retry_at: Some(_) } => {
+                self.phase = Phase::NeedsLogin {
+                    retry_at: Some(now),
+                };
+                Some(self.finish(now, Output::default()))
+            }
+            _ => None,
+        }
+    }
+
     /// The refresh token held was sent by a request whose answer nobody read: another process
     /// died mid-request (found through the durable intent it wrote before sending). The
     /// provider may already have rotated it, and presenting a rotated refresh token revokes the

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use super::Timestamp;
 use super::client::{GrantForm, TokenTarget, request_token};
 use super::core::{Core, Event, Failure, Output, Policy, State};
-use super::persist::{from_record, to_record};
+use super::persist::{credentials_fingerprint, from_record, to_record};
 use crate::clock::SharedClock;
 use crate::config::{Account, TokenEndpoint};
 use crate::crypto::TokenCipher;
@@ -203,8 +203,16 @@ pub async fn spawn(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(TokenHandle, tokio::task::JoinHandle<()>), crate::store::StoreError> {
     let name = account.name.to_string();
-    let core = stored_core(&shared, &account).await?;
-    let (snap_tx, snap_rx) = watch::channel(snapshot(&core, shared.clock.now()));
+    let (mut core, stored_credentials) = stored_core(&shared, &account).await?;
+    let fingerprint = credentials_fingerprint(&account, &shared.cipher);
+    let now = shared.clock.now();
+    if stored_credentials.is_some_and(|f| f != fingerprint)
+        && core.credentials_changed(now).is_some()
+    {
+        tracing::info!(account = %name,
+            "the account's credentials changed since they were refused; trying them once, now");
+    }
+    let (snap_tx, snap_rx) = watch::channel(snapshot(&core, now));
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let handle = TokenHandle {
         account: name,
@@ -222,24 +230,30 @@ pub async fn spawn(
         unauthorized: cmd_rx,
         lease: None,
         unopenable_warned: None,
+        fingerprint,
     };
     let task = tokio::spawn(owner.run(shutdown));
     Ok((handle, task))
 }
 
-/// `account`'s lifecycle core as stored (or a fresh one when nothing is).
-async fn stored_core(shared: &Shared, account: &Account) -> Result<Core, crate::store::StoreError> {
+/// `account`'s lifecycle core as stored (or a fresh one when nothing is), and the fingerprint of
+/// the credentials it was stored with.
+async fn stored_core(
+    shared: &Shared,
+    account: &Account,
+) -> Result<(Core, Option<String>), crate::store::StoreError> {
     let name = account.name.as_str();
     let (policy, seed) = (Policy::for_account(account), seed_for(name));
     Ok(match shared.store.load_token(name).await? {
-        Some(record) => {
+        Some(mut record) => {
+            let credentials = record.credentials.take();
             let (saved, problem) = from_record(record, &shared.cipher);
             if let Some(e) = problem {
                 tracing::warn!(account = name, error = %e, "stored tokens are unusable; logging in again");
             }
-            Core::restore(policy, seed, saved)
+            (Core::restore(policy, seed, saved), credentials)
         }
-        None => Core::new(policy, seed),
+        None => (Core::new(policy, seed), None),
     })
 }
 
@@ -286,6 +300,8 @@ struct Owner {
     lease: Option<Lease>,
     /// The stored generation whose tokens could not be opened, once said (not every poll).
     unopenable_warned: Option<i64>,
+    /// [`credentials_fingerprint`] of the account's credentials in use, stored with its state.
+    fingerprint: String,
 }
 
 impl Owner {
@@ -351,8 +367,15 @@ impl Owner {
                             tracing::info!(account = %name, "picked up tokens from a login; the account is back in service");
                             o
                         }
-                        // Nothing new: keep the planned wake-up, report nothing twice.
-                        None => Output { wake_at: out.wake_at, ..Output::default() },
+                        None => match self.secret_files_changed() {
+                            Some(o) => {
+                                tracing::info!(account = %name,
+                                    "a secret file of the account changed since its credentials were refused; trying them once, now");
+                                o
+                            }
+                            // Nothing new: keep the planned wake-up, report nothing twice.
+                            None => Output { wake_at: out.wake_at, ..Output::default() },
+                        },
                     };
                 }
                 generation = self.unauthorized.recv() => match generation {
@@ -398,7 +421,8 @@ impl Owner {
         }
         if out.persist {
             match to_record(name, &self.core, now, &self.shared.cipher) {
-                Ok(record) => {
+                Ok(mut record) => {
+                    record.credentials = Some(self.fingerprint.clone());
                     let store = self.shared.store.clone();
                     let lease = self.lease.clone();
                     match crate::store::shielded(async move {
@@ -436,7 +460,7 @@ impl Owner {
                     account = name,
                     reason,
                     command = %command,
-                    "the account's credentials were refused; fix them in the config, then run `{command}` to log in at once (or wait for the next automatic attempt)"
+                    "the account's credentials were refused; fix them in the config or their secret file: changed credentials are tried at once (at a reload, a restart, or when the secret file changes); the same ones again in an hour. `{command}` tries at once"
                 );
             }
         }
@@ -574,6 +598,31 @@ impl Owner {
                 false
             }
         }
+    }
+
+    /// While parked: the account's secrets read again from their files. When one changed (an
+    /// operator fixed it without a reload), the account uses the new value and, if the
+    /// credentials as a whole now differ from those refused, tries them once at once.
+    fn secret_files_changed(&mut self) -> Option<Output> {
+        let secret = self.account.client_secret.as_ref().and_then(|s| s.reread());
+        let password = self.account.password.as_ref().and_then(|s| s.reread());
+        if secret.is_none() && password.is_none() {
+            return None;
+        }
+        let mut account = (*self.account).clone();
+        if secret.is_some() {
+            account.client_secret = secret;
+        }
+        if password.is_some() {
+            account.password = password;
+        }
+        let fingerprint = credentials_fingerprint(&account, &self.shared.cipher);
+        self.account = Arc::new(account);
+        if fingerprint == self.fingerprint {
+            return None;
+        }
+        self.fingerprint = fingerprint;
+        self.core.credentials_changed(self.shared.clock.now())
     }
 
     async fn stored_record(&self) -> Option<TokenRecord> {
@@ -750,12 +799,14 @@ pub async fn store_login(
         }
     };
     let result = async {
-        let mut core = stored_core(shared, account)
+        let (mut core, _) = stored_core(shared, account)
             .await
             .map_err(|e| e.to_string())?;
         let now = shared.clock.now();
         core.logged_in(now, response, sent_at);
-        let record = to_record(name, &core, now, &shared.cipher).map_err(|e| e.to_string())?;
+        let mut record = to_record(name, &core, now, &shared.cipher).map_err(|e| e.to_string())?;
+        // The login just proved these credentials.
+        record.credentials = Some(credentials_fingerprint(account, &shared.cipher));
         let stored = shared
             .store
             .save_token(&record, Some(&lease))

@@ -6,6 +6,7 @@ use secrecy::ExposeSecret;
 
 use super::Timestamp;
 use super::core::{Core, RefreshToken, Saved, Tokens};
+use crate::config::{Account, TokenEndpoint};
 use crate::crypto::{KeyError, OpenError, TokenCipher};
 use crate::store::TokenRecord;
 
@@ -62,6 +63,7 @@ pub fn to_record(
         request_holder: None,
         request_generation: None,
         request_sent_at: None,
+        credentials: None,
     })
 }
 
@@ -106,4 +108,29 @@ pub fn from_record(record: TokenRecord, cipher: &TokenCipher) -> (Saved, Option<
         last_error: record.last_error,
     };
     (saved, problem)
+}
+
+/// The keyed fingerprint of what `account` logs in with: grant, token endpoint, client id and
+/// secret, user name and password. Stored beside the token state, it tells a parked account
+/// whose credentials were fixed since they were refused (try once, at once) from one whose
+/// credentials are the same (wait for `login_retry`). Never the credentials themselves.
+pub fn credentials_fingerprint(account: &Account, cipher: &TokenCipher) -> String {
+    let endpoint = match &account.token_endpoint {
+        TokenEndpoint::Url(url) => url.as_str(),
+        TokenEndpoint::Discovery { issuer } => issuer.as_str(),
+    };
+    fn secret(s: &Option<crate::config::Secret>) -> &str {
+        s.as_ref().map_or("", |s| s.expose())
+    }
+    cipher.fingerprint(
+        "ehrsync/credentials/v1",
+        &[
+            account.grant.as_str().as_bytes(),
+            endpoint.as_bytes(),
+            account.client_id.as_bytes(),
+            secret(&account.client_secret).as_bytes(),
+            account.username.as_deref().unwrap_or("").as_bytes(),
+            secret(&account.password).as_bytes(),
+        ],
+    )
 }

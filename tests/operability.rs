@@ -1,0 +1,223 @@
+//! Living with the agent: an account whose credentials were refused comes back as soon as they
+//! are fixed (a reload, a restart, or just the secret file rewritten) and never retries the same
+//! credentials in a loop; `status` knows whether an agent is running. The real binary against
+//! the sandbox.
+#![cfg(unix)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ehrsync::clock::SystemClock;
+use ehrsync::sandbox::{self, Lifetimes, NIKOHEALTH_CREDENTIALS, Sandbox};
+use ehrsync::vendor::Vendor;
+
+use common::agent::Agent;
+
+const ACCOUNT: &str = "niko";
+
+fn write_secret(path: &Path, value: &str) {
+    std::fs::write(path, format!("{value}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A NikoHealth account whose client secret is read from `secret` (an absolute path).
+fn niko_config(sandbox: &Sandbox, secret: &Path) -> String {
+    sandbox.account_config(Vendor::NikoHealth, ACCOUNT).replace(
+        "client_secret = { env = 'SANDBOX_NIKOHEALTH_SECRET' }",
+        &format!("client_secret = {{ file = '{}' }}", secret.display()),
+    )
+}
+
+struct Parked {
+    sandbox: Sandbox,
+    agent: Agent,
+    secret: PathBuf,
+    _secret_dir: tempfile::TempDir,
+}
+
+/// An agent whose NikoHealth account was refused a wrong client secret and is parked in
+/// `needs_login` (one token request so far).
+async fn parked() -> Parked {
+    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
+        .await
+        .unwrap();
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = secret_dir.path().join("niko.secret");
+    write_secret(&secret, "a-wrong-secret");
+    let agent = Agent::start(&niko_config(&sandbox, &secret), "5s", &[]);
+    agent
+        .metrics_until("needs_login", |m| {
+            m.contains("ehrsync_account_needs_login{account=\"niko\"} 1")
+        })
+        .await;
+    assert_eq!(sandbox.total_requests(Vendor::NikoHealth), 1);
+    Parked {
+        sandbox,
+        agent,
+        secret,
+        _secret_dir: secret_dir,
+    }
+}
+
+fn status(agent: &Agent, json: bool) -> common::Run {
+    let config = agent.config_path();
+    let mut args = vec!["--config", config.to_str().unwrap(), "status"];
+    if json {
+        args.push("--json");
+    }
+    common::ehrsync(&args, &[])
+}
+
+async fn wait_valid(agent: &Agent) {
+    agent
+        .metrics_until("a valid token", |m| {
+            m.contains("ehrsync_token_valid{account=\"niko\"} 1")
+                && m.contains("ehrsync_account_needs_login{account=\"niko\"} 0")
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fixed_secret_and_a_reload_bring_the_account_back_at_once() {
+    let mut p = parked().await;
+    // Status advises fixing the credentials, not a person's login.
+    let shown = status(&p.agent, false);
+    assert!(
+        shown
+            .stdout
+            .contains("its credentials were refused: fix `accounts.niko.client_secret`"),
+        "{}",
+        shown.stdout
+    );
+    assert!(!shown.stdout.contains("needs a person"), "{}", shown.stdout);
+    // A reload with the same secret tries nothing (the vendor would lock the account).
+    p.agent.signal("HUP");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(p.sandbox.total_requests(Vendor::NikoHealth), 1);
+
+    write_secret(&p.secret, NIKOHEALTH_CREDENTIALS.client_secret);
+    p.agent.signal("HUP");
+    wait_valid(&p.agent).await;
+    assert_eq!(
+        p.sandbox.total_requests(Vendor::NikoHealth),
+        2,
+        "one request with the fixed secret"
+    );
+    assert!(p.agent.log().contains("changed since they were refused"));
+    p.agent.signal("TERM");
+    p.agent.wait_exit(Duration::from_secs(20));
+    shown_no_secret(&p.agent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fixed_secret_and_a_restart_bring_the_account_back_at_once() {
+    let mut p = parked().await;
+    p.agent.signal("TERM");
+    assert_eq!(p.agent.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    // A restart with the same secret waits for login_retry.
+    p.agent.restart();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(p.sandbox.total_requests(Vendor::NikoHealth), 1);
+    p.agent.signal("TERM");
+    p.agent.wait_exit(Duration::from_secs(20));
+
+    write_secret(&p.secret, NIKOHEALTH_CREDENTIALS.client_secret);
+    p.agent.restart();
+    wait_valid(&p.agent).await;
+    assert_eq!(p.sandbox.total_requests(Vendor::NikoHealth), 2);
+    p.agent.signal("TERM");
+    p.agent.wait_exit(Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_file_fixed_on_disk_is_noticed_without_a_reload() {
+    let mut p = parked().await;
+    // Rewritten with the same wrong value: nothing to try.
+    write_secret(&p.secret, "a-wrong-secret");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(p.sandbox.total_requests(Vendor::NikoHealth), 1);
+
+    write_secret(&p.secret, NIKOHEALTH_CREDENTIALS.client_secret);
+    let since = Instant::now();
+    wait_valid(&p.agent).await;
+    assert!(since.elapsed() < Duration::from_secs(15));
+    assert_eq!(p.sandbox.total_requests(Vendor::NikoHealth), 2);
+    // Fixed again to a wrong one later: refused once more, then it waits (no loop).
+    p.agent.signal("TERM");
+    p.agent.wait_exit(Duration::from_secs(20));
+}
+
+fn shown_no_secret(agent: &Agent) {
+    let log = agent.log();
+    for secret in ["a-wrong-secret", NIKOHEALTH_CREDENTIALS.client_secret] {
+        assert!(!log.contains(secret), "{secret} in the log");
+    }
+    for (_, secret) in sandbox::credentials_env() {
+        assert!(!log.contains(secret), "a sandbox secret in the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_knows_whether_an_agent_is_running() {
+    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::scaled_down(60), 0)
+        .await
+        .unwrap();
+    let config = format!(
+        "{}[[accounts.niko.jobs]]\nname = 'patients'\nkind = 'nikohealth_patients'\n\
+         schedule = '0 0 0 1 1 *'\n",
+        sandbox.account_config(Vendor::NikoHealth, ACCOUNT)
+    );
+    let mut agent = Agent::start(&config, "5s", &[]);
+    agent.wait_ready().await;
+    let live = status(&agent, false);
+    let pid = agent.child.id();
+    assert!(
+        live.stdout
+            .contains(&format!("agent: running (pid {pid}, host ")),
+        "{}",
+        live.stdout
+    );
+    let json: serde_json::Value = serde_json::from_str(&status(&agent, true).stdout).unwrap();
+    assert_eq!(json["agents"][0]["running"], true, "{json}");
+    assert_eq!(json["agents"][0]["pid"], pid);
+
+    // A clean stop removes the agent's row.
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    let stopped = status(&agent, false);
+    assert!(
+        stopped.stdout.contains("agent: not running\n"),
+        "{}",
+        stopped.stdout
+    );
+    let json: serde_json::Value = serde_json::from_str(&status(&agent, true).stdout).unwrap();
+    assert_eq!(json["agents"], serde_json::json!([]), "{json}");
+    // With no agent, the next run is nobody's to make.
+    assert!(
+        stopped.stdout.contains("no agent is running"),
+        "{}",
+        stopped.stdout
+    );
+
+    // kill -9: the row stays, but its process is gone from this host.
+    agent.restart();
+    agent.wait_ready().await;
+    let pid = agent.child.id();
+    agent.signal("KILL");
+    agent.wait_exit(Duration::from_secs(5));
+    let killed = status(&agent, false);
+    assert!(
+        killed.stdout.contains(&format!(
+            "agent: not running (last seen 0s ago: pid {pid} on host"
+        )) || killed.stdout.contains(&format!("s ago: pid {pid} on host")),
+        "{}",
+        killed.stdout
+    );
+    assert!(killed.stdout.contains("did not stop cleanly"));
+    let json: serde_json::Value = serde_json::from_str(&status(&agent, true).stdout).unwrap();
+    assert_eq!(json["agents"][0]["running"], false, "{json}");
+}
