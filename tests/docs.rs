@@ -136,8 +136,13 @@ fn headings(text: &str) -> Vec<(usize, usize, String)> {
         .filter_map(|(i, line)| {
             let level = line.chars().take_while(|c| *c == '#').count();
             let rest = &line[level..];
-            ((1..=6).contains(&level) && (rest.is_empty() || rest.starts_with(' ')))
-                .then(|| (i, level, rest.trim().trim_end_matches('#').trim().to_owned()))
+            ((1..=6).contains(&level) && (rest.is_empty() || rest.starts_with(' '))).then(|| {
+                (
+                    i,
+                    level,
+                    rest.trim().trim_end_matches('#').trim().to_owned(),
+                )
+            })
         })
         .collect()
 }
@@ -238,7 +243,10 @@ pub struct NotDeserialized {
     assert_eq!(tables[0].keys, ["first", "second-key", "jobs"]);
     let doc = "# Config\n\n## `[demo]`\n\n`first`\n\n```toml\n# not a heading\n```\n\n## Other\n\n`jobs`\n";
     let text = section(doc, "[demo]").unwrap();
-    assert!(text.contains("`first`") && !text.contains("`jobs`"), "{text}");
+    assert!(
+        text.contains("`first`") && !text.contains("`jobs`"),
+        "{text}"
+    );
 }
 
 /// Tracked files, from `git ls-files`; `None` outside a git checkout.
@@ -349,7 +357,10 @@ fn link_targets(markdown: &str) -> Vec<(usize, String)> {
         .into_iter()
         .map(|(line, t)| {
             let t = t.split_whitespace().next().unwrap_or("").to_owned();
-            (line, t.trim_start_matches('<').trim_end_matches('>').to_owned())
+            (
+                line,
+                t.trim_start_matches('<').trim_end_matches('>').to_owned(),
+            )
         })
         .collect()
 }
@@ -398,7 +409,11 @@ fn relative_links_in_the_docs_lead_somewhere() {
     let mut checked = 0;
     for page in &pages {
         let text = read(page);
-        let rel = page.strip_prefix(root()).unwrap_or(page).display().to_string();
+        let rel = page
+            .strip_prefix(root())
+            .unwrap_or(page)
+            .display()
+            .to_string();
         for (line, target) in link_targets(&text) {
             if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
                 continue;
@@ -425,7 +440,10 @@ fn relative_links_in_the_docs_lead_somewhere() {
             }
         }
     }
-    assert!(checked > 0, "found no relative links at all: is the link reader broken?");
+    assert!(
+        checked > 0,
+        "found no relative links at all: is the link reader broken?"
+    );
     assert!(
         broken.is_empty(),
         "broken relative links:\n  {}",
