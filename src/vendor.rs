@@ -2,8 +2,11 @@
 //!
 //! A preset only fills defaults for a generic OAuth2 account; every field can be overridden in
 //! the config (`token_url` above all, so tests and sandboxes can point at loopback). A vendor
-//! quirk is a field here, with the vendor document it comes from (`shared/seeds/…`), never a
-//! branch elsewhere in the code. This module depends on nothing else in the crate.
+//! quirk is a field here, with the vendor's published page it comes from (Nextech's "Partner
+//! Authorization" guide and "Authentication" API reference, Net Health's "Net Health API -
+//! Authentication and Authorization", CareCentric's "User Authorisation", NikoHealth's "How API
+//! Authentication and Authorization Works?"), never a branch elsewhere in the code. This module
+//! depends on nothing else in the crate.
 
 use std::fmt;
 use std::time::Duration;
@@ -194,7 +197,7 @@ pub struct Preset {
     /// account waits in `needs_login` instead of logging in again: retrying a bad password
     /// locks the account.
     pub needs_person_codes: &'static [&'static str],
-    /// The vendor document(s) in `shared/seeds/` these values come from.
+    /// The vendor's published page(s) these values come from, named in config errors.
     pub documented_in: &'static str,
 }
 
