@@ -55,7 +55,7 @@ pub const DESCRIPTION: &str = "Keeps EHR vendor OAuth2 tokens alive, pulls patie
 /// icacls C:\ProgramData\ehrsync /inheritance:r /grant:r SYSTEM:(OI)(CI)F Administrators:(OI)(CI)F "NT SERVICE\ehrsync:(OI)(CI)M"
 /// icacls C:\ProgramData\ehrsync\ehrsync.toml /inheritance:r /grant:r SYSTEM:F Administrators:F "NT SERVICE\ehrsync:R"
 /// ```
-/// The README ("Install on Windows") has the whole procedure, secrets included. Without it the
+/// docs/operations.md ("Install on Windows") has the whole procedure, secrets included. Without it the
 /// service stops during start-up and the log file says which file it could not open (when it
 /// cannot write the log file itself, the System event log shows "Access is denied.").
 pub const ACCOUNT: &str = r"NT SERVICE\ehrsync";
@@ -76,7 +76,7 @@ pub enum ServiceError {
     #[error(
         "`ehrsync service` installs and runs ehrsync as a Windows service, and this is not \
          Windows. On Linux, run ehrsync under systemd with the unit systemd/ehrsync.service \
-         (README, \"Install on Linux\")"
+         (docs/operations.md, \"Install on Linux\")"
     )]
     NotWindows,
     #[error(

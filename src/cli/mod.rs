@@ -229,7 +229,7 @@ fn service_install(path: &std::path::Path, log_format: crate::logging::LogFormat
             output::print(format_args!(
                 "installed the service {name} (runs as {account}, config {config})\n\
                  next: grant {account} access to the config, secrets and data directory \
-                 (README, \"Install on Windows\"), then `sc.exe start {name}`\n",
+                 (docs/operations.md, \"Install on Windows\"), then `sc.exe start {name}`\n",
                 name = crate::service::SERVICE_NAME,
                 account = crate::service::ACCOUNT,
                 config = path.display(),
