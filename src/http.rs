@@ -39,10 +39,83 @@ pub enum TransportKind {
     Other,
 }
 
+/// Why a connection could not be opened, as far as the error's causes tell, with the one thing
+/// to check for each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectProblem {
+    /// The host name did not resolve.
+    Dns,
+    /// Nothing accepted the connection at that address and port.
+    Refused,
+    /// The TLS handshake failed: the certificate (untrusted issuer, wrong name, expired) or the
+    /// protocol; rustls's words for it.
+    Tls(String),
+    /// No answer to the connection attempt in time.
+    TimedOut,
+    /// Something else (the causes say what).
+    Other,
+}
+
+impl ConnectProblem {
+    /// Reads the class from `e`'s chain of causes.
+    fn of(e: &(dyn std::error::Error + 'static)) -> ConnectProblem {
+        let mut source = Some(e);
+        while let Some(err) = source {
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                if let Some(tls) = io
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                {
+                    return ConnectProblem::Tls(tls.to_string());
+                }
+                match io.kind() {
+                    std::io::ErrorKind::ConnectionRefused => return ConnectProblem::Refused,
+                    std::io::ErrorKind::TimedOut => return ConnectProblem::TimedOut,
+                    _ => {}
+                }
+            }
+            if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+                return ConnectProblem::Tls(tls.to_string());
+            }
+            // hyper-util's resolver wraps the system's lookup error in its own words.
+            let text = err.to_string();
+            if text.starts_with("dns error") || text.contains("failed to lookup address") {
+                return ConnectProblem::Dns;
+            }
+            source = err.source();
+        }
+        ConnectProblem::Other
+    }
+
+    /// The class and the one thing to check, for `host:port`.
+    fn explain(&self, host: &str, port: &str) -> String {
+        match self {
+            ConnectProblem::Dns => format!(
+                "DNS lookup of {host} failed: check the host name in the config and this server's DNS"
+            ),
+            ConnectProblem::Refused => format!(
+                "connection refused by {host}:{port}: check the address and port, that the service runs, and that no firewall rejects it"
+            ),
+            ConnectProblem::Tls(why) => format!(
+                "TLS with {host}:{port} failed ({why}): check the certificate; behind a TLS-inspecting firewall or proxy, this server must trust its CA"
+            ),
+            ConnectProblem::TimedOut => format!(
+                "connecting to {host}:{port} timed out: check firewalls, or set HTTPS_PROXY if outbound connections must go through a proxy"
+            ),
+            ConnectProblem::Other => format!("cannot connect to {host}:{port}"),
+        }
+    }
+}
+
 /// A request that got no usable answer, described without the request itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportError {
     pub kind: TransportKind,
+    /// For [`TransportKind::Connect`]: why, as far as the causes tell.
+    pub problem: ConnectProblem,
+    /// `host:port` of the request, for messages and the operator's firewall.
+    host: String,
+    port: String,
     /// Where the request went: scheme, host, port and path. The query and any user info are
     /// left out: queries carry search terms and cursors, user info a password.
     pub url: String,
@@ -67,6 +140,15 @@ impl TransportError {
         let e = e.without_url();
         TransportError {
             kind,
+            problem: if kind == TransportKind::Connect {
+                ConnectProblem::of(&e)
+            } else {
+                ConnectProblem::Other
+            },
+            host: url.host_str().unwrap_or("").to_owned(),
+            port: url
+                .port_or_known_default()
+                .map_or_else(String::new, |p| p.to_string()),
             url: public_url(url),
             what: e.to_string(),
             causes: causes(&e),
@@ -76,9 +158,9 @@ impl TransportError {
     /// The failure without the URL, for messages that name the URL already.
     pub fn without_url(&self) -> String {
         let what = match self.kind {
-            TransportKind::Connect => "cannot connect",
-            TransportKind::Timeout => "no answer in time",
-            TransportKind::Other => &self.what,
+            TransportKind::Connect => self.problem.explain(&self.host, &self.port),
+            TransportKind::Timeout => "no answer in time".to_owned(),
+            TransportKind::Other => self.what.clone(),
         };
         format!("{what}{}", self.causes)
     }
@@ -88,7 +170,11 @@ impl fmt::Display for TransportError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let url = &self.url;
         match self.kind {
-            TransportKind::Connect => write!(f, "cannot connect to {url}")?,
+            TransportKind::Connect => write!(
+                f,
+                "{} (for {url})",
+                self.problem.explain(&self.host, &self.port)
+            )?,
             TransportKind::Timeout => write!(f, "no answer from {url} in time")?,
             TransportKind::Other => write!(f, "{} ({url})", self.what)?,
         }

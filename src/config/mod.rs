@@ -291,6 +291,8 @@ pub struct Job {
     pub kind: JobKind,
     pub schedule: Schedule,
     pub page_size: u32,
+    /// How long a run waits for a valid access token before it fails.
+    pub token_wait: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -101,6 +101,10 @@ pub struct RawJob {
     pub schedule: Option<String>,
     /// Records per page requested from the API. Default 100, at most 1000.
     pub page_size: Option<u32>,
+    /// How long a run waits for a valid access token (the vendor's token endpoint down or
+    /// refusing) before it ends `failed` with the reason, instead of looking like work in
+    /// progress. Default `"2m"`, between `1s` and `1h`.
+    pub token_wait: Option<HumanDuration>,
     /// `fhir` jobs: incremental runs ask for records updated after the last run's newest
     /// `meta.lastUpdated` minus this margin (covers clock skew and late commits on the
     /// vendor's side; re-fetched records are simply upserted again). Default `"5m"`.

@@ -26,6 +26,8 @@ const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 const DEFAULT_FHIR_RESOURCE: &str = "Patient";
 const DEFAULT_OVERLAP: Duration = Duration::from_secs(300);
+const DEFAULT_TOKEN_WAIT: Duration = Duration::from_secs(120);
+const MAX_TOKEN_WAIT: Duration = Duration::from_secs(3600);
 const DEFAULT_LIST_PATH: &str = "/api/external/v1/patients";
 
 /// What resolution needs and what it finds.
@@ -894,6 +896,16 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
                 format!("{page_size} is outside 1–{MAX_PAGE_SIZE}"),
             );
         }
+        let token_wait = raw.token_wait.map_or(DEFAULT_TOKEN_WAIT, |d| d.0);
+        if !(Duration::from_secs(1)..=MAX_TOKEN_WAIT).contains(&token_wait) {
+            ctx.problem(
+                &k("token_wait"),
+                format!(
+                    "{} is outside 1s–1h",
+                    humantime::format_duration(token_wait)
+                ),
+            );
+        }
         if ctx.problems.len() == before
             && let (Some(name), Some(kind), Some(schedule)) = (name, kind, schedule)
         {
@@ -902,6 +914,7 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
                 kind,
                 schedule,
                 page_size,
+                token_wait,
             });
         }
     }

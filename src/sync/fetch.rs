@@ -16,7 +16,7 @@ use crate::clock::SharedClock;
 use crate::config::{Account, HeaderValue};
 use crate::http::{BodyError, RetryAfter, TransportError, read_limited};
 use crate::metrics::Metrics;
-use crate::token::owner::{TokenHandle, Unavailable, bearer};
+use crate::token::owner::{CurrentToken, TokenHandle, Unavailable, bearer};
 
 /// The largest page body accepted. 1,000 FHIR resources of a few kilobytes fit many times over.
 pub const MAX_PAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -42,6 +42,8 @@ pub struct Fetcher<'a> {
     pub tokens: &'a TokenHandle,
     pub metrics: &'a Metrics,
     pub clock: &'a SharedClock,
+    /// How long to wait for a valid access token before the run fails (`token_wait`).
+    pub token_wait: Duration,
 }
 
 /// The body of a page, and where it came from.
@@ -64,7 +66,7 @@ enum Attempt {
 impl Fetcher<'_> {
     /// GETs `url` (page number `page`, for messages) until it succeeds or the rules above give up.
     pub async fn get(&self, url: &Url, page: u32) -> Result<Page, SyncError> {
-        let mut token = self.tokens.token().await.map_err(token_error)?;
+        let mut token = self.valid_token().await?;
         let mut refreshed = false;
         let mut transient = 0u32;
         let mut rate_limited = 0u32;
@@ -117,7 +119,7 @@ impl Fetcher<'_> {
                     }
                     tracing::info!(account = %self.account.name, page, wait_s = wait.as_secs(), "rate limited (429); waiting for Retry-After");
                     tokio::time::sleep(wait).await;
-                    token = self.tokens.token().await.map_err(token_error)?;
+                    token = self.valid_token().await?;
                 }
                 Attempt::Transient {
                     reason,
@@ -148,8 +150,26 @@ impl Fetcher<'_> {
                     let wait = backoff(transient).max(retry_after.unwrap_or_default());
                     tracing::warn!(account = %self.account.name, page, attempt = transient, wait_ms = wait.as_millis() as u64, reason = %reason, "page request failed; retrying");
                     tokio::time::sleep(wait).await;
-                    token = self.tokens.token().await.map_err(token_error)?;
+                    token = self.valid_token().await?;
                 }
+            }
+        }
+    }
+
+    /// A valid access token, waiting for the owner at most `token_wait`: an outage of the
+    /// token endpoint then ends the run `failed`, saying why, instead of holding it open.
+    async fn valid_token(&self) -> Result<CurrentToken, SyncError> {
+        match tokio::time::timeout(self.token_wait, self.tokens.token()).await {
+            Ok(token) => token.map_err(token_error),
+            Err(_) => {
+                let snap = self.tokens.snapshot();
+                let why = snap
+                    .last_error
+                    .unwrap_or_else(|| format!("the account is {}", snap.state.as_str()));
+                Err(SyncError::Token(format!(
+                    "none within {} (token_wait): {why}",
+                    humantime::format_duration(self.token_wait)
+                )))
             }
         }
     }

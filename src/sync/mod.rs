@@ -519,6 +519,7 @@ impl JobRunner {
             tokens: &self.tokens,
             metrics: &self.shared.metrics,
             clock: &self.shared.clock,
+            token_wait: self.job.token_wait,
         };
         let [account, job] = self.labels();
         let resource_type = source.resource_type().to_owned();
