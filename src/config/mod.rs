@@ -21,6 +21,8 @@ use chrono::{DateTime, Timelike, Utc};
 use url::Url;
 
 pub use problems::{ConfigError, Problem};
+/// How every duration in the config is read (and what is refused, with what to write instead).
+pub use raw::parse_duration;
 pub use secret::{Secret, SecretOrigin};
 
 use crate::vendor::{ClientAuth, Grant, Vendor};
