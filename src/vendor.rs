@@ -128,32 +128,63 @@ impl fmt::Display for ClientAuth {
     }
 }
 
-/// Picks the member of `all` whose config name is `value`, or says which names are allowed.
+/// Picks the member of `all` whose config name is `value`, or says which names are allowed and
+/// what to write under `key` instead: the exact spelling when only the case differs (names are
+/// case-sensitive), the closest name when `value` looks like a typo of it.
 /// (Enums deserialize through this rather than serde's derive: the `config` crate words unknown
 /// variants as "enum X does not have variant constructor y", which helps no operator.)
-pub fn one_of<T: Copy>(value: &str, all: &[T], name: fn(T) -> &'static str) -> Result<T, String> {
-    all.iter()
-        .copied()
-        .find(|v| name(*v) == value)
-        .ok_or_else(|| {
-            let names: Vec<String> = all.iter().map(|v| format!("`{}`", name(*v))).collect();
-            format!("`{value}` is not one of {}", names.join(", "))
-        })
+pub fn one_of<T: Copy>(
+    key: &str,
+    value: &str,
+    all: &[T],
+    name: fn(T) -> &'static str,
+) -> Result<T, String> {
+    if let Some(found) = all.iter().copied().find(|v| name(*v) == value) {
+        return Ok(found);
+    }
+    let quoted: Vec<String> = all.iter().map(|v| format!("`{}`", name(*v))).collect();
+    let names = match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => quoted.concat(),
+    };
+    if value.is_empty() {
+        return Err(format!("is empty; choose one of {names}"));
+    }
+    if let Some(same) = all
+        .iter()
+        .map(|v| name(*v))
+        .find(|n| n.eq_ignore_ascii_case(value))
+    {
+        return Err(format!(
+            "`{value}` is not one of {names}; the value is case-sensitive: write {key} = \"{same}\""
+        ));
+    }
+    let lower = value.to_ascii_lowercase();
+    let close = all
+        .iter()
+        .map(|v| name(*v))
+        .map(|n| (strsim::damerau_levenshtein(&lower, n), n))
+        .filter(|(d, n)| *d <= 2.max(n.len() / 4))
+        .min_by_key(|(d, _)| *d);
+    Err(match close {
+        Some((_, n)) => format!("`{value}` is not one of {names}; did you mean {key} = \"{n}\"?"),
+        None => format!("`{value}` is not one of {names}"),
+    })
 }
 
 macro_rules! config_enum {
-    ($t:ident) => {
+    ($t:ident, $key:literal) => {
         impl TryFrom<String> for $t {
             type Error = String;
             fn try_from(value: String) -> Result<Self, String> {
-                one_of(&value, &$t::ALL, $t::as_str)
+                one_of($key, &value, &$t::ALL, $t::as_str)
             }
         }
     };
 }
-config_enum!(Vendor);
-config_enum!(Grant);
-config_enum!(ClientAuth);
+config_enum!(Vendor, "vendor");
+config_enum!(Grant, "grant");
+config_enum!(ClientAuth, "client_auth");
 
 /// Where the token endpoint comes from when the config does not set `token_url`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,6 +353,31 @@ pub static GENERIC: Preset = Preset {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_exact_and_a_near_miss_is_named() {
+        assert_eq!(Vendor::try_from("nextech".to_owned()), Ok(Vendor::Nextech));
+        assert_eq!(
+            Vendor::try_from("NexTech".to_owned()),
+            Err(
+                "`NexTech` is not one of `nextech`, `nethealth`, `carecentric`, `nikohealth` or \
+                 `generic`; the value is case-sensitive: write vendor = \"nextech\""
+                    .to_owned()
+            )
+        );
+        let typo = Grant::try_from("client-credentials".to_owned()).unwrap_err();
+        assert!(
+            typo.ends_with("did you mean grant = \"client_credentials\"?"),
+            "{typo}"
+        );
+        let unknown = Vendor::try_from("epic".to_owned()).unwrap_err();
+        assert!(
+            unknown.starts_with("`epic` is not one of `nextech`") && !unknown.contains("mean"),
+            "{unknown}"
+        );
+        let empty = ClientAuth::try_from(String::new()).unwrap_err();
+        assert_eq!(empty, "is empty; choose one of `basic` or `post`");
+    }
 
     // Each assertion names the vendor document it checks, so a change to a preset has to be
     // argued against that document.

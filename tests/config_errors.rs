@@ -25,6 +25,8 @@ struct Case {
     env: Vec<(&'static str, &'static str)>,
     /// Every string here must appear in stderr.
     expect: Vec<&'static str>,
+    /// No string here may appear in stderr (jargon a new user cannot act on).
+    absent: Vec<&'static str>,
 }
 
 fn case(name: &'static str, config: impl Into<String>, expect: &[&'static str]) -> Case {
@@ -33,6 +35,19 @@ fn case(name: &'static str, config: impl Into<String>, expect: &[&'static str]) 
         config: config.into(),
         env: Vec::new(),
         expect: expect.to_vec(),
+        absent: Vec::new(),
+    }
+}
+
+impl Case {
+    fn env(mut self, vars: &[(&'static str, &'static str)]) -> Case {
+        self.env = vars.to_vec();
+        self
+    }
+
+    fn absent(mut self, jargon: &[&'static str]) -> Case {
+        self.absent = jargon.to_vec();
+        self
     }
 }
 
@@ -67,6 +82,31 @@ fn cases() -> Vec<Case> {
             "unknown vendor",
             niko_with("\"nikohealth\"", "\"epic\""),
             &["accounts.niko.vendor:", "epic", "nikohealth"],
+        ),
+        // Issue 15: the right spelling, not just "unknown".
+        case(
+            "vendor with capitals",
+            niko_with("\"nikohealth\"", "\"NexTech\""),
+            &[
+                "accounts.niko.vendor: `NexTech` is not one of `nextech`, `nethealth`, `carecentric`, \
+                 `nikohealth` or `generic`; the value is case-sensitive: write vendor = \"nextech\"",
+                ": 1 problem",
+            ],
+        ),
+        case(
+            "vendor misspelt",
+            niko_with("\"nikohealth\"", "\"niko-health\""),
+            &["accounts.niko.vendor: `niko-health` is not one of", "did you mean vendor = \"nikohealth\"?"],
+        ),
+        case(
+            "grant with capitals",
+            "[accounts.g]\nvendor = 'generic'\ngrant = 'Client_Credentials'\ntoken_url = 'https://x.example/t'\nclient_id = 'c'\nclient_secret = 's'\n",
+            &["accounts.g.grant:", "case-sensitive: write grant = \"client_credentials\""],
+        ),
+        case(
+            "job kind with capitals",
+            niko_with("\"nikohealth_patients\"", "\"FHIR\""),
+            &["accounts.niko.jobs[0].kind:", "case-sensitive: write kind = \"fhir\""],
         ),
         case(
             "missing vendor",
@@ -117,14 +157,34 @@ fn cases() -> Vec<Case> {
             niko_with("domain", "api_base = 'http://10.1.2.3/api'\ndomain"),
             &["accounts.niko.api_base:", "use https://"],
         ),
+        // Issue 15: a five-field (Unix) cron gets the six-field expression to write.
         case(
-            "bad cron",
-            niko_with("0 */30 * * * *", "*/30 * * * *"),
+            "five-field cron",
+            niko_with("0 */30 * * * *", "*/15 * * * *"),
             &[
-                "accounts.niko.jobs[0].schedule:",
-                "six fields, seconds first",
+                "accounts.niko.jobs[0].schedule: `*/15 * * * *` has five fields; \
+                 ehrsync schedules have six fields, seconds first: add a seconds field: `0 */15 * * * *`",
+            ],
+        )
+        .absent(&["Invalid pattern"]),
+        case(
+            "five-field cron that is wrong anyway",
+            niko_with("0 */30 * * * *", "*/15 * * * MOO"),
+            &[
+                "accounts.niko.jobs[0].schedule: `*/15 * * * MOO` has five fields; \
+                 ehrsync schedules have six fields, seconds first",
+                "with a seconds field added (`0 */15 * * * MOO`) it is still not valid",
             ],
         ),
+        case(
+            "cron with four fields",
+            niko_with("0 */30 * * * *", "0 * * *"),
+            &[
+                "accounts.niko.jobs[0].schedule: `0 * * *` has 4 fields; ehrsync schedules have six",
+                "e.g. \"0 */15 * * * *\"",
+            ],
+        )
+        .absent(&["Invalid pattern"]),
         case(
             "duplicate job names",
             format!(
@@ -169,8 +229,91 @@ fn cases() -> Vec<Case> {
                 "client_id",
                 "refresh_token_lifetime = '14 fortnights'\nclient_id",
             ),
-            &["accounts.niko.refresh_token_lifetime:", "is not a duration"],
+            &[
+                "accounts.niko.refresh_token_lifetime: `14 fortnights` is not a duration: \
+                 `fortnights` is not a unit; use s, m, h, d or w",
+            ],
         ),
+        // Issue 15: plain words instead of humantime's "expected number at 0".
+        case(
+            "duration without a number",
+            niko_with("client_id", "access_token_lifetime = 'nope'\nclient_id"),
+            &[
+                "accounts.niko.access_token_lifetime: `nope` is not a duration: \
+                 write a number and a unit, such as \"20s\", \"5m\" or \"1h\"",
+            ],
+        )
+        .absent(&["expected number at", "at 0"]),
+        case(
+            "duration as a bare integer",
+            niko_with("client_id", "refresh_token_lifetime = 20\nclient_id"),
+            &["accounts.niko.refresh_token_lifetime: 20 has no unit; write a unit: \"20s\""],
+        ),
+        case(
+            "duration as a bare number",
+            niko_with("client_id", "min_lead = 1.5\nclient_id"),
+            &["accounts.niko.min_lead: 1.5 has no unit; write a unit: \"1.5s\""],
+        ),
+        case(
+            "negative duration",
+            niko_with("client_id", "min_lead = -5\nclient_id"),
+            &["accounts.niko.min_lead: a duration cannot be negative"],
+        ),
+        case(
+            "duration in months",
+            niko_with("client_id", "refresh_token_lifetime = '3M'\nclient_id"),
+            &[
+                "accounts.niko.refresh_token_lifetime: `3M` is not accepted: months have no fixed length \
+                 (and minutes are `m`); write days, e.g. \"90d\"",
+            ],
+        ),
+        case(
+            "duration with a capital unit",
+            niko_with("client_id", "min_lead = '90S'\nclient_id"),
+            &["accounts.niko.min_lead: `90S` is not a duration: units are lower-case; write \"90s\""],
+        )
+        .absent(&["unknown time unit"]),
+        case(
+            "empty duration",
+            niko_with("client_id", "min_lead = ''\nclient_id"),
+            &["accounts.niko.min_lead: is empty; write a duration such as \"20s\", \"5m\" or \"1h\""],
+        ),
+        // A refused duration does not hide the rest of its section, nor the account's jobs.
+        case(
+            "every refused duration at once",
+            format!(
+                "[agent]\nshutdown_grace = 30\n{}\n[[accounts.niko.jobs]]\nname = 'q'\nkind = 'fhir'\n\
+                 schedule = '*/5 * * * *'\noverlap = 300\n",
+                niko_with("client_id", "min_lead = 20\nrefresh_token_lifetime = '0s'\nclient_id")
+                    .replace("schedule =", "schedule2 = 1\nschedule =")
+            ),
+            &[
+                "agent.shutdown_grace: 30 has no unit; write a unit: \"30s\"",
+                "accounts.niko.min_lead: 20 has no unit; write a unit: \"20s\"",
+                "accounts.niko.refresh_token_lifetime: must be longer than zero",
+                "accounts.niko.jobs[0].schedule2: unknown key; did you mean `schedule`?",
+                "accounts.niko.jobs[1].overlap: 300 has no unit; write a unit: \"300s\"",
+                "accounts.niko.jobs[1].schedule: `*/5 * * * *` has five fields",
+                ": 6 problems",
+            ],
+        ),
+        case(
+            "jobs as named tables",
+            niko_with("[[accounts.niko.jobs]]\nname = \"patients\"", "[accounts.niko.jobs.patients]"),
+            &[
+                "accounts.niko.jobs: jobs are a list: write `[[accounts.niko.jobs]]` (double brackets) \
+                 above each job, with `name = \"patients\"` in it, not `[accounts.niko.jobs.patients]`",
+            ],
+        ),
+        case(
+            "duration override without a unit",
+            NIKO,
+            &[
+                "agent.shutdown_grace: 20 has no unit; write a unit: \"20s\"",
+                "(set by the environment variable EHRSYNC__AGENT__SHUTDOWN_GRACE)",
+            ],
+        )
+        .env(&[("EHRSYNC__AGENT__SHUTDOWN_GRACE", "20")]),
         case(
             "refresh_ratio out of range",
             niko_with("client_id", "refresh_ratio = 1.5\nclient_id"),
@@ -314,12 +457,75 @@ fn cases() -> Vec<Case> {
             format!("{NIKO}\n[accounts]\ncc = 'looks-like-a-secret-4e1b'\n"),
             &["accounts.cc: expected a table of keys, found a string"],
         ),
-        Case {
-            name: "bad environment override",
-            config: NIKO.to_owned(),
-            env: vec![("EHRSYNC__AGENT__METRICS_LISTEN", "nope")],
-            expect: vec!["agent.metrics_listen: `nope` is not an IP address and port"],
-        },
+        // Issue 15: `[accounts.x.jobs]` (a table) where `[[accounts.x.jobs]]` (a list) is meant;
+        // the account's other problems are still reported.
+        case(
+            "jobs with single brackets",
+            niko_with("[[accounts.niko.jobs]]", "[accounts.niko.jobs]")
+                .replacen("client_id", "client_sercet = 'x'\nclient_id", 1),
+            &[
+                "accounts.niko.jobs: jobs are a list: write `[[accounts.niko.jobs]]` (double brackets) \
+                 above each job, not `[accounts.niko.jobs]`",
+                "accounts.niko.client_sercet: unknown key; did you mean `client_secret`?",
+                ": 2 problems",
+            ],
+        )
+        .absent(&["sequence"]),
+        case(
+            "jobs as a string",
+            niko_with("client_id", "jobs = 'patients'\nclient_id")
+                .replace("[[accounts.niko.jobs]]\nname = \"patients\"\nkind = \"nikohealth_patients\"\nschedule = \"0 */30 * * * *\"\n", ""),
+            &["accounts.niko.jobs: expected a list of jobs, found a string; write each job under `[[accounts.niko.jobs]]`"],
+        ),
+        case(
+            "bad environment override",
+            NIKO,
+            &[
+                "agent.metrics_listen: `nope` is not an IP address and port",
+                "(set by the environment variable EHRSYNC__AGENT__METRICS_LISTEN)",
+            ],
+        )
+        .env(&[("EHRSYNC__AGENT__METRICS_LISTEN", "nope")]),
+        // Issue 15: a mistyped override names its variable and the variable to set instead.
+        case(
+            "unknown key from the environment",
+            NIKO,
+            &[
+                "accounts.niko.domian: unknown key, set by the environment variable \
+                 EHRSYNC__ACCOUNTS__NIKO__DOMIAN; did you mean `domain`? \
+                 Name the variable EHRSYNC__ACCOUNTS__NIKO__DOMAIN",
+            ],
+        )
+        .env(&[("EHRSYNC__ACCOUNTS__NIKO__DOMIAN", "acme")]),
+        case(
+            "account name mistyped in the environment",
+            NIKO,
+            &[
+                "accounts.nikko: is not in the config file; only the environment variable \
+                 EHRSYNC__ACCOUNTS__NIKKO__DOMAIN sets it. Did you mean `niko` \
+                 (EHRSYNC__ACCOUNTS__NIKO__DOMAIN)?",
+            ],
+        )
+        .env(&[("EHRSYNC__ACCOUNTS__NIKKO__DOMAIN", "acme")]),
+        case(
+            "jobs from the environment",
+            NIKO,
+            &[
+                "accounts.niko.jobs: jobs are a list and cannot be set from the environment; \
+                 write each job in the config file under `[[accounts.niko.jobs]]`",
+                "(from the environment: EHRSYNC__ACCOUNTS__NIKO__JOBS__NAME sets `accounts.niko.jobs.name`)",
+            ],
+        )
+        .env(&[("EHRSYNC__ACCOUNTS__NIKO__JOBS__NAME", "patients")]),
+        case(
+            "a table from the environment where a value belongs",
+            NIKO,
+            &[
+                "accounts.niko.domain: expected a string, found a table \
+                 (from the environment: EHRSYNC__ACCOUNTS__NIKO__DOMAIN__X sets `accounts.niko.domain.x`)",
+            ],
+        )
+        .env(&[("EHRSYNC__ACCOUNTS__NIKO__DOMAIN__X", "acme")]),
     ]
 }
 
@@ -340,9 +546,18 @@ fn every_bad_config_exits_2_and_names_its_key() {
             .iter()
             .filter(|e| !run.stderr.contains(*e))
             .collect();
-        if run.code != Some(2) || !run.stdout.is_empty() || !missing.is_empty() {
+        let present: Vec<_> = c
+            .absent
+            .iter()
+            .filter(|e| run.stderr.contains(*e))
+            .collect();
+        if run.code != Some(2)
+            || !run.stdout.is_empty()
+            || !missing.is_empty()
+            || !present.is_empty()
+        {
             failures.push(format!(
-                "case `{}`: exit {:?}, missing {missing:?}\nstderr: {}\nstdout: {}",
+                "case `{}`: exit {:?}, missing {missing:?}, present {present:?}\nstderr: {}\nstdout: {}",
                 c.name, run.code, run.stderr, run.stdout
             ));
         }
@@ -353,6 +568,83 @@ fn every_bad_config_exits_2_and_names_its_key() {
         failures.len(),
         cases.len(),
         failures.join("\n")
+    );
+}
+
+/// Issue 15: the duration forms that are accepted, in the file and from the environment alike
+/// (`config::raw::parse_duration` documents them).
+#[test]
+fn durations_accept_words_spaces_and_combined_units() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[agent]\nshutdown_grace = '20 seconds'\n{}",
+        niko_with(
+            "client_id",
+            "access_token_lifetime = '1min'\nrefresh_token_lifetime = '14days'\nmin_lead = '1.5m'\nclient_id"
+        )
+        .replace(
+            "kind = \"nikohealth_patients\"",
+            "kind = 'fhir'\noverlap = '1h 30m'"
+        )
+        .replace("domain = \"acme\"", "domain = \"acme\"\napi_base = 'https://acme.example/fhir'")
+    );
+    let path = write_config(dir.path(), &config);
+    let run = ehrsync(
+        &["check-config", "--config", path.to_str().unwrap()],
+        &[("EHRSYNC__ACCOUNTS__NIKO__MIN_LEAD", "45 s")],
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    for shown in [
+        "shutdown_grace  20s",
+        "lifetime 1m unless the server states one",
+        "lifetime 14days unless the server states one",
+        "at least 45s before expiry",
+        "1h 30m overlap",
+    ] {
+        assert!(run.stdout.contains(shown), "{shown} in:\n{}", run.stdout);
+    }
+}
+
+/// Issue 15: a secret file others can read (as git checks out config/example-credentials/)
+/// is named with the command that fixes it, and the warning goes once it is 0600.
+#[cfg(unix)]
+#[test]
+fn a_secret_file_others_can_read_is_warned_about_until_it_is_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("niko-secret");
+    std::fs::write(&secret, "placeholder-secret-9f2c\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = write_config(
+        dir.path(),
+        &niko_with("\"inline-secret\"", "{ file = \"niko-secret\" }"),
+    );
+    let check = || ehrsync(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    let run = check();
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let warning = format!(
+        "accounts.niko.client_secret: secret file {} is readable by other users; chmod 600 it",
+        secret.display()
+    );
+    assert!(run.stdout.contains(&warning), "{}", run.stdout);
+    run.assert_absent(&["placeholder-secret-9f2c"]);
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let run = check();
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(!run.stdout.contains("warnings:"), "{}", run.stdout);
+}
+
+/// Issue 15: "1 accounts" no more.
+#[test]
+fn one_account_and_one_job_are_singular() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), NIKO);
+    let run = ehrsync(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("OK: 1 account, 1 job\n"),
+        "{}",
+        run.stdout
     );
 }
 

@@ -458,7 +458,7 @@ async fn systemd_hears_ready_watchdog_reloading_and_stopping() {
         }
     };
     let ready = read_until("READY=1", &mut messages);
-    assert!(ready.contains("STATUS=1 accounts, 0 jobs"), "{ready}");
+    assert!(ready.contains("STATUS=1 account, 0 jobs"), "{ready}");
     // The database is open and the listener bound when READY=1 arrives.
     assert_eq!(agent.get("/healthz").await.map(|r| r.0), Some(200));
     let since = Instant::now();

@@ -375,7 +375,9 @@ impl Agent {
     /// One line for logs and `systemctl status`.
     fn status(&self) -> String {
         let jobs: usize = self.accounts.values().map(|a| a.jobs.len()).sum();
-        format!("{} accounts, {jobs} jobs", self.accounts.len())
+        let n = self.accounts.len();
+        let plural = |count: usize| if count == 1 { "" } else { "s" };
+        format!("{n} account{}, {jobs} job{}", plural(n), plural(jobs))
     }
 
     /// Re-reads the config and applies what changed; a bad config changes nothing.

@@ -21,6 +21,8 @@ use chrono::{DateTime, Timelike, Utc};
 use url::Url;
 
 pub use problems::{ConfigError, Problem};
+/// How every duration in the config is read (and what is refused, with what to write instead).
+pub use raw::parse_duration;
 pub use secret::{Secret, SecretOrigin};
 
 use crate::vendor::{ClientAuth, Grant, Vendor};
@@ -519,7 +521,13 @@ pub fn load_text(
     } else {
         base_dir
     };
-    let mut ctx = resolve::Ctx::new(&base_dir, env, secrets);
+    let sets = problems::Overrides::new(
+        overrides
+            .iter()
+            .map(|(var, _)| (override_key(var), var.clone()))
+            .collect(),
+    );
+    let mut ctx = resolve::Ctx::new(&base_dir, env, secrets, sets, file_accounts(text));
     let resolved = resolve::root(layered.cache, &mut ctx);
     let (mut problems, mut warnings) = (ctx.problems, ctx.warnings);
     match resolved {
@@ -549,6 +557,32 @@ fn env_overrides(env: &Env) -> Vec<(String, String)> {
         .filter(|(k, _)| k.to_lowercase().starts_with(&prefix))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
+}
+
+/// The key path an override variable sets, as the `config` crate derives it: the prefix
+/// removed, lower-cased, each `__` a level (`EHRSYNC__ACCOUNTS__NIKO__DOMAIN` →
+/// `accounts.niko.domain`).
+fn override_key(var: &str) -> String {
+    let lower = var.to_lowercase();
+    let prefix = format!("{ENV_PREFIX}{ENV_SEPARATOR}").to_lowercase();
+    lower
+        .strip_prefix(&prefix)
+        .unwrap_or(&lower)
+        .replace(ENV_SEPARATOR, ".")
+}
+
+/// The account names the file itself has (`None` if it cannot be read as a table, which
+/// resolving reports), to tell an account that only an override creates.
+fn file_accounts(text: &str) -> Option<std::collections::BTreeSet<String>> {
+    let file = ::config::Config::builder()
+        .add_source(::config::File::from_str(text, ::config::FileFormat::Toml))
+        .build()
+        .ok()?;
+    let mut root = file.cache.into_table().ok()?;
+    match root.remove("accounts") {
+        None => Some(Default::default()),
+        Some(accounts) => Some(accounts.into_table().ok()?.into_keys().collect()),
+    }
 }
 
 /// TOML syntax errors as "line L, column C: message", without the source line the parser
@@ -694,6 +728,18 @@ mod tests {
             assert!(err.contains("empty item"), "{text}: {err}");
         }
         assert!(Schedule::parse("0,30 */15 * * * MON,FRI").is_ok());
+    }
+
+    #[test]
+    fn override_variables_map_to_key_paths_as_the_config_crate_does() {
+        assert_eq!(
+            override_key("EHRSYNC__ACCOUNTS__NIKO__DOMAIN"),
+            "accounts.niko.domain"
+        );
+        assert_eq!(
+            override_key("ehrsync__agent__metrics_listen"),
+            "agent.metrics_listen"
+        );
     }
 
     #[test]

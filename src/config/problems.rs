@@ -73,11 +73,86 @@ pub fn join(prefix: &str, child: &str) -> String {
     }
 }
 
+/// The `EHRSYNC__…` variables in effect, each with the key path it sets
+/// (`EHRSYNC__ACCOUNTS__NIKO__DOMAIN` → `accounts.niko.domain`), so that a problem at such a key
+/// names the variable the operator has to change: it is not in the file.
+#[derive(Debug, Default)]
+pub struct Overrides(Vec<(String, String)>);
+
+impl Overrides {
+    /// From (key path, variable name) pairs.
+    pub fn new(pairs: Vec<(String, String)>) -> Self {
+        Overrides(pairs)
+    }
+
+    /// The variables that set `key` itself.
+    pub fn at<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0
+            .iter()
+            .filter(move |(path, _)| path == key)
+            .map(|(_, var)| var.as_str())
+    }
+
+    /// The variables that set `key` or a key below it, with the key path each sets.
+    pub fn under<'a>(&'a self, key: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        self.0
+            .iter()
+            .filter(move |(path, _)| {
+                path == key || path.strip_prefix(key).is_some_and(|r| r.starts_with('.'))
+            })
+            .map(|(path, var)| (path.as_str(), var.as_str()))
+    }
+
+    /// `message` about `key`, followed by the variables that set it (or a key below it), unless
+    /// it names them already. Names only: a variable's value may be a secret.
+    pub fn annotate(&self, key: &str, message: String) -> String {
+        if key.is_empty() {
+            return message;
+        }
+        let under: Vec<(&str, &str)> = self.under(key).collect();
+        if under.is_empty() || under.iter().any(|(_, var)| message.contains(var)) {
+            return message;
+        }
+        if under.iter().all(|(path, _)| *path == key) {
+            let vars: Vec<&str> = under.iter().map(|(_, var)| *var).collect();
+            let (noun, names) = match vars.as_slice() {
+                [one] => ("variable", (*one).to_owned()),
+                [rest @ .., last] => ("variables", format!("{} and {last}", rest.join(", "))),
+                [] => return message,
+            };
+            return format!("{message} (set by the environment {noun} {names})");
+        }
+        let sets: Vec<String> = under
+            .iter()
+            .map(|(path, var)| format!("{var} sets `{path}`"))
+            .collect();
+        format!("{message} (from the environment: {})", sets.join(", "))
+    }
+}
+
+/// `var` (`EHRSYNC__ACCOUNTS__NIKO__DOMIAN`) with its last level replaced by `key` (`domain`),
+/// in the case the variable was written in.
+fn renamed(var: &str, key: &str) -> String {
+    let (head, last) = var.rsplit_once(super::ENV_SEPARATOR).unwrap_or(("", var));
+    let key = if last.chars().any(|c| c.is_ascii_lowercase()) {
+        key.to_owned()
+    } else {
+        key.to_ascii_uppercase()
+    };
+    if head.is_empty() {
+        key
+    } else {
+        format!("{head}{}{key}", super::ENV_SEPARATOR)
+    }
+}
+
 /// Deserializes `value` (the section at key path `prefix`) into `T`, recording every unknown key
-/// and the first type error into `problems`. Returns `None` when `T` could not be built.
+/// and the first type error into `problems`. Returns `None` when `T` could not be built. A
+/// problem at a key set by an `EHRSYNC__…` variable names the variable (see [`Overrides`]).
 pub fn parse_section<T: DeserializeOwned>(
     prefix: &str,
     value: config::Value,
+    overrides: &Overrides,
     problems: &mut Vec<Problem>,
 ) -> Option<T> {
     let mut unknown = Vec::new();
@@ -89,19 +164,34 @@ pub fn parse_section<T: DeserializeOwned>(
     let known = field_names::<T>();
     for path in unknown {
         let key = path.rsplit('.').next().unwrap_or(&path);
-        let hint = match suggest(key, known) {
-            Some(s) => format!("unknown key; did you mean `{s}`?"),
-            None if known.is_empty() => "unknown key; remove it".to_owned(),
-            None => format!("unknown key; known keys here are {}", list(known)),
+        let full = join(prefix, &path);
+        let suggestion = suggest(key, known);
+        let hint = match overrides.at(&full).next() {
+            // Not in the file: the fix is the variable's name.
+            Some(var) => {
+                let advice = match suggestion {
+                    Some(s) => format!("did you mean `{s}`? Name the variable {}", renamed(var, s)),
+                    None if known.is_empty() => "unset it".to_owned(),
+                    None => format!("known keys here are {}", list(known)),
+                };
+                format!("unknown key, set by the environment variable {var}; {advice}")
+            }
+            None => match suggestion {
+                Some(s) => format!("unknown key; did you mean `{s}`?"),
+                None if known.is_empty() => "unknown key; remove it".to_owned(),
+                None => format!("unknown key; known keys here are {}", list(known)),
+            },
         };
-        problems.push(Problem::new(join(prefix, &path), hint));
+        problems.push(Problem::new(full, hint));
     }
     match result {
         Ok(v) => Some(v),
         Err(e) => {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
-            problems.push(Problem::new(join(prefix, &path), describe(e.inner())));
+            let key = join(prefix, &path);
+            let message = overrides.annotate(&key, describe(e.inner()));
+            problems.push(Problem::new(key, message));
             None
         }
     }
@@ -263,6 +353,7 @@ mod tests {
         let parsed: Option<Sample> = parse_section(
             "accounts.a",
             value("client_secert = 'x'\nbogus = 1\n"),
+            &Overrides::default(),
             &mut problems,
         );
         assert!(parsed.is_some());
@@ -288,6 +379,7 @@ mod tests {
         let parsed: Option<Sample> = parse_section(
             "accounts.a",
             value("page_size = 'lots-of-secret'\n"),
+            &Overrides::default(),
             &mut problems,
         );
         assert!(parsed.is_none());
@@ -297,6 +389,69 @@ mod tests {
             !problems[0].message.contains("lots-of-secret"),
             "{}",
             problems[0].message
+        );
+    }
+
+    #[test]
+    fn overrides_name_their_variable() {
+        let overrides = Overrides::new(vec![
+            (
+                "agent.metrics_listen".into(),
+                "EHRSYNC__AGENT__METRICS_LISTEN".into(),
+            ),
+            (
+                "accounts.a.domain.x".into(),
+                "EHRSYNC__ACCOUNTS__A__DOMAIN__X".into(),
+            ),
+        ]);
+        assert_eq!(
+            overrides.annotate("agent.metrics_listen", "bad".into()),
+            "bad (set by the environment variable EHRSYNC__AGENT__METRICS_LISTEN)"
+        );
+        assert_eq!(
+            overrides.annotate("accounts.a.domain", "a table".into()),
+            "a table (from the environment: EHRSYNC__ACCOUNTS__A__DOMAIN__X sets `accounts.a.domain.x`)"
+        );
+        assert_eq!(
+            overrides.annotate("accounts.a.domai", "other".into()),
+            "other",
+            "a key path is matched by whole levels"
+        );
+        assert_eq!(overrides.annotate("", "syntax".into()), "syntax");
+        assert_eq!(
+            overrides.annotate(
+                "agent.metrics_listen",
+                "EHRSYNC__AGENT__METRICS_LISTEN is bad".into()
+            ),
+            "EHRSYNC__AGENT__METRICS_LISTEN is bad",
+            "named once"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_from_the_environment_names_the_variable_to_set() {
+        let overrides = Overrides::new(vec![(
+            "accounts.a.client_secert".into(),
+            "ehrsync__accounts__a__client_secert".into(),
+        )]);
+        let mut problems = Vec::new();
+        let _: Option<Sample> = parse_section(
+            "accounts.a",
+            value("client_secert = 'hunter2'\n"),
+            &overrides,
+            &mut problems,
+        );
+        assert_eq!(
+            problems,
+            vec![Problem::new(
+                "accounts.a.client_secert",
+                "unknown key, set by the environment variable ehrsync__accounts__a__client_secert; \
+                 did you mean `client_secret`? Name the variable ehrsync__accounts__a__client_secret"
+            )]
+        );
+        assert_eq!(
+            renamed("EHRSYNC__ACCOUNTS__NIKO__DOMIAN", "domain"),
+            "EHRSYNC__ACCOUNTS__NIKO__DOMAIN"
         );
     }
 

@@ -149,12 +149,171 @@ impl RawJobKind {
 impl TryFrom<String> for RawJobKind {
     type Error = String;
     fn try_from(value: String) -> Result<Self, String> {
-        crate::vendor::one_of(&value, &RawJobKind::ALL, RawJobKind::as_str)
+        crate::vendor::one_of("kind", &value, &RawJobKind::ALL, RawJobKind::as_str)
     }
 }
 
-/// A duration written as a humantime string (`"90s"`, `"20m"`, `"14d"`) or whole seconds.
-pub struct HumanDuration(pub Duration);
+/// A duration key's value: a quoted string read by [`parse_duration`]. A bare number (`20`,
+/// `1.5`) is refused with the string to write instead (`"20s"`): a number does not say its unit.
+///
+/// A refused value still deserializes, as `Err(what to write)`, which `resolve` reports at the
+/// key: so a section's other keys (and an account's jobs) are still checked, and every refused
+/// duration is reported, not only the first. A value of the wrong kind altogether (a table, a
+/// boolean) is a type error like any other.
+pub struct HumanDuration(pub Result<Duration, String>);
+
+/// The units a duration may use (humantime's, less months and years: they have no fixed
+/// length, and `M` for months is too easily meant as `m` for minutes).
+const DURATION_UNITS: [&[&str]; 8] = [
+    &["ns", "nsec", "nanos"],
+    &["us", "µs", "usec"],
+    &["ms", "msec", "millis"],
+    &["s", "sec", "secs", "second", "seconds"],
+    &["m", "min", "mins", "minute", "minutes"],
+    &["h", "hr", "hrs", "hour", "hours"],
+    &["d", "day", "days"],
+    &["w", "wk", "wks", "week", "weeks"],
+];
+const MONTH_UNITS: &[&str] = &["M", "month", "months"];
+const YEAR_UNITS: &[&str] = &["y", "yr", "yrs", "year", "years"];
+
+const DURATION_EXAMPLES: &str = "such as \"20s\", \"5m\" or \"1h\"";
+
+fn is_unit(unit: &str) -> bool {
+    DURATION_UNITS.iter().any(|names| names.contains(&unit))
+}
+
+/// `20`, `1.5`: digits with at most one `.` between digits.
+fn is_number(text: &str) -> bool {
+    let mut halves = text.splitn(2, '.');
+    let whole = halves.next().unwrap_or_default();
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    digits(whole) && halves.next().is_none_or(digits)
+}
+
+/// Reads a duration the way every duration key (`shutdown_grace`, `access_token_lifetime`,
+/// `refresh_token_lifetime`, `min_lead`, `overlap`) is read, in the file and from `EHRSYNC__…`
+/// overrides alike. The error says what to write instead.
+///
+/// Accepted: one or more parts, each a number (`20`, `1.5`) and a unit, optionally with spaces
+/// between the number and its unit and between parts: `"20s"`, `"20 seconds"`, `"1min"`,
+/// `"14days"`, `"1h 30m"`, `"1h30m"`, `"1.5h"`, `"500ms"`. Units (lower-case only): `s`, `sec`,
+/// `secs`, `second`, `seconds`; `m`, `min`, `mins`, `minute`, `minutes`; `h`, `hr`, `hrs`,
+/// `hour`, `hours`; `d`, `day`, `days`; `w`, `wk`, `wks`, `week`, `weeks`; and below a second
+/// `ms`/`msec`/`millis`, `us`/`µs`/`usec`, `ns`/`nsec`/`nanos` (these are humantime's units,
+/// and the values are the ones humantime computes).
+///
+/// Refused, each with the text to write: a bare number (`"20"`, or a TOML integer `20`: write
+/// `"20s"`), an empty string, a negative duration, a unit in capitals (`"90S"`: write `"90s"`),
+/// months and years (`"3M"`, `"1y"`: write days), anything else that is not number-and-unit
+/// (`"soon"`, `"1h,30m"`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(format!("is empty; write a duration {DURATION_EXAMPLES}"));
+    }
+    if trimmed.starts_with('-') {
+        return Err(format!(
+            "`{text}` is not a duration: a duration cannot be negative; write one {DURATION_EXAMPLES}"
+        ));
+    }
+    if is_number(trimmed) {
+        return Err(no_unit(trimmed));
+    }
+    let not_a_duration = || {
+        format!(
+            "`{text}` is not a duration: write a number and a unit, {DURATION_EXAMPLES} \
+             (parts go together with spaces: \"1h 30m\")"
+        )
+    };
+    let mut total = Duration::ZERO;
+    let mut rest = trimmed;
+    let mut lower_cased = Vec::new(); // the parts again, with their units in lower case
+    let mut case_wrong = false;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let number = &rest[..number_len];
+        if !is_number(number) {
+            return Err(not_a_duration());
+        }
+        rest = rest[number_len..].trim_start();
+        let unit_len = rest
+            .find(|c: char| !(c.is_alphabetic() || c == 'µ'))
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = rest[unit_len..].trim_start();
+        if unit.is_empty() {
+            return Err(if rest.is_empty() {
+                // `1h 30`: the last part has no unit.
+                format!(
+                    "`{text}` is not a duration: `{number}` has no unit; write e.g. \"{number}s\" or \"{number}m\""
+                )
+            } else {
+                not_a_duration()
+            });
+        }
+        if MONTH_UNITS.contains(&unit) {
+            let minutes = if unit == "M" {
+                " (and minutes are `m`)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "`{text}` is not accepted: months have no fixed length{minutes}; write days, e.g. \"90d\""
+            ));
+        }
+        if YEAR_UNITS.contains(&unit) {
+            return Err(format!(
+                "`{text}` is not accepted: years have no fixed length; write days, e.g. \"365d\""
+            ));
+        }
+        let unit_lower = unit.to_lowercase();
+        if !is_unit(unit) {
+            if !is_unit(&unit_lower) {
+                return Err(format!(
+                    "`{text}` is not a duration: `{unit}` is not a unit; use s, m, h, d or w \
+                     (seconds, minutes, hours, days, weeks), e.g. \"20s\", \"5m\", \"1h\""
+                ));
+            }
+            case_wrong = true;
+        }
+        let part_text = format!("{number}{unit_lower}");
+        // humantime computes the part (a fraction of a unit included), so a value means here
+        // what it means to humantime.
+        let part = humantime::parse_duration(&part_text).map_err(|_| {
+            if number.contains('.') {
+                // humantime takes a fraction only when it comes out exact: whole seconds for
+                // hours, days and weeks, whole nanoseconds below.
+                format!(
+                    "`{text}` is not a duration: `{number}{unit}` does not come out exact; write \
+                     the fraction in a smaller unit, e.g. \"1h 20m\" rather than \"1.33h\""
+                )
+            } else {
+                format!("`{text}` is too large to be a duration")
+            }
+        })?;
+        lower_cased.push(part_text);
+        total = total
+            .checked_add(part)
+            .ok_or_else(|| format!("`{text}` is too large to be a duration"))?;
+    }
+    if case_wrong {
+        return Err(format!(
+            "`{text}` is not a duration: units are lower-case; write \"{}\"",
+            lower_cased.join(" ")
+        ));
+    }
+    Ok(total)
+}
+
+/// The refusal of a number written without a unit.
+fn no_unit(number: &str) -> String {
+    format!(
+        "{number} has no unit; write a unit: \"{number}s\" (or \"{number}m\", \"{number}h\", \"{number}d\")"
+    )
+}
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -162,26 +321,31 @@ impl<'de> Deserialize<'de> for HumanDuration {
         impl Visitor<'_> for V {
             type Value = HumanDuration;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration such as \"90s\", \"20m\", \"48h\" or \"14d\"")
+                f.write_str("a duration such as \"20s\", \"5m\" or \"1h\"")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanDuration, E> {
-                // An environment override arrives as a string even when it is a plain number.
-                if let Ok(secs) = v.trim().parse::<u64>() {
-                    return Ok(HumanDuration(Duration::from_secs(secs)));
-                }
-                humantime::parse_duration(v).map(HumanDuration).map_err(|e| {
-                    E::custom(format!(
-                        "`{v}` is not a duration ({e}); write e.g. \"90s\", \"20m\", \"48h\" or \"14d\""
-                    ))
-                })
+                Ok(HumanDuration(parse_duration(v)))
             }
+            // A TOML number: refused, since it does not say its unit (an environment override
+            // arrives as a string, and `parse_duration` refuses "20" alike).
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<HumanDuration, E> {
-                Ok(HumanDuration(Duration::from_secs(v)))
+                Ok(HumanDuration(Err(no_unit(&v.to_string()))))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<HumanDuration, E> {
-                u64::try_from(v)
-                    .map(|s| HumanDuration(Duration::from_secs(s)))
-                    .map_err(|_| E::custom("a duration cannot be negative"))
+                Ok(HumanDuration(Err(if v < 0 {
+                    format!("a duration cannot be negative; write one {DURATION_EXAMPLES}")
+                } else {
+                    no_unit(&v.to_string())
+                })))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<HumanDuration, E> {
+                Ok(HumanDuration(Err(if v < 0.0 {
+                    format!("a duration cannot be negative; write one {DURATION_EXAMPLES}")
+                } else if !v.is_finite() {
+                    format!("is not a finite number; write a duration {DURATION_EXAMPLES}")
+                } else {
+                    no_unit(&v.to_string())
+                })))
             }
         }
         d.deserialize_any(V)
@@ -210,5 +374,73 @@ impl<'de> Deserialize<'de> for StringOrNumber {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_a_number_and_a_unit_in_several_spellings() {
+        let secs = Duration::from_secs;
+        for (text, want) in [
+            ("20s", secs(20)),
+            ("20 seconds", secs(20)),
+            ("  20 s ", secs(20)),
+            ("1min", secs(60)),
+            ("5m", secs(300)),
+            ("1h 30m", secs(5400)),
+            ("1h30m", secs(5400)),
+            ("1.5h", secs(5400)),
+            ("14days", secs(14 * 86_400)),
+            ("14d", secs(14 * 86_400)),
+            ("2 weeks", secs(14 * 86_400)),
+            ("500ms", Duration::from_millis(500)),
+            ("0s", Duration::ZERO),
+        ] {
+            assert_eq!(parse_duration(text), Ok(want), "{text}");
+        }
+    }
+
+    #[test]
+    fn refused_durations_say_what_to_write() {
+        for (text, want) in [
+            ("20", "20 has no unit; write a unit: \"20s\""),
+            ("0", "0 has no unit; write a unit: \"0s\""),
+            ("", "is empty; write a duration such as \"20s\""),
+            (
+                "soon",
+                "`soon` is not a duration: write a number and a unit, such as \"20s\"",
+            ),
+            ("1h,30m", "(parts go together with spaces: \"1h 30m\")"),
+            ("1h 30", "`1h 30` is not a duration: `30` has no unit"),
+            ("-5m", "a duration cannot be negative"),
+            ("90S", "units are lower-case; write \"90s\""),
+            ("1H 30Min", "units are lower-case; write \"1h 30min\""),
+            (
+                "3M",
+                "months have no fixed length (and minutes are `m`); write days",
+            ),
+            ("2 months", "months have no fixed length; write days"),
+            (
+                "1y",
+                "years have no fixed length; write days, e.g. \"365d\"",
+            ),
+            (
+                "14 fortnights",
+                "`fortnights` is not a unit; use s, m, h, d or w",
+            ),
+            ("99999999999999999999s", "is too large to be a duration"),
+            (
+                "1.5ns",
+                "`1.5ns` does not come out exact; write the fraction in a smaller unit",
+            ),
+            ("1.3333h", "`1.3333h` does not come out exact"),
+        ] {
+            let err = parse_duration(text).unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+            assert!(!err.contains(" at 0"), "{text}: humantime's words: {err}");
+        }
     }
 }

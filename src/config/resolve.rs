@@ -2,15 +2,15 @@
 //! read, every rule checked. Each check records a [`Problem`] and carries on, so one run reports
 //! everything that is wrong.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use url::{Host, Url};
 
-use super::problems::{Problem, join, list, parse_section, suggest};
-use super::raw::{RawAccount, RawAgent, RawJob, RawJobKind};
+use super::problems::{Overrides, Problem, join, list, parse_section, suggest};
+use super::raw::{HumanDuration, RawAccount, RawAgent, RawJob, RawJobKind};
 use super::secret::{self, Secret, SecretSpec};
 use super::{
     Account, AccountName, Agent, DEFAULT_METRICS_LISTEN, DEFAULT_SHUTDOWN_GRACE, Env, Header,
@@ -35,23 +35,58 @@ pub struct Ctx<'a> {
     base_dir: &'a Path,
     env: &'a Env,
     secrets: &'a super::Secrets,
+    /// The `EHRSYNC__…` variables applied, by the key path each sets.
+    overrides: Overrides,
+    /// The accounts the file itself has; `None` when unknown.
+    file_accounts: Option<BTreeSet<String>>,
     pub problems: Vec<Problem>,
     pub warnings: Vec<Problem>,
 }
 
 impl<'a> Ctx<'a> {
-    pub fn new(base_dir: &'a Path, env: &'a Env, secrets: &'a super::Secrets) -> Self {
+    pub fn new(
+        base_dir: &'a Path,
+        env: &'a Env,
+        secrets: &'a super::Secrets,
+        overrides: Overrides,
+        file_accounts: Option<BTreeSet<String>>,
+    ) -> Self {
         Ctx {
             base_dir,
             env,
             secrets,
+            overrides,
+            file_accounts,
             problems: Vec::new(),
             warnings: Vec::new(),
         }
     }
 
+    /// Records a problem at `key`; one at a key an `EHRSYNC__…` variable sets names it.
     fn problem(&mut self, key: &str, message: impl Into<String>) {
+        let message = self.overrides.annotate(key, message.into());
         self.problems.push(Problem::new(key, message));
+    }
+
+    /// A duration key's value, or `None` (with the problem recorded at `key`) when it was
+    /// refused; see [`super::raw::parse_duration`] for what is accepted.
+    fn duration(&mut self, key: &str, raw: Option<HumanDuration>) -> Option<Duration> {
+        match raw?.0 {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.problem(key, e);
+                None
+            }
+        }
+    }
+
+    /// [`parse_section`] with this load's overrides.
+    fn parse<T: serde::de::DeserializeOwned>(
+        &mut self,
+        key: &str,
+        value: config::Value,
+    ) -> Option<T> {
+        parse_section(key, value, &self.overrides, &mut self.problems)
     }
 
     /// Whether `key` already has a problem (so a follow-on one would only repeat it).
@@ -113,7 +148,8 @@ pub fn root(tree: config::Value, ctx: &mut Ctx) -> Option<(Agent, Vec<Account>)>
     for (key, value) in table {
         match key.as_str() {
             "agent" => {
-                agent = parse_section::<RawAgent>("agent", value, &mut ctx.problems)
+                agent = ctx
+                    .parse::<RawAgent>("agent", value)
                     .and_then(|raw| resolve_agent(raw, ctx));
             }
             "accounts" => accounts = resolve_accounts(value, ctx),
@@ -203,12 +239,15 @@ fn resolve_agent(raw: RawAgent, ctx: &mut Ctx) -> Option<Agent> {
             return None;
         }
     };
-    let shutdown_grace = raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0);
+    // A refused value is recorded (so the config is refused) and the default stands in.
+    let shutdown_grace = ctx
+        .duration("agent.shutdown_grace", raw.shutdown_grace)
+        .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
     if shutdown_grace > MAX_SHUTDOWN_GRACE {
         ctx.problem(
             "agent.shutdown_grace",
             format!(
-                "is longer than the {} allowed; service managers kill a process that takes this long to stop",
+                "is longer than the {} allowed (service managers kill a process that takes this long to stop); write e.g. \"20s\", the default",
                 humantime::format_duration(MAX_SHUTDOWN_GRACE)
             ),
         );
@@ -240,19 +279,142 @@ fn resolve_accounts(value: config::Value, ctx: &mut Ctx) -> Vec<Account> {
         .into_iter()
         .filter_map(|(name, value)| {
             let key = format!("accounts.{name}");
-            let name = match AccountName::parse(&name) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    ctx.problem(&key, e);
-                    None
-                }
-            };
-            let raw = parse_section::<RawAccount>(&key, value, &mut ctx.problems)?;
-            resolve_account(name?, &key, raw, ctx)
+            let before = ctx.problems.len();
+            let account = resolve_named_account(&name, &key, value, ctx);
+            if ctx.problems.len() > before {
+                only_from_the_environment(&name, &key, ctx);
+            }
+            account
         })
         .collect();
     accounts.sort_by(|a, b| a.name.cmp(&b.name));
     accounts
+}
+
+fn resolve_named_account(
+    name: &str,
+    key: &str,
+    value: config::Value,
+    ctx: &mut Ctx,
+) -> Option<Account> {
+    let name = match AccountName::parse(name) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            ctx.problem(key, e);
+            None
+        }
+    };
+    let value = jobs_must_be_a_list(key, value, ctx);
+    let raw = ctx.parse::<RawAccount>(key, value)?;
+    resolve_account(name?, key, raw, ctx)
+}
+
+/// When an account with problems is not in the file, only `EHRSYNC__…` variables create it:
+/// most likely the account's name in a variable is mistyped. Says so, with the account of that
+/// name in the file and the variable to set for it.
+fn only_from_the_environment(name: &str, key: &str, ctx: &mut Ctx) {
+    let Some(in_file) = &ctx.file_accounts else {
+        return;
+    };
+    if in_file.contains(name) {
+        return;
+    }
+    let vars: Vec<&str> = ctx.overrides.under(key).map(|(_, var)| var).collect();
+    let (noun, verb, names) = match vars.as_slice() {
+        [] => return,
+        [one] => ("variable", "sets", (*one).to_owned()),
+        [rest @ .., last] => (
+            "variables",
+            "set",
+            format!("{} and {last}", rest.join(", ")),
+        ),
+    };
+    let mut message =
+        format!("is not in the config file; only the environment {noun} {names} {verb} it.");
+    let known: Vec<&str> = in_file.iter().map(String::as_str).collect();
+    if let Some(close) = suggest(name, &known) {
+        // The variables written for the account in the file, in the case they were written in.
+        let renamed: Vec<String> = vars
+            .iter()
+            .map(|var| {
+                let levels: Vec<String> = var
+                    .split(super::ENV_SEPARATOR)
+                    .enumerate()
+                    .map(|(i, level)| match i {
+                        2 if level.chars().any(|c| c.is_ascii_lowercase()) => close.to_owned(),
+                        2 => close.to_ascii_uppercase(),
+                        _ => level.to_owned(),
+                    })
+                    .collect();
+                levels.join(super::ENV_SEPARATOR)
+            })
+            .collect();
+        message.push_str(&format!(
+            " Did you mean `{close}` ({})?",
+            renamed.join(", ")
+        ));
+    } else {
+        message
+            .push_str(" Name an account of the config file, or give this one every key it needs.");
+    }
+    ctx.problem(key, message);
+}
+
+/// `jobs` must be a list of tables (`[[accounts.NAME.jobs]]`). Anything else is reported here,
+/// in words that say what to write, and taken out, so that the account's other keys are still
+/// checked. (Left to serde, `[accounts.NAME.jobs]` would be "expected a sequence, found a
+/// table", and the account's other problems would stay hidden behind it.)
+fn jobs_must_be_a_list(key: &str, mut value: config::Value, ctx: &mut Ctx) -> config::Value {
+    use config::ValueKind;
+    let ValueKind::Table(table) = &mut value.kind else {
+        return value;
+    };
+    let Some(jobs) = table.get("jobs") else {
+        return value;
+    };
+    // `[accounts.NAME.jobs.patients]`: jobs written as named tables.
+    let mut named: Vec<&str> = match &jobs.kind {
+        ValueKind::Table(jobs) if jobs.values().all(|j| matches!(j.kind, ValueKind::Table(_))) => {
+            jobs.keys().map(String::as_str).collect()
+        }
+        _ => Vec::new(),
+    };
+    named.sort_unstable();
+    let jkey = join(key, "jobs");
+    let named_hint = named.first().map(|first| {
+        format!(
+            "jobs are a list: write `[[{jkey}]]` (double brackets) above each job, with \
+             `name = \"{first}\"` in it, not `[{jkey}.{first}]`"
+        )
+    });
+    let found = match &jobs.kind {
+        ValueKind::Array(_) => return value,
+        ValueKind::Table(_) => "a table",
+        ValueKind::String(_) => "a string",
+        ValueKind::Boolean(_) => "a boolean",
+        ValueKind::I64(_) | ValueKind::I128(_) | ValueKind::U64(_) | ValueKind::U128(_) => {
+            "an integer"
+        }
+        ValueKind::Float(_) => "a number",
+        ValueKind::Nil => "nothing",
+    };
+    let message = if ctx.overrides.under(&jkey).next().is_some() {
+        format!(
+            "jobs are a list and cannot be set from the environment; write each job in the \
+             config file under `[[{jkey}]]`"
+        )
+    } else if let Some(hint) = named_hint {
+        hint
+    } else if found == "a table" {
+        format!(
+            "jobs are a list: write `[[{jkey}]]` (double brackets) above each job, not `[{jkey}]`"
+        )
+    } else {
+        format!("expected a list of jobs, found {found}; write each job under `[[{jkey}]]`")
+    };
+    table.remove("jobs");
+    ctx.problem(&jkey, message);
+    value
 }
 
 /// Checks an `http(s)` endpoint: https, or http only to loopback (tests, sandboxes); no
@@ -582,25 +744,22 @@ fn resolve_account(
     }
 
     // Lifetimes.
-    let positive = |ctx: &mut Ctx, field: &str, d: Option<Duration>| match d {
-        Some(d) if d.is_zero() => {
-            ctx.problem(&k(field), "must be longer than zero");
-            None
-        }
-        other => other,
-    };
-    let access_token = positive(
-        ctx,
-        "access_token_lifetime",
-        raw.access_token_lifetime.map(|d| d.0),
-    )
-    .or(preset.access_token_lifetime);
-    let refresh_token = positive(
-        ctx,
-        "refresh_token_lifetime",
-        raw.refresh_token_lifetime.map(|d| d.0),
-    )
-    .or(preset.refresh_token_lifetime);
+    let positive =
+        |ctx: &mut Ctx, field: &str, d: Option<HumanDuration>| match ctx.duration(&k(field), d) {
+            Some(d) if d.is_zero() => {
+                ctx.problem(
+                    &k(field),
+                    "must be longer than zero; write a duration such as \"1h\", or leave the key \
+                     out for the vendor's default",
+                );
+                None
+            }
+            other => other,
+        };
+    let access_token = positive(ctx, "access_token_lifetime", raw.access_token_lifetime)
+        .or(preset.access_token_lifetime);
+    let refresh_token = positive(ctx, "refresh_token_lifetime", raw.refresh_token_lifetime)
+        .or(preset.refresh_token_lifetime);
     let refresh_ratio = raw.refresh_ratio.unwrap_or(DEFAULT_REFRESH_RATIO);
     if !REFRESH_RATIO_RANGE.contains(&refresh_ratio) {
         ctx.problem(
@@ -612,7 +771,9 @@ fn resolve_account(
             ),
         );
     }
-    let min_lead = raw.min_lead.map_or(DEFAULT_MIN_LEAD, |d| d.0);
+    let min_lead = ctx
+        .duration(&k("min_lead"), raw.min_lead)
+        .unwrap_or(DEFAULT_MIN_LEAD);
 
     // API base, headers and jobs.
     let api_template = preset.api_base;
@@ -784,7 +945,7 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
     for (i, value) in raw_jobs.into_iter().enumerate() {
         let jkey = format!("{key}.jobs[{i}]");
         let k = |field: &str| join(&jkey, field);
-        let Some(raw) = parse_section::<RawJob>(&jkey, value, &mut ctx.problems) else {
+        let Some(raw) = ctx.parse::<RawJob>(&jkey, value) else {
             continue;
         };
         let before = ctx.problems.len();
@@ -845,7 +1006,9 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
                 if !valid {
                     ctx.problem(&k("resource"), format!("`{resource}` is not a FHIR resource type (such as Patient or Encounter)"));
                 }
-                let overlap = raw.overlap.map_or(DEFAULT_OVERLAP, |d| d.0);
+                let overlap = ctx
+                    .duration(&k("overlap"), raw.overlap)
+                    .unwrap_or(DEFAULT_OVERLAP);
                 Some(JobKind::Fhir { resource, overlap })
             }
             Some(RawJobKind::NikohealthPatients) => {
@@ -881,10 +1044,7 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
             }
             Some(Err(e)) => {
                 let text = raw.schedule.as_deref().unwrap_or_default();
-                ctx.problem(
-                    &k("schedule"),
-                    format!("`{text}` is not a valid schedule ({e}); write six fields, seconds first, in UTC, e.g. \"0 */15 * * * *\""),
-                );
+                ctx.problem(&k("schedule"), schedule_problem(text, &e));
                 None
             }
             Some(Ok(s)) => Some(s),
@@ -919,6 +1079,38 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
         }
     }
     jobs
+}
+
+/// What to say about a schedule that [`Schedule::parse`] refused with `error`. A five-field
+/// (Unix) cron gets the six-field expression to write; other field counts are named, since
+/// croner's own words ("Pattern must have 6 or 7 fields when seconds are required and years
+/// are optional") do not say what to write.
+fn schedule_problem(text: &str, error: &str) -> String {
+    const SIX: &str = "ehrsync schedules have six fields, seconds first";
+    const EXAMPLE: &str = "e.g. \"0 */15 * * * *\" (every 15 minutes)";
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    match fields.len() {
+        5 => {
+            let fixed = format!("0 {}", fields.join(" "));
+            match Schedule::parse(&fixed) {
+                Ok(_) => format!("`{text}` has five fields; {SIX}: add a seconds field: `{fixed}`"),
+                Err(e) => format!(
+                    "`{text}` has five fields; {SIX}, and with a seconds field added (`{fixed}`) \
+                     it is still not valid ({e}); write {EXAMPLE}"
+                ),
+            }
+        }
+        0 => format!("is empty; write six fields, seconds first, in UTC, {EXAMPLE}"),
+        // croner also takes a seventh field, the year.
+        6 | 7 => format!(
+            "`{text}` is not a valid schedule ({error}); write six fields, seconds first, in UTC, {EXAMPLE}"
+        ),
+        n => format!(
+            "`{text}` has {n} field{}; {SIX} (second minute hour day-of-month month \
+             day-of-week, in UTC), {EXAMPLE}",
+            if n == 1 { "" } else { "s" }
+        ),
+    }
 }
 
 /// The paging of a `nikohealth_patients` job, defaults filled in.
