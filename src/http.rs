@@ -77,8 +77,12 @@ impl ConnectProblem {
             if let Some(tls) = err.downcast_ref::<rustls::Error>() {
                 return ConnectProblem::Tls(tls.to_string());
             }
-            // hyper-util's resolver wraps the system's lookup error in its own words.
+            // hyper-util's resolver wraps the system's lookup error in its own words, and the
+            // TLS connector hands rustls's error on as text inside its own.
             let text = err.to_string();
+            if let Some(at) = text.find("invalid peer certificate") {
+                return ConnectProblem::Tls(text[at..].to_owned());
+            }
             if text.starts_with("dns error") || text.contains("failed to lookup address") {
                 return ConnectProblem::Dns;
             }

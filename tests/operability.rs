@@ -221,3 +221,115 @@ async fn status_knows_whether_an_agent_is_running() {
     let json: serde_json::Value = serde_json::from_str(&status(&agent, true).stdout).unwrap();
     assert_eq!(json["agents"][0]["running"], false, "{json}");
 }
+
+/// `ehrsync sync niko patients` for a NikoHealth account whose token endpoint is `token_url`
+/// and whose job waits at most 3 s for a token.
+fn sync_with_token_url(sandbox: &Sandbox, token_url: &str) -> common::Run {
+    let dir = tempfile::tempdir().unwrap();
+    let account = sandbox.account_config(Vendor::NikoHealth, ACCOUNT).replace(
+        &format!("token_url = '{}'", sandbox.token_url(Vendor::NikoHealth)),
+        &format!("token_url = '{token_url}'"),
+    );
+    assert!(account.contains(token_url), "{account}");
+    let config = format!(
+        "[agent]\ndatabase = 'ehrsync.db'\n{account}[[accounts.niko.jobs]]\nname = 'patients'\n\
+         kind = 'nikohealth_patients'\nschedule = '0 0 0 1 1 *'\ntoken_wait = '3s'\n"
+    );
+    let path = common::write_config(dir.path(), &config);
+    let run = common::ehrsync(
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "sync",
+            ACCOUNT,
+            "patients",
+        ],
+        &sandbox::credentials_env(),
+    );
+    run.assert_absent(&[NIKOHEALTH_CREDENTIALS.client_secret]);
+    run
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_endpoint_that_refuses_connections_fails_the_run_naming_host_and_port() {
+    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
+        .await
+        .unwrap();
+    let port = common::free_port();
+    let since = Instant::now();
+    let run = sync_with_token_url(&sandbox, &format!("http://127.0.0.1:{port}/token"));
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        since.elapsed() < Duration::from_secs(30),
+        "bounded by token_wait"
+    );
+    let line = run.stdout.trim();
+    assert!(line.starts_with("niko/patients: failed"), "{line}");
+    assert!(line.contains("within 3s (token_wait)"), "{line}");
+    assert!(
+        line.contains(&format!("connection refused by 127.0.0.1:{port}")),
+        "{line}"
+    );
+    assert!(line.contains("check the address and port"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_endpoint_with_an_untrusted_certificate_fails_naming_the_certificate_problem() {
+    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
+        .await
+        .unwrap();
+    // A TLS server whose certificate nobody issued: `openssl s_server` with a fresh
+    // self-signed certificate.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (Debian package `openssl`, which .ci/test installs)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let port = common::free_port();
+    let mut server = std::process::Command::new("openssl")
+        .args([
+            "s_server",
+            "-quiet",
+            "-www",
+            "-accept",
+            &port.to_string(),
+            "-cert",
+        ])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let since = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "s_server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let run = sync_with_token_url(&sandbox, &format!("https://127.0.0.1:{port}/token"));
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    let line = run.stdout.trim();
+    assert!(
+        line.contains(&format!("TLS with 127.0.0.1:{port} failed")),
+        "{line}"
+    );
+    assert!(line.contains("certificate"), "{line}");
+}

@@ -85,7 +85,7 @@ pub enum Command {
         #[arg(long)]
         device: bool,
         /// Give up when the person has not finished within this long.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+        #[arg(long, value_parser = crate::config::parse_duration, default_value = "5m")]
         timeout: std::time::Duration,
     },
     /// Try ehrsync with no credentials: start the built-in vendor sandbox on loopback and the
@@ -93,7 +93,7 @@ pub enum Command {
     /// status table every 10 s, and pull patients into a demo database. Stops on Ctrl-C.
     Demo {
         /// Stop after this long (e.g. `90s`, `5m`) instead of waiting for Ctrl-C.
-        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        #[arg(long = "for", value_parser = crate::config::parse_duration)]
         run_for: Option<std::time::Duration>,
         /// Directory for the demo's config, database and key (emptied of them at start).
         #[arg(long, default_value = "ehrsync-demo")]

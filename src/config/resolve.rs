@@ -1056,7 +1056,9 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
                 format!("{page_size} is outside 1–{MAX_PAGE_SIZE}"),
             );
         }
-        let token_wait = raw.token_wait.map_or(DEFAULT_TOKEN_WAIT, |d| d.0);
+        let token_wait = ctx
+            .duration(&k("token_wait"), raw.token_wait)
+            .unwrap_or(DEFAULT_TOKEN_WAIT);
         if !(Duration::from_secs(1)..=MAX_TOKEN_WAIT).contains(&token_wait) {
             ctx.problem(
                 &k("token_wait"),
