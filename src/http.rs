@@ -379,15 +379,26 @@ mod tests {
             .unwrap_err();
         let e = TransportError::new(e, &url);
         assert_eq!(e.kind, TransportKind::Connect);
+        assert_eq!(e.problem, ConnectProblem::Refused);
         let text = e.to_string();
         assert!(
-            text.starts_with(&format!("cannot connect to http://{addr}/token: ")),
+            text.starts_with(&format!(
+                "connection refused by {addr}: check the address and port"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("(for http://{addr}/token)")),
             "{text}"
         );
         for secret in ["hunter2", "c2VjcmV0", "tenant="] {
             assert!(!text.contains(secret), "{text}");
         }
-        assert!(e.without_url().starts_with("cannot connect: "), "{e:?}");
+        assert!(
+            e.without_url()
+                .starts_with(&format!("connection refused by {addr}")),
+            "{e:?}"
+        );
     }
 
     #[tokio::test]

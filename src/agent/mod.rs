@@ -316,6 +316,8 @@ impl Agent {
     /// ends is aborted with its schedule; recording it happens in the background (`cleanup`),
     /// so this returns within the grace.
     async fn stop_jobs(&mut self, jobs: Vec<(String, String, JobRun)>) {
+        // Forget the cut-off records already written (their tasks have ended).
+        while self.cleanup.try_join_next().is_some() {}
         for (_, _, run) in &jobs {
             let _ = run.stop.send(true);
         }
