@@ -333,3 +333,39 @@ async fn a_token_endpoint_with_an_untrusted_certificate_fails_naming_the_certifi
     );
     assert!(line.contains("certificate"), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_ends_with_the_hosts_a_firewall_must_allow() {
+    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}{}",
+        sandbox.account_config(Vendor::NikoHealth, ACCOUNT),
+        sandbox.account_config(Vendor::NetHealth, "nh")
+    );
+    let path = common::write_config(dir.path(), &config);
+    let run = common::ehrsync(
+        &["--config", path.to_str().unwrap(), "check-config"],
+        &sandbox::credentials_env(),
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let list = run
+        .stdout
+        .split("outbound connections (the firewall allow-list):\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no host list:\n{}", run.stdout));
+    // One loopback host:port serves every emulated vendor: one line, every use.
+    let line = list.lines().next().unwrap();
+    assert!(line.starts_with(&format!("  {}", sandbox.addr())), "{list}");
+    for use_ in [
+        "niko: token endpoint",
+        "niko: API",
+        "nh: OpenID discovery",
+        "nh: API",
+    ] {
+        assert!(line.contains(use_), "{use_} in {line}");
+    }
+    run.assert_absent(&[NIKOHEALTH_CREDENTIALS.client_secret]);
+}

@@ -57,6 +57,15 @@ impl fmt::Display for Plan<'_> {
                 writeln!(out, "  {key}: {message}")?;
             }
         }
+        let hosts = outbound(accounts);
+        if !hosts.is_empty() {
+            writeln!(out, "\noutbound connections (the firewall allow-list):")?;
+            let width = hosts.keys().map(String::len).max().unwrap_or(0);
+            for (host, uses) in &hosts {
+                let uses: Vec<&str> = uses.iter().map(String::as_str).collect();
+                writeln!(out, "  {host:<width$}  {}", uses.join("; "))?;
+            }
+        }
         let jobs: usize = accounts.iter().map(|a| a.jobs.len()).sum();
         writeln!(
             out,
@@ -66,6 +75,50 @@ impl fmt::Display for Plan<'_> {
             if jobs == 1 { "" } else { "s" }
         )
     }
+}
+
+/// Every `host:port` the agent (and `ehrsync login`) will connect to, with what for: the
+/// firewall allow-list. A discovered provider's document may name further hosts (its token
+/// endpoint, its keys); that is said at the issuer.
+fn outbound(
+    accounts: &[Account],
+) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut hosts: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        std::collections::BTreeMap::new();
+    let mut add = |url: &url::Url, what: String| {
+        if let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) {
+            hosts
+                .entry(format!("{host}:{port}"))
+                .or_default()
+                .insert(what);
+        }
+    };
+    for a in accounts {
+        let name = &a.name;
+        match &a.token_endpoint {
+            crate::config::TokenEndpoint::Url(url) => add(url, format!("{name}: token endpoint")),
+            crate::config::TokenEndpoint::Discovery { issuer } => add(
+                issuer,
+                format!(
+                    "{name}: OpenID discovery (its document may name other hosts for the token endpoint and keys)"
+                ),
+            ),
+        }
+        if let (Some(issuer), crate::config::TokenEndpoint::Url(_)) = (&a.issuer, &a.token_endpoint)
+        {
+            add(issuer, format!("{name}: OpenID discovery and keys"));
+        }
+        if let Some(device) = &a.device_authorization_endpoint {
+            add(
+                device,
+                format!("{name}: device login (`ehrsync login --device`)"),
+            );
+        }
+        if let Some(api) = &a.api_base {
+            add(api, format!("{name}: API"));
+        }
+    }
+    hosts
 }
 
 fn render_account(out: &mut fmt::Formatter<'_>, a: &Account) -> fmt::Result {

@@ -325,7 +325,9 @@ fn advise(account: &Account, last_error: Option<&str>, command: &str) -> String 
         _ => format!("`accounts.{name}.client_secret`"),
     };
     format!(
-        "its credentials were refused: fix {what} (or the file it names) and reload          (`systemctl reload ehrsync`); a changed secret is tried again at once. `{command}`          tries them now"
+        "its credentials were refused: fix {what} (or the file it names) and reload \
+         (`systemctl reload ehrsync`); a changed secret is tried again at once. `{command}` \
+         tries them now"
     )
 }
 
