@@ -188,7 +188,10 @@ async fn the_status_page_shows_every_account_and_job_escaped_and_without_secrets
     let nx = row(&page, "job-nx-patients");
     assert!(nx.contains(">failed</td>"), "{nx}");
     assert!(nx.contains(">50</td>"), "page 1's records in {nx}");
-    assert!(nx.contains("-01-01 00:00:00Z (in "), "the next run (yearly) in {nx}");
+    assert!(
+        nx.contains("-01-01 00:00:00Z (in "),
+        "the next run (yearly) in {nx}"
+    );
     // The hostile record's id is in the errors, escaped; the request without its query.
     for job in [niko, nx] {
         assert!(job.contains(HOSTILE_ESCAPED), "the escaped id in {job}");
@@ -227,9 +230,9 @@ async fn the_status_page_shows_every_account_and_job_escaped_and_without_secrets
     assert_eq!(doc["database_exists"], true);
     assert_nothing_secret("/status.json", &json, &sandbox);
     // The same document as `ehrsync status --json` (but for the time it was made).
-    let config = agent.config_path();
+    let path = agent.config_path();
     let cli = common::ehrsync(
-        &["--config", config.to_str().unwrap(), "status", "--json"],
+        &["--config", path.to_str().unwrap(), "status", "--json"],
         &[],
     );
     assert_eq!(cli.code, Some(0), "{}", cli.stderr);
@@ -248,6 +251,32 @@ async fn the_status_page_shows_every_account_and_job_escaped_and_without_secrets
     }
     assert_eq!(from_cli, from_web);
 
+    // A reload: the page follows the config in force. `bad` is removed (its stored row is
+    // still listed, as not configured), `cc` is added.
+    let before = config(&sandbox);
+    let kept = &before[..before.find("[accounts.bad]").unwrap()];
+    agent.rewrite(
+        &format!(
+            "{kept}{}",
+            sandbox.account_config(Vendor::CareCentric, "cc")
+        ),
+        "5s",
+    );
+    agent.signal("HUP");
+    agent
+        .metrics_until("cc's token after the reload", |m| {
+            m.contains("ehrsync_token_valid{account=\"cc\"} 1")
+        })
+        .await;
+    let (status, page) = agent.get("/").await.expect("an answer from /");
+    assert_eq!(status, 200, "{page}");
+    assert!(row(&page, "account-cc").contains(">valid</td>"), "{page}");
+    let bad = row(&page, "account-bad");
+    assert!(bad.contains("not in the config any more"), "{bad}");
+    assert!(
+        row(&page, "job-nx-patients").contains(">failed</td>"),
+        "{page}"
+    );
     agent.signal("TERM");
     assert_eq!(agent.wait_exit(Duration::from_secs(20)).code(), Some(0));
 }
