@@ -213,14 +213,16 @@ fn without_queries(text: &str) -> String {
         let end = url
             .find(|c: char| c.is_whitespace() || "()<>`'\"[]{}".contains(c))
             .unwrap_or(url.len());
-        match url[..end].find('?') {
+        // Punctuation ending a sentence is not part of the URL.
+        let token = url[..end].trim_end_matches(['.', ',', ';', ':']);
+        match token.find('?') {
             Some(q) => {
-                out.push_str(&url[..q]);
+                out.push_str(&token[..q]);
                 out.push_str("?…");
             }
-            None => out.push_str(&url[..end]),
+            None => out.push_str(token),
         }
-        rest = &url[end..];
+        rest = &url[token.len()..];
     }
     out.push_str(rest);
     out
@@ -463,6 +465,7 @@ mod tests {
         );
         assert_eq!(without_queries("no URL? none"), "no URL? none");
         assert_eq!(without_queries("https://a?"), "https://a?…");
+        assert_eq!(without_queries("at https://a/b?c=d."), "at https://a/b?….");
         assert_eq!(without_queries(""), "");
     }
 }
