@@ -153,8 +153,21 @@ async fn the_status_page_shows_every_account_and_job_escaped_and_without_secrets
     let (sandbox, mut agent) = settled(true).await;
     let pid = agent.child.id();
 
-    let (status, page) = agent.get("/").await.expect("an answer from /");
-    assert_eq!(status, 200, "{page}");
+    let response = reqwest::get(format!("http://127.0.0.1:{}/", agent.port))
+        .await
+        .expect("an answer from /");
+    let header = |name: &str| {
+        response.headers()[name]
+            .to_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(header("content-type"), "text/html; charset=utf-8");
+    let policy = header("content-security-policy");
+    assert!(policy.starts_with("default-src 'none'"), "{policy}");
+    assert!(!policy.contains("script-src"), "{policy}");
+    assert_eq!(response.status().as_u16(), 200);
+    let page = response.text().await.unwrap();
     // One self-contained page that reloads itself.
     assert!(page.starts_with("<!DOCTYPE html>"), "{page}");
     assert!(
