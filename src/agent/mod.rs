@@ -1,5 +1,5 @@
 //! `ehrsync run`: every account's token owner, each job's schedule, and the HTTP listener for
-//! `/metrics`, `/healthz` and `/readyz`, steered by [`Control`] messages (signals, or a Windows
+//! `/metrics`, `/healthz`, `/readyz` and the status page (`/`, `/status.json`), steered by [`Control`] messages (signals, or a Windows
 //! service stop):
 //!
 //! - **Stop**: jobs stop first, while the token owners still serve them. A run abandons the
@@ -130,11 +130,20 @@ pub async fn run(
         version,
     ));
     let (handles_tx, handles_rx) = watch::channel(Arc::new(Vec::new()));
+    let (config_tx, config_rx) = watch::channel(Arc::new(Config {
+        path: config.path.clone(),
+        env_overrides: config.env_overrides.clone(),
+        agent: config.agent.clone(),
+        accounts: config.accounts.clone(),
+    }));
+    let started = chrono::DateTime::from_timestamp_millis(clock.now().unix_millis())
+        .unwrap_or_else(chrono::Utc::now);
     let mut agent = Agent {
         shared,
         sync,
         accounts: BTreeMap::new(),
         handles: handles_tx,
+        config: config_tx,
         path: config.path.clone(),
         env,
         settings: config.agent.clone(),
@@ -154,7 +163,17 @@ pub async fn run(
     metrics.config_loaded(true, clock.now().unix_seconds_f64(), false);
 
     let (server_stop_tx, mut server_stop) = watch::channel(false);
-    let app = web::router(handles_rx, metrics.clone(), clock);
+    let app = web::router(
+        handles_rx,
+        metrics.clone(),
+        clock,
+        web::StatusSource {
+            config: config_rx,
+            store: store.clone(),
+            holder: holder.clone(),
+            started,
+        },
+    );
     let server = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = server_stop.wait_for(|stop| *stop).await;
@@ -237,6 +256,9 @@ struct Agent {
     sync: SyncShared,
     accounts: BTreeMap<String, AccountRun>,
     handles: watch::Sender<Arc<Vec<TokenHandle>>>,
+    /// The config in force, for the status page: the last accepted one, with the `[agent]`
+    /// settings that are in effect (those a reload cannot change stay as started).
+    config: watch::Sender<Arc<Config>>,
     /// Where the config came from, and the environment it was read with (for reloads).
     path: PathBuf,
     env: Env,
@@ -404,6 +426,12 @@ impl Agent {
         }
         let config = loaded.config;
         self.apply_agent_settings(&config.agent);
+        let in_force = Arc::new(Config {
+            path: config.path.clone(),
+            env_overrides: config.env_overrides.clone(),
+            agent: self.settings.clone(),
+            accounts: config.accounts.clone(),
+        });
         let changes = plan(
             self.accounts
                 .values()
@@ -417,6 +445,7 @@ impl Agent {
             .count();
         let failed = self.apply(changes.clone(), config.accounts).await;
         self.publish();
+        self.config.send_replace(in_force);
         metrics.config_loaded(failed == 0, now, true);
         let status = self.status();
         if failed == 0 {

@@ -5,7 +5,7 @@ mod check_config;
 mod demo;
 mod login;
 mod output;
-mod status;
+pub(crate) mod status;
 mod sync;
 
 use std::path::PathBuf;

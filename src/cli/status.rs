@@ -142,10 +142,24 @@ fn rfc3339(t: Option<DateTime<Utc>>) -> Option<String> {
     t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
-/// Gathers the report for `config` at `now`.
+/// Gathers the report for `config` at `now`, opening the database read-only (and closing it).
 pub async fn build(config: &Config, now: DateTime<Utc>) -> Result<Report, StoreError> {
     let store = Store::open_read_only(&config.agent.database).await?;
-    let (schema_version, mut tokens, mut runs, agents) = match &store {
+    let report = build_from(store.as_ref(), config, now).await;
+    if let Some(s) = store {
+        s.close().await;
+    }
+    report
+}
+
+/// Gathers the report for `config` at `now` from an open `store` (`None`: there is no
+/// database yet). The agent's status page calls this with its own store; it only reads.
+pub async fn build_from(
+    store: Option<&Store>,
+    config: &Config,
+    now: DateTime<Utc>,
+) -> Result<Report, StoreError> {
+    let (schema_version, mut tokens, mut runs, agents) = match store {
         Some(s) => {
             let tokens: BTreeMap<String, TokenStateRow> = s
                 .token_states()
@@ -178,9 +192,6 @@ pub async fn build(config: &Config, now: DateTime<Utc>) -> Result<Report, StoreE
             times: [at(Some(a.started_at)), at(Some(a.heartbeat_at))],
         })
         .collect();
-    if let Some(s) = store {
-        s.close().await;
-    }
     let exists = schema_version.is_some();
     let login = crate::config::login_command(&config.path);
     let mut accounts: Vec<AccountReport> = config
@@ -331,27 +342,58 @@ fn advise(account: &Account, last_error: Option<&str>, command: &str) -> String 
     )
 }
 
-impl AccountReport {
-    /// When the stored access token expires.
-    pub(super) fn token_expires(&self) -> Option<DateTime<Utc>> {
+impl Report {
+    /// The time the report was made for.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.now
+    }
+}
+
+impl AgentReport {
+    /// When the agent started.
+    pub fn started(&self) -> Option<DateTime<Utc>> {
         self.times[0]
     }
 }
 
+impl AccountReport {
+    /// When the stored access token expires.
+    pub fn token_expires(&self) -> Option<DateTime<Utc>> {
+        self.times[0]
+    }
+
+    /// The planned refresh (in `needs_login`, the next automatic attempt).
+    pub fn next_refresh(&self) -> Option<DateTime<Utc>> {
+        self.times[1]
+    }
+
+    /// When the refresh token expires, where known.
+    pub fn refresh_token_expires(&self) -> Option<DateTime<Utc>> {
+        self.times[2]
+    }
+}
+
+impl JobReport {
+    /// The job's next scheduled run.
+    pub fn next(&self) -> Option<DateTime<Utc>> {
+        self.next
+    }
+}
+
 impl RunReport {
-    pub(super) fn started(&self) -> Option<DateTime<Utc>> {
+    pub fn started(&self) -> Option<DateTime<Utc>> {
         self.started
     }
 }
 
 /// `2026-11-22 06:01:00Z (in 45m)`, or `-`.
-fn when(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+pub(crate) fn when(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
     let Some(t) = t else { return "-".to_owned() };
     format!("{} ({})", t.format("%Y-%m-%d %H:%M:%SZ"), relative(t, now))
 }
 
 /// An expiry: `2026-11-22 06:01:00Z (in 45m)`, `… (expired 3m ago)`, or `-`.
-fn expiry(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+pub(crate) fn expiry(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
     match t {
         Some(t) if t <= now => format!(
             "{} (expired {})",
@@ -364,7 +406,7 @@ fn expiry(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
 
 /// A time the agent plans to act at: in the past it is overdue, and without a running agent
 /// nothing will happen at it.
-fn planned(t: Option<DateTime<Utc>>, now: DateTime<Utc>, agent_running: bool) -> String {
+pub(crate) fn planned(t: Option<DateTime<Utc>>, now: DateTime<Utc>, agent_running: bool) -> String {
     match t {
         Some(t) if t <= now && !agent_running => format!(
             "{} (was due {}; no agent is running)",
@@ -377,13 +419,13 @@ fn planned(t: Option<DateTime<Utc>>, now: DateTime<Utc>, agent_running: bool) ->
 }
 
 /// `2h 5m` since `t`.
-fn since(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
+pub(crate) fn since(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
     let secs = u64::try_from((now - t).num_seconds()).unwrap_or(0);
     humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
 }
 
 /// `in 45m` or `3s ago`.
-pub(super) fn relative(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
+pub(crate) fn relative(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
     let secs = (t - now).num_seconds();
     let (n, unit) = match secs.unsigned_abs() {
         s if s < 120 => (s, "s"),
