@@ -82,13 +82,21 @@ async fn every_step_passes_for_nextech_nikohealth_and_carecentric_accounts() {
             .count();
         assert_eq!(passed, 3, "{step}:\n{}", run.stdout);
     }
-    assert!(run.stdout.contains("/nextech/api/metadata: HTTP 200"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("/nextech/api/metadata: HTTP 200"),
+        "{}",
+        run.stdout
+    );
     assert!(
         run.stdout.contains("/api/external/v1/patients: HTTP 200"),
         "the list job's first page:\n{}",
         run.stdout
     );
-    assert!(run.stdout.contains("all checks passed (3 accounts)"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("all checks passed (3 accounts)"),
+        "{}",
+        run.stdout
+    );
     // One token request per account, and nothing stored: no database was created.
     for vendor in [Vendor::Nextech, Vendor::NikoHealth, Vendor::CareCentric] {
         assert_eq!(sandbox.total_requests(vendor), 1, "{vendor:?}");
@@ -108,7 +116,11 @@ async fn every_step_passes_for_nextech_nikohealth_and_carecentric_accounts() {
         run.stdout
     );
     assert_eq!(sandbox.total_requests(Vendor::Nextech), 2, "no request");
-    assert!(!run.stdout.contains("niko"), "only the named account:\n{}", run.stdout);
+    assert!(
+        !run.stdout.contains("niko"),
+        "only the named account:\n{}",
+        run.stdout
+    );
     assert_no_secret(&run, &sandbox);
 }
 
@@ -116,7 +128,10 @@ async fn every_step_passes_for_nextech_nikohealth_and_carecentric_accounts() {
 async fn a_wrong_client_secret_fails_at_the_token_step_after_one_request() {
     let sandbox = sandbox().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path(), &sandbox.account_config(Vendor::NikoHealth, "niko"));
+    let config = config(
+        dir.path(),
+        &sandbox.account_config(Vendor::NikoHealth, "niko"),
+    );
     let mut env = sandbox::credentials_env();
     env.retain(|(k, _)| *k != "SANDBOX_NIKOHEALTH_SECRET");
     env.push(("SANDBOX_NIKOHEALTH_SECRET", "a-wrong-secret-4711"));
@@ -126,8 +141,16 @@ async fn a_wrong_client_secret_fails_at_the_token_step_after_one_request() {
     assert!(line.contains("invalid_client"), "{line}");
     assert!(line.contains("client_secret"), "names the fix: {line}");
     assert!(run.stdout.contains("- API"), "{}", run.stdout);
-    assert_eq!(sandbox.total_requests(Vendor::NikoHealth), 1, "exactly one try");
-    assert!(run.stdout.contains("problems found for: niko"), "{}", run.stdout);
+    assert_eq!(
+        sandbox.total_requests(Vendor::NikoHealth),
+        1,
+        "exactly one try"
+    );
+    assert!(
+        run.stdout.contains("problems found for: niko"),
+        "{}",
+        run.stdout
+    );
     run.assert_absent(&["a-wrong-secret-4711"]);
     assert_no_secret(&run, &sandbox);
 }
@@ -172,7 +195,10 @@ async fn a_token_the_api_refuses_fails_at_the_api_step() {
 async fn a_clock_45_seconds_off_fails_at_the_clock_step() {
     let sandbox = sandbox().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path(), &sandbox.account_config(Vendor::CareCentric, "cc"));
+    let config = config(
+        dir.path(),
+        &sandbox.account_config(Vendor::CareCentric, "cc"),
+    );
     sandbox.skew_date(Duration::from_secs(45), true);
     let run = doctor(&config, None, &sandbox::credentials_env());
     assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
@@ -199,7 +225,11 @@ async fn an_authorization_code_account_without_a_login_is_told_to_log_in() {
     assert!(line.contains("needs a person"), "{line}");
     assert!(line.contains(" login nh`"), "{line}");
     assert!(line.contains("ehrsync --config /"), "{line}");
-    assert_eq!(sandbox.total_requests(Vendor::NetHealth), 0, "no token request");
+    assert_eq!(
+        sandbox.total_requests(Vendor::NetHealth),
+        0,
+        "no token request"
+    );
     assert_no_secret(&run, &sandbox);
 }
 
@@ -211,4 +241,71 @@ async fn an_unknown_account_is_a_usage_error() {
     let run = doctor(&config, Some("nope"), &sandbox::credentials_env());
     assert_eq!(run.code, Some(2), "{}\n{}", run.stdout, run.stderr);
     assert!(run.stderr.contains("no account `nope`"), "{}", run.stderr);
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn an_untrusted_certificate_fails_at_the_tls_step() {
+    let sandbox = sandbox().await;
+    // A TLS server whose certificate nobody issued: `openssl s_server` with a fresh
+    // self-signed certificate.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (Debian package `openssl`, which .ci/test installs)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let port = common::free_port();
+    let mut server = std::process::Command::new("openssl")
+        .args([
+            "s_server",
+            "-quiet",
+            "-www",
+            "-accept",
+            &port.to_string(),
+            "-cert",
+        ])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let since = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "s_server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let section = sandbox.account_config(Vendor::NikoHealth, "niko").replace(
+        sandbox.token_url(Vendor::NikoHealth).as_str(),
+        &format!("https://127.0.0.1:{port}/token"),
+    );
+    let config = config(dir.path(), &section);
+    let run = doctor(&config, None, &sandbox::credentials_env());
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("✓ TCP"), "{}", run.stdout);
+    let line = failed_line(&run, "TLS");
+    assert!(
+        line.contains(&format!("TLS with 127.0.0.1:{port} failed")),
+        "{line}"
+    );
+    assert!(line.contains("certificate"), "{line}");
+    assert_eq!(sandbox.total_requests(Vendor::NikoHealth), 0);
 }

@@ -62,7 +62,7 @@ impl fmt::Display for Step {
             Mark::Fail => "✗",
             Mark::Skip => "-",
         };
-        writeln!(f, "  {mark} {:<6} {}", self.name, self.text)
+        writeln!(f, "  {mark} {:<8}{}", self.name, self.text)
     }
 }
 
@@ -426,7 +426,10 @@ impl Ctx<'_> {
                 None,
             );
         }
-        let provider = match (&self.account.issuer, TokenTarget::needs_discovery(self.account)) {
+        let provider = match (
+            &self.account.issuer,
+            TokenTarget::needs_discovery(self.account),
+        ) {
             (Some(issuer), true) => match crate::oidc::fetch(self.http, issuer).await {
                 Ok((p, _)) => Some(p),
                 Err(e) => {
@@ -444,10 +447,7 @@ impl Ctx<'_> {
         let target = match TokenTarget::resolve(self.account, provider.as_ref()) {
             Ok(t) => t,
             Err(e) => {
-                return (
-                    fail("token", crate::login::describe_failure(&e)),
-                    None,
-                );
+                return (fail("token", crate::login::describe_failure(&e)), None);
             }
         };
         // One request, never repeated: a wrong password tried twice may lock the account.
@@ -561,18 +561,16 @@ impl Ctx<'_> {
             .http
             .get(url.clone())
             .header(ACCEPT, "application/fhir+json, application/json");
-        let mut bearer = match HttpHeaderValue::from_str(&format!(
-            "Bearer {}",
-            token.value.expose_secret()
-        )) {
-            Ok(v) => v,
-            Err(_) => {
-                return (
-                    fail("API", "the access token is not a valid header value"),
-                    None,
-                );
-            }
-        };
+        let mut bearer =
+            match HttpHeaderValue::from_str(&format!("Bearer {}", token.value.expose_secret())) {
+                Ok(v) => v,
+                Err(_) => {
+                    return (
+                        fail("API", "the access token is not a valid header value"),
+                        None,
+                    );
+                }
+            };
         bearer.set_sensitive(true);
         request = request.header(AUTHORIZATION, bearer);
         for h in &self.account.headers {
@@ -604,12 +602,17 @@ impl Ctx<'_> {
             Ok(r) => r,
             Err(e) => {
                 let e = TransportError::new(e, &url);
-                return (fail("API", format!("GET {shown}: {}", e.without_url())), None);
+                return (
+                    fail("API", format!("GET {shown}: {}", e.without_url())),
+                    None,
+                );
             }
         };
         let date = response_date(&response);
         let status = response.status().as_u16();
-        let body = read_limited(response, MAX_API_BODY).await.unwrap_or_default();
+        let body = read_limited(response, MAX_API_BODY)
+            .await
+            .unwrap_or_default();
         let name = self.name();
         let step = match status {
             200..=299 => pass("API", format!("GET {shown}: HTTP {status}")),
@@ -618,12 +621,15 @@ impl Ctx<'_> {
                     .map(|d| format!(" ({d})"))
                     .unwrap_or_default();
                 let fix = match status {
-                    401 => format!(
-                        "the API refused the token: check that this client is enabled for the \
-                         API and api_base belongs to the same vendor environment as the token \
-                         endpoint; for a person's login, run `{}`",
+                    401 if self.account.grant.needs_person() => format!(
+                        "the API refused the token: check that api_base belongs to the same \
+                         vendor environment as the token endpoint, then log in again with `{}`",
                         self.login_command()
                     ),
+                    401 => "the API refused the token: check that this client (and user) may use \
+                            the API and that api_base belongs to the same vendor environment as \
+                            the token endpoint"
+                        .to_owned(),
                     403 => format!(
                         "the token is not allowed here: check the practice id \
                          (accounts.{name}.practice_id / headers) and the client's permissions \
@@ -643,12 +649,7 @@ impl Ctx<'_> {
     fn api_url(&self, base: &Url) -> Url {
         for job in &self.account.jobs {
             if let JobKind::NikohealthPatients(paging) = &job.kind {
-                return crate::sync::list::page_url(
-                    base,
-                    paging,
-                    job.page_size,
-                    paging.first_page,
-                );
+                return crate::sync::list::page_url(base, paging, job.page_size, paging.first_page);
             }
         }
         let mut url = base.clone();
@@ -725,7 +726,10 @@ async fn connect(
 
 /// A TLS handshake on `stream` with the verifier reqwest uses (rustls-platform-verifier on
 /// ring): the system's roots. Returns the protocol version.
-async fn tls_handshake(stream: tokio::net::TcpStream, host: &str) -> Result<String, ConnectProblem> {
+async fn tls_handshake(
+    stream: tokio::net::TcpStream,
+    host: &str,
+) -> Result<String, ConnectProblem> {
     let std_stream = stream.into_std().map_err(|_| ConnectProblem::Other)?;
     let host = host.to_owned();
     let work = tokio::task::spawn_blocking(move || handshake_blocking(std_stream, &host));
@@ -778,7 +782,11 @@ fn handshake_blocking(
 /// An answer's `Date` and the local time it arrived.
 fn response_date(response: &reqwest::Response) -> Option<(SystemTime, SystemTime)> {
     let local = SystemTime::now();
-    let value = response.headers().get(reqwest::header::DATE)?.to_str().ok()?;
+    let value = response
+        .headers()
+        .get(reqwest::header::DATE)?
+        .to_str()
+        .ok()?;
     httpdate::parse_http_date(value).ok().map(|d| (d, local))
 }
 
@@ -790,13 +798,19 @@ async fn date_of(request: reqwest::RequestBuilder) -> Option<(SystemTime, System
 
 /// Step 7: this server's clock against `remote`, a server's `Date` read at `local`.
 fn clock_step(remote: SystemTime, local: SystemTime, host: &str) -> Step {
-    // Seconds this server is ahead of the other (negative: behind). `Date` has whole seconds.
-    let ahead = match local.duration_since(remote) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-    };
+    // Milliseconds this server is ahead of the other (negative: behind). `Date` has whole
+    // seconds, cut off: the server's time was half a second later on average.
+    let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let ahead_ms = match local.duration_since(remote) {
+        Ok(d) => millis(d),
+        Err(e) => -millis(e.duration()),
+    } - 500;
+    let ahead = (ahead_ms as f64 / 1000.0).round() as i64;
     if ahead.abs() <= MAX_SKEW_SECS {
-        pass("clock", format!("within {} s of {host}'s", ahead.abs().max(1)))
+        pass(
+            "clock",
+            format!("within {} s of {host}'s", ahead.abs().max(1)),
+        )
     } else {
         let way = if ahead > 0 { "ahead of" } else { "behind" };
         fail(
