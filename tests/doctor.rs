@@ -309,3 +309,38 @@ async fn an_untrusted_certificate_fails_at_the_tls_step() {
     assert!(line.contains("certificate"), "{line}");
     assert_eq!(sandbox.total_requests(Vendor::NikoHealth), 0);
 }
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn an_account_parked_by_a_running_agent_is_not_tried_again() {
+    let sandbox = sandbox().await;
+    let wrong = [("SANDBOX_NIKOHEALTH_SECRET", "a-wrong-secret-4711")];
+    let mut agent = common::agent::Agent::start(
+        &sandbox.account_config(Vendor::NikoHealth, "niko"),
+        "5s",
+        &wrong,
+    );
+    agent
+        .metrics_until("needs_login", |m| {
+            m.contains("ehrsync_account_needs_login{account=\"niko\"} 1")
+        })
+        .await;
+    assert_eq!(sandbox.total_requests(Vendor::NikoHealth), 1);
+    let mut env = sandbox::credentials_env();
+    env.retain(|(k, _)| *k != "SANDBOX_NIKOHEALTH_SECRET");
+    env.extend(wrong);
+    let config = agent.config_path();
+    let run = doctor(config.to_str().unwrap(), Some("niko"), &env);
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    let line = failed_line(&run, "token");
+    assert!(line.contains("waits for a login"), "{line}");
+    assert!(line.contains("client_secret"), "{line}");
+    assert_eq!(
+        sandbox.total_requests(Vendor::NikoHealth),
+        1,
+        "doctor does not try refused credentials again"
+    );
+    run.assert_absent(&["a-wrong-secret-4711"]);
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)).code(), Some(0));
+}

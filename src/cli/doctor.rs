@@ -163,6 +163,10 @@ pub async fn run(config_path: &Path, account: Option<&str>) -> ExitCode {
         if problems > 0 {
             failed.push(account.name.as_str());
         }
+        if printed.is_err() {
+            // Nobody reads on: no further token requests for nothing.
+            break;
+        }
     }
     if let Some(store) = stored.store {
         store.close().await;
@@ -246,8 +250,12 @@ enum Stored {
         token: SecretString,
         expires_in: Duration,
     },
-    /// Parked: only a login (or fixed credentials) helps.
-    NeedsLogin { last_error: Option<String> },
+    /// Parked: only a login (or fixed credentials) helps. The access token it may still hold
+    /// (valid for at least [`STORED_MARGIN`]) serves the API check.
+    NeedsLogin {
+        last_error: Option<String>,
+        valid: Option<(SecretString, Duration)>,
+    },
     /// Nothing usable; why, for the line.
     None(String),
 }
@@ -391,7 +399,7 @@ impl Ctx<'_> {
                     Some(Token { value: token }),
                 );
             }
-            Stored::NeedsLogin { last_error } => {
+            Stored::NeedsLogin { last_error, valid } => {
                 let why = last_error.map(|e| format!(": {e}")).unwrap_or_default();
                 let fix = if self.account.grant.needs_person() {
                     format!("run `{}`", self.login_command())
@@ -403,12 +411,18 @@ impl Ctx<'_> {
                         self.login_command()
                     )
                 };
+                let still = valid.as_ref().map_or_else(String::new, |(_, left)| {
+                    format!(
+                        " (its access token, valid for another {}, is used for the API check)",
+                        minutes(*left)
+                    )
+                });
                 return (
                     fail(
                         "token",
-                        format!("the account waits for a login (needs_login{why}): {fix}"),
+                        format!("the account waits for a login (needs_login{why}): {fix}{still}"),
                     ),
-                    None,
+                    valid.map(|(value, _)| Token { value }),
                 );
             }
             Stored::None(note) => note,
@@ -533,22 +547,25 @@ impl Ctx<'_> {
             Err(e) => return Stored::None(format!("the database cannot be read: {e}")),
         };
         let (saved, problem) = crate::token::persist::from_record(record, cipher);
+        let now = SystemClock.now();
+        let valid = saved
+            .tokens
+            .as_ref()
+            .filter(|t| t.expires_at > now + STORED_MARGIN)
+            .map(|t| (t.access_token.clone(), t.expires_at.since(now)));
         if saved.needs_login {
             return Stored::NeedsLogin {
                 last_error: saved.last_error,
+                valid,
             };
         }
         if problem.is_some() {
             return Stored::None("the stored token cannot be opened with this token key".into());
         }
-        let now = SystemClock.now();
-        match saved.tokens {
-            Some(t) if t.expires_at > now + STORED_MARGIN => Stored::Valid {
-                expires_in: t.expires_at.since(now),
-                token: t.access_token,
-            },
-            Some(_) => Stored::None("the stored one has expired".to_owned()),
-            None => Stored::None("none stored".to_owned()),
+        match (valid, saved.tokens) {
+            (Some((token, expires_in)), _) => Stored::Valid { token, expires_in },
+            (None, Some(_)) => Stored::None("the stored one has expired".to_owned()),
+            (None, None) => Stored::None("none stored".to_owned()),
         }
     }
 
