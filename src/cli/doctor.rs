@@ -847,13 +847,20 @@ mod tests {
 
     #[test]
     fn skew_is_named_with_its_direction() {
-        let now = SystemTime::now();
-        let step = clock_step(now - Duration::from_secs(45), now, "h");
+        // A `Date` header has whole seconds, cut off: 12:00:00 was sent at 12:00:00.0–0.999.
+        let date = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let at = |ms: u64| date + Duration::from_millis(ms);
+        // Sent at .5 on average; read 45 s later here: this clock is 45 s ahead.
+        let step = clock_step(date, at(45_500), "h");
         assert_eq!(step.mark, Mark::Fail);
         assert!(step.text.contains("45 s ahead of h's"), "{}", step.text);
-        let step = clock_step(now + Duration::from_secs(45), now, "h");
+        assert!(step.text.contains("fix NTP"), "{}", step.text);
+        // The server's Date is 45 s ahead of the real time: this clock is 45 s behind.
+        let step = clock_step(date + Duration::from_secs(45), at(300), "h");
         assert!(step.text.contains("45 s behind h's"), "{}", step.text);
-        let step = clock_step(now + Duration::from_secs(3), now, "h");
-        assert_eq!(step.mark, Mark::Pass);
+        // 30 s is still fine, 31 s is not.
+        assert_eq!(clock_step(date, at(30_500), "h").mark, Mark::Pass);
+        assert_eq!(clock_step(date, at(31_500), "h").mark, Mark::Fail);
+        assert_eq!(clock_step(date, at(700), "h").mark, Mark::Pass);
     }
 }
