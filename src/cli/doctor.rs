@@ -693,7 +693,9 @@ fn skip_rest(mut steps: Vec<Step>, after: &str) -> Vec<Step> {
 
 fn minutes(d: Duration) -> String {
     let s = d.as_secs();
-    if s >= 120 {
+    if s >= 2 * 3600 {
+        format!("{} h", s / 3600)
+    } else if s >= 120 {
         format!("{} min", s / 60)
     } else {
         format!("{s} s")
