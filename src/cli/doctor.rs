@@ -308,7 +308,7 @@ impl Ctx<'_> {
                 "DNS",
                 format!("{endpoint} has no host and port: fix the token endpoint in the config"),
             ));
-            return steps;
+            return skip_rest(steps, "DNS");
         };
         let port_text = port.to_string();
         // 2. DNS.
@@ -324,8 +324,15 @@ impl Ctx<'_> {
         // 3. TCP.
         let (stream, addr, took) = match connect(&addrs).await {
             Ok(c) => c,
-            Err(problem) => {
-                steps.push(fail("TCP", problem.explain(&host, &port_text)));
+            Err((problem, cause)) => {
+                let cause = match problem {
+                    ConnectProblem::Other => cause.map(|c| format!(": {c}")).unwrap_or_default(),
+                    _ => String::new(),
+                };
+                steps.push(fail(
+                    "TCP",
+                    format!("{}{cause}", problem.explain(&host, &port_text)),
+                ));
                 return skip_rest(steps, "TCP");
             }
         };
@@ -724,20 +731,20 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
 /// Connects to the first address that accepts, each attempt within [`STEP_TIMEOUT`].
 async fn connect(
     addrs: &[SocketAddr],
-) -> Result<(tokio::net::TcpStream, SocketAddr, Duration), ConnectProblem> {
-    let mut problem = ConnectProblem::Other;
+) -> Result<(tokio::net::TcpStream, SocketAddr, Duration), (ConnectProblem, Option<String>)> {
+    let mut problem = (ConnectProblem::Other, None);
     for addr in addrs {
         let started = Instant::now();
         match tokio::time::timeout(STEP_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => return Ok((stream, *addr, started.elapsed())),
             Ok(Err(e)) => {
                 problem = match e.kind() {
-                    std::io::ErrorKind::ConnectionRefused => ConnectProblem::Refused,
-                    std::io::ErrorKind::TimedOut => ConnectProblem::TimedOut,
-                    _ => ConnectProblem::Other,
+                    std::io::ErrorKind::ConnectionRefused => (ConnectProblem::Refused, None),
+                    std::io::ErrorKind::TimedOut => (ConnectProblem::TimedOut, None),
+                    _ => (ConnectProblem::Other, Some(format!("{addr}: {e}"))),
                 }
             }
-            Err(_) => problem = ConnectProblem::TimedOut,
+            Err(_) => problem = (ConnectProblem::TimedOut, None),
         }
     }
     Err(problem)
