@@ -92,7 +92,7 @@ impl ConnectProblem {
     }
 
     /// The class and the one thing to check, for `host:port`.
-    fn explain(&self, host: &str, port: &str) -> String {
+    pub fn explain(&self, host: &str, port: &str) -> String {
         match self {
             ConnectProblem::Dns => format!(
                 "DNS lookup of {host} failed: check the host name in the config and this server's DNS"

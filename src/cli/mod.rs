@@ -3,6 +3,7 @@
 
 mod check_config;
 mod demo;
+mod doctor;
 mod login;
 mod output;
 pub(crate) mod status;
@@ -88,6 +89,17 @@ pub enum Command {
         #[arg(long, value_parser = crate::config::parse_duration, default_value = "5m")]
         timeout: std::time::Duration,
     },
+    /// Check each account (or the one named) step by step: config, DNS, TCP, TLS, the token
+    /// endpoint, the API and the clock. Prints one line per step, ✓ or ✗ with the fix, and exits
+    /// 0 when every step passed, 1 otherwise.
+    ///
+    /// Uses a valid token the agent stored, else makes one token request with the account's
+    /// own grant (not for an account waiting for a login, and never for a grant that needs a
+    /// person). Stores nothing, so it may run beside `ehrsync run`.
+    Doctor {
+        /// The account, as named in the config (`[accounts.NAME]`); all accounts without it.
+        account: Option<String>,
+    },
     /// Try ehrsync with no credentials: start the built-in vendor sandbox on loopback and the
     /// agent against it (one account per preset, token lifetimes of tens of seconds), print a
     /// status table every 10 s, and pull patients into a demo database. Stops on Ctrl-C.
@@ -154,6 +166,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Run => run_agent(&cli.config).await,
         Command::CheckConfig => check_config::run(&cli.config),
         Command::Status { json } => status::run(&cli.config, json).await,
+        Command::Doctor { account } => doctor::run(&cli.config, account.as_deref()).await,
         Command::Sync { account, job, full } => sync::run(&cli.config, &account, &job, full).await,
         Command::Login {
             account,

@@ -551,6 +551,39 @@ async fn admit(
     Ok(fault)
 }
 
+/// `GET /{vendor}/…/metadata`: a minimal CapabilityStatement (what `ehrsync doctor` asks
+/// for). Admitted like a search: bearer token, Nextech's practice header, queued API faults.
+pub(super) async fn fhir_metadata(
+    State(inner): State<Arc<Inner>>,
+    Path(vendor): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let vendor = match vendor.as_str() {
+        "nextech" => Vendor::Nextech,
+        "carecentric" => Vendor::CareCentric,
+        "nethealth" => Vendor::NetHealth,
+        _ => return outcome(StatusCode::NOT_FOUND, "not-found", "no such FHIR server"),
+    };
+    let _in_flight = InFlight::enter(&inner, vendor);
+    if let Err(r) = admit(&inner, vendor, &headers).await {
+        return r;
+    }
+    let body = serde_json::json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "kind": "instance",
+        "fhirVersion": "4.0.1",
+        "format": ["json"],
+        "rest": [{ "mode": "server", "resource": [{ "type": "Patient" }] }],
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/fhir+json; charset=utf-8")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
 /// `GET /{vendor}/…/Patient`: FHIR search.
 pub(super) async fn fhir_search(
     State(inner): State<Arc<Inner>>,

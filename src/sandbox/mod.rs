@@ -208,6 +208,9 @@ struct Books {
     unread: u32,
     /// Token answers with a 4xx status, by vendor and grant.
     rejected: HashMap<(Vendor, String), u32>,
+    /// How far every answer's `Date` header is off the real time, and whether ahead of it
+    /// (see [`Sandbox::skew_date`]).
+    date_skew: Option<(Duration, bool)>,
 }
 
 /// One access token the sandbox issued (see [`Sandbox::record_issuance`]). Only Nextech's
@@ -321,6 +324,8 @@ impl Sandbox {
             .route("/nethealth/token", post(nethealth_token))
             .route("/{vendor}/fhir/Patient", get(api::fhir_search))
             .route("/{vendor}/api/Patient", get(api::fhir_search))
+            .route("/{vendor}/fhir/metadata", get(api::fhir_metadata))
+            .route("/{vendor}/api/metadata", get(api::fhir_metadata))
             .route(
                 "/nikohealth/{domain}/api/external/v1/patients",
                 get(api::niko_patients),
@@ -328,6 +333,10 @@ impl Sandbox {
             .layer(axum::middleware::from_fn_with_state(
                 inner.clone(),
                 token_answers,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                inner.clone(),
+                skewed_date,
             ))
             .with_state(inner.clone());
         let task = tokio::spawn(async move {
@@ -524,6 +533,12 @@ impl Sandbox {
             .unwrap_or(0)
     }
 
+    /// Makes every answer's `Date` header `skew` ahead of the real time (`ahead`) or behind it,
+    /// as a server with a wrong clock sends it; `Duration::ZERO` sends the real time again.
+    pub fn skew_date(&self, skew: Duration, ahead: bool) {
+        self.inner.books().date_skew = (!skew.is_zero()).then_some((skew, ahead));
+    }
+
     pub fn set_lifetimes(&self, lifetimes: Lifetimes) {
         *self
             .inner
@@ -571,6 +586,33 @@ async fn token_answers(
         };
         tokio::time::sleep(delay).await;
         unread.armed = false;
+    }
+    response
+}
+
+/// Around every answer: a `Date` header off by the skew set with [`Sandbox::skew_date`] (hyper
+/// adds the real one only where a header is missing). Real time, not the sandbox's clock: the
+/// header is compared with the wall clock of the process that reads it.
+async fn skewed_date(
+    State(inner): State<Arc<Inner>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    let skew = inner.books().date_skew;
+    if let Some((skew, ahead)) = skew {
+        let now = std::time::SystemTime::now();
+        let at = if ahead {
+            now.checked_add(skew)
+        } else {
+            now.checked_sub(skew)
+        };
+        if let Some(value) = at
+            .map(httpdate::fmt_http_date)
+            .and_then(|d| header::HeaderValue::from_str(&d).ok())
+        {
+            response.headers_mut().insert(header::DATE, value);
+        }
     }
     response
 }
