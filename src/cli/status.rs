@@ -320,12 +320,15 @@ fn account_report(
 }
 
 /// What to do for an account that waits for someone: a person's login where only a person can
-/// help (an authorization-code account, consent, MFA, a locked account), else the credentials
-/// in the config, which the agent tries again as soon as they change.
+/// help (an authorization-code account), else the credentials in the config, which the agent
+/// tries again as soon as they change (and consent or MFA at the vendor, when it asks).
 fn advise(account: &Account, last_error: Option<&str>, command: &str) -> String {
-    let person =
-        account.grant.needs_person() || last_error.is_some_and(|e| e.contains("a person must"));
-    if person {
+    let why = if last_error.is_some_and(|e| e.contains("a person must")) {
+        " (the last error says a person must act)"
+    } else {
+        ""
+    };
+    if account.grant.needs_person() {
         return format!("needs a person to log in: run `{command}`");
     }
     let name = &account.name;
@@ -337,8 +340,9 @@ fn advise(account: &Account, last_error: Option<&str>, command: &str) -> String 
     };
     format!(
         "its credentials were refused: fix {what} (or the file it names) and reload \
-         (`systemctl reload ehrsync`); a changed secret is tried again at once. `{command}` \
-         tries them now"
+         (`systemctl reload ehrsync`); a changed secret is tried again at once. If the \
+         vendor asks for consent or MFA{why}, a person completes that first. `{command}` \
+         tries at once"
     )
 }
 
