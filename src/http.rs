@@ -14,13 +14,36 @@ use url::Url;
 
 use crate::token::Timestamp;
 
+/// The certificate authorities of `agent.ca_file`, trusted by every client built after
+/// [`trust_extra_roots`] (once per process, at start).
+static EXTRA_ROOTS: std::sync::OnceLock<Vec<reqwest::Certificate>> = std::sync::OnceLock::new();
+
+/// Trusts the PEM certificates in `path` beside the system's roots, for every HTTP client this
+/// process builds from now on. Returns how many were read; the first call wins.
+pub fn trust_extra_roots(path: &std::path::Path) -> Result<usize, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    let n = certs.len();
+    let _ = EXTRA_ROOTS.set(certs);
+    Ok(n)
+}
+
 /// What every ehrsync HTTP client has: rustls on ring, a per-request deadline, ehrsync's user
-/// agent, and no redirects (one would carry credentials or a token wherever it points).
+/// agent, and no redirects (one would carry credentials or a token wherever it points); plus
+/// the extra roots of `agent.ca_file`, if any.
 pub fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
     // ring, not aws-lc-rs: no cmake or NASM in the build, and it cross-compiles for Windows.
     // Installing twice is harmless (the first provider stays), hence the ignored result.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
+    let builder = match EXTRA_ROOTS.get() {
+        Some(certs) => reqwest::Client::builder().tls_certs_merge(certs.iter().cloned()),
+        None => reqwest::Client::builder(),
+    };
+    builder
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
         .user_agent(concat!("ehrsync/", env!("CARGO_PKG_VERSION")))

@@ -369,3 +369,157 @@ async fn check_config_ends_with_the_hosts_a_firewall_must_allow() {
     }
     run.assert_absent(&[NIKOHEALTH_CREDENTIALS.client_secret]);
 }
+
+/// Runs `openssl ARGS` in `dir`, panicking with its stderr when it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl (Debian package `openssl`, which .ci/test installs)");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_ca_file_trusts_a_private_certificate_authority() {
+    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
+        .await
+        .unwrap();
+    // A private CA and a server certificate it issued for 127.0.0.1, as a practice's
+    // TLS-inspecting firewall would present.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=Practice Firewall CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ],
+    );
+    let port = common::free_port();
+    let mut server = std::process::Command::new("openssl")
+        .current_dir(d)
+        .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
+        .args(["-cert", "server.pem", "-key", "server.key"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let since = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "s_server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let token_url = format!("https://127.0.0.1:{port}/token");
+    let account = sandbox.account_config(Vendor::NikoHealth, ACCOUNT).replace(
+        &format!("token_url = '{}'", sandbox.token_url(Vendor::NikoHealth)),
+        &format!("token_url = '{token_url}'"),
+    );
+    let run_with = |ca: Option<&Path>| {
+        let agent = match ca {
+            Some(ca) => format!("ca_file = '{}'\n", ca.display()),
+            None => String::new(),
+        };
+        let config = format!(
+            "[agent]\ndatabase = 'ehrsync.db'\n{agent}{account}[[accounts.niko.jobs]]\n\
+             name = 'patients'\nkind = 'nikohealth_patients'\nschedule = '0 0 0 1 1 *'\n\
+             token_wait = '3s'\n"
+        );
+        let cfg_dir = tempfile::tempdir().unwrap();
+        let path = common::write_config(cfg_dir.path(), &config);
+        common::ehrsync(
+            &[
+                "--config",
+                path.to_str().unwrap(),
+                "sync",
+                ACCOUNT,
+                "patients",
+            ],
+            &sandbox::credentials_env(),
+        )
+    };
+    let without = run_with(None);
+    let with = run_with(Some(&d.join("ca.pem")));
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        without
+            .stdout
+            .contains(&format!("TLS with 127.0.0.1:{port} failed")),
+        "{}",
+        without.stdout
+    );
+    // With the CA trusted the handshake succeeds; `s_server` is no token endpoint, so the run
+    // still fails, at the answer rather than at TLS.
+    assert_eq!(with.code, Some(1));
+    assert!(
+        !with.stdout.contains("TLS with"),
+        "{}\n{}",
+        with.stdout,
+        with.stderr
+    );
+    assert!(
+        with.stderr
+            .contains("trusting the extra certificate authorities"),
+        "{}",
+        with.stderr
+    );
+}

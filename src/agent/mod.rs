@@ -63,6 +63,8 @@ pub enum AgentError {
     Http(#[from] reqwest::Error),
     #[error("cannot set up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("agent.ca_file: {0}")]
+    CaFile(String),
 }
 
 /// Opens what token owners and job runners share: the store (migrated), the token key, the
@@ -72,6 +74,10 @@ pub async fn open_engine(
     env: &Env,
     clock: SharedClock,
 ) -> Result<(Shared, SyncShared), AgentError> {
+    if let Some(path) = &config.agent.ca_file {
+        let n = crate::http::trust_extra_roots(path).map_err(AgentError::CaFile)?;
+        tracing::info!(path = %path.display(), certificates = n, "trusting the extra certificate authorities of agent.ca_file");
+    }
     let store = Store::open(&config.agent.database).await?;
     let cipher = TokenCipher::load(&config.agent.token_key, env)?;
     let shared = Shared::new(

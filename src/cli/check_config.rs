@@ -48,6 +48,13 @@ impl fmt::Display for Plan<'_> {
             "  shutdown_grace  {}",
             humantime::format_duration(agent.shutdown_grace)
         )?;
+        if let Some(ca) = &agent.ca_file {
+            writeln!(
+                out,
+                "  ca_file         {} (trusted beside the system's CAs)",
+                ca.display()
+            )?;
+        }
         for account in accounts {
             render_account(out, account)?;
         }

@@ -134,6 +134,12 @@ pub async fn run(config_path: &Path, account: Option<&str>) -> ExitCode {
             ExitCode::SUCCESS,
         );
     }
+    if let Some(path) = &config.agent.ca_file
+        && let Err(e) = crate::http::trust_extra_roots(path)
+    {
+        eprintln!("error: agent.ca_file: {e}");
+        return ExitCode::from(super::EXIT_CONFIG);
+    }
     let http = match crate::token::client::http_client(REQUEST_TIMEOUT) {
         Ok(h) => h,
         Err(e) => {

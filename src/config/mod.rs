@@ -64,6 +64,8 @@ pub struct Agent {
     pub token_key: KeySource,
     /// How long a stop waits for runs in progress (see `agent.shutdown_grace`).
     pub shutdown_grace: Duration,
+    /// Extra certificate authorities (PEM) every HTTPS request trusts (`agent.ca_file`).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Where the key that encrypts stored tokens comes from. It is read (or created) when the

@@ -29,6 +29,10 @@ pub struct RawAgent {
     /// the page they are writing before they are cut off and recorded `interrupted`.
     /// Default `20s`; at most `10m`.
     pub shutdown_grace: Option<HumanDuration>,
+    /// A PEM file of extra certificate authorities to trust, beside the system's: a practice's
+    /// TLS-inspecting firewall or proxy, or a vendor's private CA. Read at start (a reload
+    /// does not change it).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[accounts.NAME]`: one vendor account.

@@ -170,6 +170,7 @@ pub fn root(tree: config::Value, ctx: &mut Ctx) -> Option<(Agent, Vec<Account>)>
                 metrics_listen: None,
                 token_key: None,
                 shutdown_grace: None,
+                ca_file: None,
             },
             ctx,
         )?,
@@ -259,11 +260,31 @@ fn resolve_agent(raw: RawAgent, ctx: &mut Ctx) -> Option<Agent> {
             "is reachable from other hosts and /metrics has no authentication; limit it with a firewall",
         );
     }
+    let ca_file = raw.ca_file.map(|p| ctx.path(p));
+    if let Some(path) = &ca_file {
+        match std::fs::read(path) {
+            Err(e) => ctx.problem(
+                "agent.ca_file",
+                format!("cannot read {}: {e}", path.display()),
+            ),
+            Ok(pem) if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") => {
+                ctx.problem(
+                    "agent.ca_file",
+                    format!(
+                        "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                        path.display()
+                    ),
+                )
+            }
+            Ok(_) => {}
+        }
+    }
     Some(Agent {
         database,
         metrics_listen,
         token_key,
         shutdown_grace,
+        ca_file,
     })
 }
 
