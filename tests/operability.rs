@@ -389,10 +389,68 @@ async fn agent_ca_file_trusts_a_private_certificate_authority() {
     let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
         .await
         .unwrap();
-    // A private CA and a server certificate it issued for 127.0.0.1, as a practice's
-    // TLS-inspecting firewall would present.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    let (mut server, port) = private_ca_server(d);
+    let token_url = format!("https://127.0.0.1:{port}/token");
+    let account = sandbox.account_config(Vendor::NikoHealth, ACCOUNT).replace(
+        &format!("token_url = '{}'", sandbox.token_url(Vendor::NikoHealth)),
+        &format!("token_url = '{token_url}'"),
+    );
+    let run_with = |ca: Option<&Path>| {
+        let agent = match ca {
+            Some(ca) => format!("ca_file = '{}'\n", ca.display()),
+            None => String::new(),
+        };
+        let config = format!(
+            "[agent]\ndatabase = 'ehrsync.db'\n{agent}{account}[[accounts.niko.jobs]]\n\
+             name = 'patients'\nkind = 'nikohealth_patients'\nschedule = '0 0 0 1 1 *'\n\
+             token_wait = '3s'\n"
+        );
+        let cfg_dir = tempfile::tempdir().unwrap();
+        let path = common::write_config(cfg_dir.path(), &config);
+        common::ehrsync(
+            &[
+                "--config",
+                path.to_str().unwrap(),
+                "sync",
+                ACCOUNT,
+                "patients",
+            ],
+            &sandbox::credentials_env(),
+        )
+    };
+    let without = run_with(None);
+    let with = run_with(Some(&d.join("ca.pem")));
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        without
+            .stdout
+            .contains(&format!("TLS with 127.0.0.1:{port} failed")),
+        "{}",
+        without.stdout
+    );
+    // With the CA trusted the handshake succeeds; `s_server` is no token endpoint, so the run
+    // still fails, at the answer rather than at TLS.
+    assert_eq!(with.code, Some(1));
+    assert!(
+        !with.stdout.contains("TLS with"),
+        "{}\n{}",
+        with.stdout,
+        with.stderr
+    );
+    assert!(
+        with.stderr
+            .contains("trusting the extra certificate authorities"),
+        "{}",
+        with.stderr
+    );
+}
+
+/// A private CA (`DIR/ca.pem`) and `openssl s_server` on a free loopback port presenting a
+/// certificate it issued for 127.0.0.1, as a practice's TLS-inspecting firewall would.
+fn private_ca_server(d: &Path) -> (std::process::Child, u16) {
     openssl(
         d,
         &[
@@ -452,7 +510,7 @@ async fn agent_ca_file_trusts_a_private_certificate_authority() {
         ],
     );
     let port = common::free_port();
-    let mut server = std::process::Command::new("openssl")
+    let server = std::process::Command::new("openssl")
         .current_dir(d)
         .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
         .args(["-cert", "server.pem", "-key", "server.key"])
@@ -468,58 +526,96 @@ async fn agent_ca_file_trusts_a_private_certificate_authority() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let token_url = format!("https://127.0.0.1:{port}/token");
+    (server, port)
+}
+
+/// A CONNECT proxy on loopback: it tunnels every `CONNECT host:port` it is asked for and
+/// records the targets.
+async fn connect_proxy() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut client = BufReader::new(client);
+                let mut head = String::new();
+                client.read_line(&mut head).await.ok()?;
+                let target = head.strip_prefix("CONNECT ")?.split(' ').next()?.to_owned();
+                loop {
+                    let mut line = String::new();
+                    client.read_line(&mut line).await.ok()?;
+                    if line == "\r\n" || line.is_empty() {
+                        break;
+                    }
+                }
+                record.lock().unwrap().push(target.clone());
+                let mut upstream = tokio::net::TcpStream::connect(&target).await.ok()?;
+                let mut client = client.into_inner();
+                client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .ok()?;
+                tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                    .await
+                    .ok()
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_proxy_carries_token_requests_and_no_proxy_bypasses_it() {
+    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, port) = private_ca_server(dir.path());
+    let (proxy_port, seen) = connect_proxy().await;
     let account = sandbox.account_config(Vendor::NikoHealth, ACCOUNT).replace(
         &format!("token_url = '{}'", sandbox.token_url(Vendor::NikoHealth)),
-        &format!("token_url = '{token_url}'"),
+        &format!("token_url = 'https://127.0.0.1:{port}/token'"),
     );
-    let run_with = |ca: Option<&Path>| {
-        let agent = match ca {
-            Some(ca) => format!("ca_file = '{}'\n", ca.display()),
-            None => String::new(),
-        };
-        let config = format!(
-            "[agent]\ndatabase = 'ehrsync.db'\n{agent}{account}[[accounts.niko.jobs]]\n\
-             name = 'patients'\nkind = 'nikohealth_patients'\nschedule = '0 0 0 1 1 *'\n\
-             token_wait = '3s'\n"
-        );
-        let cfg_dir = tempfile::tempdir().unwrap();
-        let path = common::write_config(cfg_dir.path(), &config);
-        common::ehrsync(
-            &[
-                "--config",
-                path.to_str().unwrap(),
-                "sync",
-                ACCOUNT,
-                "patients",
-            ],
-            &sandbox::credentials_env(),
-        )
-    };
-    let without = run_with(None);
-    let with = run_with(Some(&d.join("ca.pem")));
+    let config = format!(
+        "[agent]\ndatabase = 'ehrsync.db'\nca_file = '{}'\n{account}\
+         [[accounts.niko.jobs]]\nname = 'patients'\nkind = 'nikohealth_patients'\n\
+         schedule = '0 0 0 1 1 *'\ntoken_wait = '3s'\n",
+        dir.path().join("ca.pem").display()
+    );
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let path = common::write_config(cfg_dir.path(), &config);
+    let proxy = format!("http://127.0.0.1:{proxy_port}");
+    let mut env = sandbox::credentials_env();
+    env.push(("HTTPS_PROXY", proxy.as_str()));
+    let args = [
+        "--config",
+        path.to_str().unwrap(),
+        "sync",
+        ACCOUNT,
+        "patients",
+    ];
+    let through = common::ehrsync(&args, &env);
+    let tunnelled = seen.lock().unwrap().clone();
+    assert!(
+        tunnelled.contains(&format!("127.0.0.1:{port}")),
+        "the token request went through the proxy: {tunnelled:?}\n{}\n{}",
+        through.stdout,
+        through.stderr
+    );
+    // The tunnel carried a TLS handshake that succeeded (the CA is trusted).
+    assert!(!through.stdout.contains("TLS with"), "{}", through.stdout);
+
+    seen.lock().unwrap().clear();
+    env.push(("NO_PROXY", "127.0.0.1"));
+    let _direct = common::ehrsync(&args, &env);
     let _ = server.kill();
     let _ = server.wait();
     assert!(
-        without
-            .stdout
-            .contains(&format!("TLS with 127.0.0.1:{port} failed")),
-        "{}",
-        without.stdout
-    );
-    // With the CA trusted the handshake succeeds; `s_server` is no token endpoint, so the run
-    // still fails, at the answer rather than at TLS.
-    assert_eq!(with.code, Some(1));
-    assert!(
-        !with.stdout.contains("TLS with"),
-        "{}\n{}",
-        with.stdout,
-        with.stderr
-    );
-    assert!(
-        with.stderr
-            .contains("trusting the extra certificate authorities"),
-        "{}",
-        with.stderr
+        seen.lock().unwrap().is_empty(),
+        "NO_PROXY bypasses the proxy"
     );
 }
