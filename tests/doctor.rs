@@ -247,58 +247,17 @@ async fn an_unknown_account_is_a_usage_error() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_untrusted_certificate_fails_at_the_tls_step() {
     let sandbox = sandbox().await;
-    // A TLS server whose certificate nobody issued: `openssl s_server` with a fresh
-    // self-signed certificate.
+    // A TLS server whose certificate nobody issued.
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=127.0.0.1", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl (Debian package `openssl`, which .ci/test installs)");
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    let port = common::free_port();
-    let mut server = std::process::Command::new("openssl")
-        .args([
-            "s_server",
-            "-quiet",
-            "-www",
-            "-accept",
-            &port.to_string(),
-            "-cert",
-        ])
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let since = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            since.elapsed() < Duration::from_secs(10),
-            "s_server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let server = common::tls::self_signed(dir.path());
+    let port = server.port;
     let section = sandbox.account_config(Vendor::NikoHealth, "niko").replace(
         sandbox.token_url(Vendor::NikoHealth).as_str(),
         &format!("https://127.0.0.1:{port}/token"),
     );
     let config = config(dir.path(), &section);
     let run = doctor(&config, None, &sandbox::credentials_env());
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("✓ TCP"), "{}", run.stdout);
     let line = failed_line(&run, "TLS");

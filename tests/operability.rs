@@ -278,53 +278,12 @@ async fn a_token_endpoint_with_an_untrusted_certificate_fails_naming_the_certifi
     let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
         .await
         .unwrap();
-    // A TLS server whose certificate nobody issued: `openssl s_server` with a fresh
-    // self-signed certificate.
+    // A TLS server whose certificate nobody issued.
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=127.0.0.1", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl (Debian package `openssl`, which .ci/test installs)");
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    let port = common::free_port();
-    let mut server = std::process::Command::new("openssl")
-        .args([
-            "s_server",
-            "-quiet",
-            "-www",
-            "-accept",
-            &port.to_string(),
-            "-cert",
-        ])
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let since = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            since.elapsed() < Duration::from_secs(10),
-            "s_server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let server = common::tls::self_signed(dir.path());
+    let port = server.port;
     let run = sync_with_token_url(&sandbox, &format!("https://127.0.0.1:{port}/token"));
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
     let line = run.stdout.trim();
     assert!(
@@ -370,28 +329,14 @@ async fn check_config_ends_with_the_hosts_a_firewall_must_allow() {
     run.assert_absent(&[NIKOHEALTH_CREDENTIALS.client_secret]);
 }
 
-/// Runs `openssl ARGS` in `dir`, panicking with its stderr when it fails.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl (Debian package `openssl`, which .ci/test installs)");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_ca_file_trusts_a_private_certificate_authority() {
     let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let (mut server, port) = private_ca_server(d);
+    let server = common::tls::private_ca(dir.path());
+    let (port, ca) = (server.port, server.ca.clone().unwrap());
     let token_url = format!("https://127.0.0.1:{port}/token");
     let account = sandbox.account_config(Vendor::NikoHealth, ACCOUNT).replace(
         &format!("token_url = '{}'", sandbox.token_url(Vendor::NikoHealth)),
@@ -421,9 +366,8 @@ async fn agent_ca_file_trusts_a_private_certificate_authority() {
         )
     };
     let without = run_with(None);
-    let with = run_with(Some(&d.join("ca.pem")));
-    let _ = server.kill();
-    let _ = server.wait();
+    let with = run_with(Some(&ca));
+    drop(server);
     assert!(
         without
             .stdout
@@ -446,87 +390,6 @@ async fn agent_ca_file_trusts_a_private_certificate_authority() {
         "{}",
         with.stderr
     );
-}
-
-/// A private CA (`DIR/ca.pem`) and `openssl s_server` on a free loopback port presenting a
-/// certificate it issued for 127.0.0.1, as a practice's TLS-inspecting firewall would.
-fn private_ca_server(d: &Path) -> (std::process::Child, u16) {
-    openssl(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=Practice Firewall CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-    );
-    openssl(
-        d,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ],
-    );
-    std::fs::write(
-        d.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    openssl(
-        d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "server.pem",
-        ],
-    );
-    let port = common::free_port();
-    let server = std::process::Command::new("openssl")
-        .current_dir(d)
-        .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
-        .args(["-cert", "server.pem", "-key", "server.key"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let since = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            since.elapsed() < Duration::from_secs(10),
-            "s_server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (server, port)
 }
 
 /// A CONNECT proxy on loopback: it tunnels every `CONNECT host:port` it is asked for and
@@ -574,7 +437,8 @@ async fn https_proxy_carries_token_requests_and_no_proxy_bypasses_it() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (mut server, port) = private_ca_server(dir.path());
+    let server = common::tls::private_ca(dir.path());
+    let port = server.port;
     let (proxy_port, seen) = connect_proxy().await;
     let account = sandbox.account_config(Vendor::NikoHealth, ACCOUNT).replace(
         &format!("token_url = '{}'", sandbox.token_url(Vendor::NikoHealth)),
@@ -584,7 +448,7 @@ async fn https_proxy_carries_token_requests_and_no_proxy_bypasses_it() {
         "[agent]\ndatabase = 'ehrsync.db'\nca_file = '{}'\n{account}\
          [[accounts.niko.jobs]]\nname = 'patients'\nkind = 'nikohealth_patients'\n\
          schedule = '0 0 0 1 1 *'\ntoken_wait = '3s'\n",
-        dir.path().join("ca.pem").display()
+        server.ca.as_ref().unwrap().display()
     );
     let cfg_dir = tempfile::tempdir().unwrap();
     let path = common::write_config(cfg_dir.path(), &config);
@@ -612,8 +476,7 @@ async fn https_proxy_carries_token_requests_and_no_proxy_bypasses_it() {
     seen.lock().unwrap().clear();
     env.push(("NO_PROXY", "127.0.0.1"));
     let _direct = common::ehrsync(&args, &env);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert!(
         seen.lock().unwrap().is_empty(),
         "NO_PROXY bypasses the proxy"

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod agent;
+pub mod tls;
 
 pub struct Run {
     pub code: Option<i32>,
