@@ -225,17 +225,30 @@ async fn status_knows_whether_an_agent_is_running() {
 /// `ehrsync sync niko patients` for a NikoHealth account whose token endpoint is `token_url`
 /// and whose job waits at most 3 s for a token.
 fn sync_with_token_url(sandbox: &Sandbox, token_url: &str) -> common::Run {
+    sync_with(sandbox, token_url, None, &[])
+}
+
+/// [`sync_with_token_url`], trusting `ca` (`agent.ca_file`) and with `env` added.
+fn sync_with(
+    sandbox: &Sandbox,
+    token_url: &str,
+    ca: Option<&Path>,
+    env: &[(&str, &str)],
+) -> common::Run {
     let dir = tempfile::tempdir().unwrap();
     let account = sandbox.account_config(Vendor::NikoHealth, ACCOUNT).replace(
         &format!("token_url = '{}'", sandbox.token_url(Vendor::NikoHealth)),
         &format!("token_url = '{token_url}'"),
     );
     assert!(account.contains(token_url), "{account}");
+    let ca = ca.map_or_else(String::new, |ca| format!("ca_file = '{}'\n", ca.display()));
     let config = format!(
-        "[agent]\ndatabase = 'ehrsync.db'\n{account}[[accounts.niko.jobs]]\nname = 'patients'\n\
+        "[agent]\ndatabase = 'ehrsync.db'\n{ca}{account}[[accounts.niko.jobs]]\nname = 'patients'\n\
          kind = 'nikohealth_patients'\nschedule = '0 0 0 1 1 *'\ntoken_wait = '3s'\n"
     );
     let path = common::write_config(dir.path(), &config);
+    let mut all_env = sandbox::credentials_env();
+    all_env.extend_from_slice(env);
     let run = common::ehrsync(
         &[
             "--config",
@@ -244,7 +257,7 @@ fn sync_with_token_url(sandbox: &Sandbox, token_url: &str) -> common::Run {
             ACCOUNT,
             "patients",
         ],
-        &sandbox::credentials_env(),
+        &all_env,
     );
     run.assert_absent(&[NIKOHEALTH_CREDENTIALS.client_secret]);
     run
@@ -338,35 +351,8 @@ async fn agent_ca_file_trusts_a_private_certificate_authority() {
     let server = common::tls::private_ca(dir.path());
     let (port, ca) = (server.port, server.ca.clone().unwrap());
     let token_url = format!("https://127.0.0.1:{port}/token");
-    let account = sandbox.account_config(Vendor::NikoHealth, ACCOUNT).replace(
-        &format!("token_url = '{}'", sandbox.token_url(Vendor::NikoHealth)),
-        &format!("token_url = '{token_url}'"),
-    );
-    let run_with = |ca: Option<&Path>| {
-        let agent = match ca {
-            Some(ca) => format!("ca_file = '{}'\n", ca.display()),
-            None => String::new(),
-        };
-        let config = format!(
-            "[agent]\ndatabase = 'ehrsync.db'\n{agent}{account}[[accounts.niko.jobs]]\n\
-             name = 'patients'\nkind = 'nikohealth_patients'\nschedule = '0 0 0 1 1 *'\n\
-             token_wait = '3s'\n"
-        );
-        let cfg_dir = tempfile::tempdir().unwrap();
-        let path = common::write_config(cfg_dir.path(), &config);
-        common::ehrsync(
-            &[
-                "--config",
-                path.to_str().unwrap(),
-                "sync",
-                ACCOUNT,
-                "patients",
-            ],
-            &sandbox::credentials_env(),
-        )
-    };
-    let without = run_with(None);
-    let with = run_with(Some(&ca));
+    let without = sync_with(&sandbox, &token_url, None, &[]);
+    let with = sync_with(&sandbox, &token_url, Some(&ca), &[]);
     drop(server);
     assert!(
         without
@@ -440,29 +426,11 @@ async fn https_proxy_carries_token_requests_and_no_proxy_bypasses_it() {
     let server = common::tls::private_ca(dir.path());
     let port = server.port;
     let (proxy_port, seen) = connect_proxy().await;
-    let account = sandbox.account_config(Vendor::NikoHealth, ACCOUNT).replace(
-        &format!("token_url = '{}'", sandbox.token_url(Vendor::NikoHealth)),
-        &format!("token_url = 'https://127.0.0.1:{port}/token'"),
-    );
-    let config = format!(
-        "[agent]\ndatabase = 'ehrsync.db'\nca_file = '{}'\n{account}\
-         [[accounts.niko.jobs]]\nname = 'patients'\nkind = 'nikohealth_patients'\n\
-         schedule = '0 0 0 1 1 *'\ntoken_wait = '3s'\n",
-        server.ca.as_ref().unwrap().display()
-    );
-    let cfg_dir = tempfile::tempdir().unwrap();
-    let path = common::write_config(cfg_dir.path(), &config);
+    let token_url = format!("https://127.0.0.1:{port}/token");
+    let ca = server.ca.clone().unwrap();
     let proxy = format!("http://127.0.0.1:{proxy_port}");
-    let mut env = sandbox::credentials_env();
-    env.push(("HTTPS_PROXY", proxy.as_str()));
-    let args = [
-        "--config",
-        path.to_str().unwrap(),
-        "sync",
-        ACCOUNT,
-        "patients",
-    ];
-    let through = common::ehrsync(&args, &env);
+    let env = [("HTTPS_PROXY", proxy.as_str())];
+    let through = sync_with(&sandbox, &token_url, Some(&ca), &env);
     let tunnelled = seen.lock().unwrap().clone();
     assert!(
         tunnelled.contains(&format!("127.0.0.1:{port}")),
@@ -474,8 +442,8 @@ async fn https_proxy_carries_token_requests_and_no_proxy_bypasses_it() {
     assert!(!through.stdout.contains("TLS with"), "{}", through.stdout);
 
     seen.lock().unwrap().clear();
-    env.push(("NO_PROXY", "127.0.0.1"));
-    let _direct = common::ehrsync(&args, &env);
+    let env = [("HTTPS_PROXY", proxy.as_str()), ("NO_PROXY", "127.0.0.1")];
+    let _direct = sync_with(&sandbox, &token_url, Some(&ca), &env);
     drop(server);
     assert!(
         seen.lock().unwrap().is_empty(),
