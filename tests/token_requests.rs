@@ -57,11 +57,11 @@ fn counter(metrics: &str, grant: &str, outcome: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// SIGTERM one second into a refresh whose answer takes three: the agent reads the answer and
-/// stores it before exiting, and the restarted agent refreshes with the rotated token.
-async fn sigterm_during_a_refresh(vendor: Vendor, primary_grant: &str) {
+/// An agent for a `vendor` account (logged in by a person where the vendor needs one) with 8 s
+/// tokens, one second into a refresh whose answer the sandbox holds back for three.
+async fn one_second_into_a_slow_refresh(vendor: Vendor) -> (Sandbox, Agent) {
     let sandbox = sandbox(Duration::from_secs(8)).await;
-    let mut agent = Agent::start(&sandbox.account_config(vendor, ACCOUNT), "5s", &[]);
+    let agent = Agent::start(&sandbox.account_config(vendor, ACCOUNT), "5s", &[]);
     if vendor == Vendor::NetHealth {
         log_in(&agent.config_path(), ACCOUNT).await;
     }
@@ -81,6 +81,13 @@ async fn sigterm_during_a_refresh(vendor: Vendor, primary_grant: &str) {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    (sandbox, agent)
+}
+
+/// SIGTERM one second into a refresh whose answer takes three: the agent reads the answer and
+/// stores it before exiting, and the restarted agent refreshes with the rotated token.
+async fn sigterm_during_a_refresh(vendor: Vendor, primary_grant: &str) {
+    let (sandbox, mut agent) = one_second_into_a_slow_refresh(vendor).await;
     agent.signal("TERM");
     let status = agent.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "log:\n{}", agent.log());
@@ -303,27 +310,7 @@ async fn tokens_sealed_with_another_key_are_reported_once_not_every_poll() {
 /// process, and the provider has already rotated the refresh token it was sent. The restarted
 /// agent finds the refresh the dead process recorded before sending it.
 async fn killed_during_a_refresh(vendor: Vendor) -> (Sandbox, Agent) {
-    let sandbox = sandbox(Duration::from_secs(8)).await;
-    let mut agent = Agent::start(&sandbox.account_config(vendor, ACCOUNT), "5s", &[]);
-    if vendor == Vendor::NetHealth {
-        log_in(&agent.config_path(), ACCOUNT).await;
-    }
-    agent
-        .metrics_until("a valid token", |m| {
-            m.contains(&format!("ehrsync_token_valid{{account=\"{ACCOUNT}\"}} 1"))
-        })
-        .await;
-    // The next refresh (not one answered while the login was being adopted).
-    let earlier = sandbox.requests(vendor, "refresh_token");
-    sandbox.delay_answers(Some(Duration::from_secs(3)));
-    wait_for(
-        "a refresh sent",
-        Duration::from_secs(30),
-        || agent.log(),
-        || sandbox.requests(vendor, "refresh_token") > earlier,
-    )
-    .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (sandbox, mut agent) = one_second_into_a_slow_refresh(vendor).await;
     agent.signal("KILL");
     agent.wait_exit(Duration::from_secs(5));
     wait_for(
