@@ -35,50 +35,27 @@ pub fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A server whose certificate is self-signed: no client trusts it.
-pub fn self_signed(dir: &Path) -> TlsServer {
+/// A fresh self-signed certificate for `subject` in `DIR/cert`, its key in `DIR/key`.
+fn self_signed_cert(dir: &Path, subject: &str, key: &str, cert: &str) {
     openssl(
         dir,
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.pem",
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", subject,
+            "-keyout", key, "-out", cert,
         ],
     );
+}
+
+/// A server whose certificate is self-signed: no client trusts it.
+pub fn self_signed(dir: &Path) -> TlsServer {
+    self_signed_cert(dir, "/CN=127.0.0.1", "server.key", "server.pem");
     serve(dir, None)
 }
 
 /// A private CA (`DIR/ca.pem`, in [`TlsServer::ca`]) and a server presenting a certificate it
 /// issued for 127.0.0.1.
 pub fn private_ca(dir: &Path) -> TlsServer {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=Practice Firewall CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-    );
+    self_signed_cert(dir, "/CN=Practice Firewall CA", "ca.key", "ca.pem");
     openssl(
         dir,
         &[
