@@ -10,26 +10,43 @@
 use std::fmt;
 use std::time::{Duration, UNIX_EPOCH};
 
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use url::Url;
 
 use crate::token::Timestamp;
 
 /// The certificate authorities of `agent.ca_file`, trusted by every client built after
-/// [`trust_extra_roots`] (once per process, at start).
-static EXTRA_ROOTS: std::sync::OnceLock<Vec<reqwest::Certificate>> = std::sync::OnceLock::new();
+/// [`trust_extra_roots`] (once per process, at start), and by `doctor`'s own TLS check.
+static EXTRA_ROOTS: std::sync::OnceLock<Vec<CertificateDer<'static>>> = std::sync::OnceLock::new();
 
 /// Trusts the PEM certificates in `path` beside the system's roots, for every HTTP client this
 /// process builds from now on. Returns how many were read; the first call wins.
 pub fn trust_extra_roots(path: &std::path::Path) -> Result<usize, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!("{} holds no certificate", path.display()));
     }
+    // Checked here, once, so that building a client later cannot fail on them.
+    for cert in &certs {
+        reqwest::Certificate::from_der(cert).map_err(|e| {
+            format!(
+                "{} holds a certificate that cannot be read: {e}",
+                path.display()
+            )
+        })?;
+    }
     let n = certs.len();
     let _ = EXTRA_ROOTS.set(certs);
     Ok(n)
+}
+
+/// The roots [`trust_extra_roots`] added (none when `agent.ca_file` is unset).
+pub fn extra_roots() -> &'static [CertificateDer<'static>] {
+    EXTRA_ROOTS.get().map_or(&[], Vec::as_slice)
 }
 
 /// What every ehrsync HTTP client has: rustls on ring, a per-request deadline, ehrsync's user
@@ -39,10 +56,11 @@ pub fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
     // ring, not aws-lc-rs: no cmake or NASM in the build, and it cross-compiles for Windows.
     // Installing twice is harmless (the first provider stays), hence the ignored result.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let builder = match EXTRA_ROOTS.get() {
-        Some(certs) => reqwest::Client::builder().tls_certs_merge(certs.iter().cloned()),
-        None => reqwest::Client::builder(),
-    };
+    // Each was read by `reqwest::Certificate::from_der` in `trust_extra_roots` already.
+    let certs = extra_roots()
+        .iter()
+        .filter_map(|der| reqwest::Certificate::from_der(der).ok());
+    let builder = reqwest::Client::builder().tls_certs_merge(certs);
     builder
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))

@@ -269,6 +269,70 @@ async fn an_untrusted_certificate_fails_at_the_tls_step() {
     assert_eq!(sandbox.total_requests(Vendor::NikoHealth), 0);
 }
 
+/// A doctor run against a server whose certificate a private CA issued for `days` days, with
+/// that CA as `agent.ca_file` (or not).
+#[cfg(unix)]
+async fn doctor_with_private_ca(days: u32, trust_it: bool) -> (common::Run, u16) {
+    let sandbox = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::tls::private_ca_for(dir.path(), days);
+    let port = server.port;
+    let section = sandbox.account_config(Vendor::NikoHealth, "niko").replace(
+        sandbox.token_url(Vendor::NikoHealth).as_str(),
+        &format!("https://127.0.0.1:{port}/token"),
+    );
+    let ca = server.ca.clone().unwrap();
+    let agent = if trust_it {
+        format!("ca_file = '{}'\n", ca.display())
+    } else {
+        String::new()
+    };
+    let text = format!("[agent]\ndatabase = 'state/ehrsync.db'\n{agent}{section}");
+    let config = common::write_config(dir.path(), &text);
+    let run = doctor(config.to_str().unwrap(), None, &sandbox::credentials_env());
+    drop(server);
+    (run, port)
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_from_agent_ca_file_is_trusted_and_its_days_to_expiry_shown() {
+    let (run, port) = doctor_with_private_ca(90, true).await;
+    let tls = run
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("✓ TLS "))
+        .unwrap_or_else(|| panic!("no passed TLS step:\n{}\n{}", run.stdout, run.stderr));
+    assert!(tls.contains("agent.ca_file"), "{tls}");
+    // Issued a moment ago for 90 days: 89 whole days and some hours are left.
+    assert!(tls.contains(" 89 days to expiry"), "{tls}");
+    // `openssl s_server -www` is no token endpoint: the next step fails, naming the address.
+    let token = failed_line(&run, "token");
+    assert!(
+        token.contains(&port.to_string()) || token.contains("127.0.0.1"),
+        "{token}"
+    );
+
+    // The same server without `agent.ca_file`: its issuer is unknown to this system.
+    let (run, port) = doctor_with_private_ca(90, false).await;
+    let line = failed_line(&run, "TLS");
+    assert!(line.contains(&format!("127.0.0.1:{port}")), "{line}");
+    assert!(line.contains("certificate"), "{line}");
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_ending_within_two_weeks_fails_at_the_tls_step() {
+    let (run, _) = doctor_with_private_ca(10, true).await;
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    let line = failed_line(&run, "TLS");
+    assert!(line.contains("certificate expires in 9 days"), "{line}");
+    assert!(line.contains("renew"), "{line}");
+    // The certificate still works for nine days: the later steps run (and fail here only
+    // because `openssl s_server` is no token endpoint).
+    assert!(run.stdout.contains("✗ token "), "{}", run.stdout);
+}
+
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread")]
 async fn an_account_parked_by_a_running_agent_is_not_tried_again() {

@@ -34,6 +34,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A clock further off than this from a server's `Date` is a problem: token lifetimes,
 /// `nbf`/`exp` checks and signed requests start failing around here.
 const MAX_SKEW_SECS: i64 = 30;
+/// A server certificate ending within this many days is a ✗: renewals normally happen a month
+/// ahead, so one this close was missed.
+const CERT_WARN_DAYS: i64 = 14;
 /// A stored token must stay valid at least this long to be used for the API check.
 const STORED_MARGIN: Duration = Duration::from_secs(30);
 /// The API check reads at most this much of an answer.
@@ -353,13 +356,7 @@ impl Ctx<'_> {
         // 4. TLS.
         if endpoint.scheme() == "https" {
             match tls_handshake(stream, &host).await {
-                Ok(version) => steps.push(pass(
-                    "TLS",
-                    format!(
-                        "{version} with {host}, certificate trusted by this system's roots \
-                         (days to expiry not checked)"
-                    ),
-                )),
+                Ok(shake) => steps.push(tls_step(&shake, &host, SystemTime::now())),
                 Err(problem) => {
                     steps.push(fail("TLS", problem.explain(&host, &port_text)));
                     return skip_rest(steps, "TLS");
@@ -757,11 +754,11 @@ async fn connect(
 }
 
 /// A TLS handshake on `stream` with the verifier reqwest uses (rustls-platform-verifier on
-/// ring): the system's roots. Returns the protocol version.
+/// ring): the system's roots plus `agent.ca_file`'s.
 async fn tls_handshake(
     stream: tokio::net::TcpStream,
     host: &str,
-) -> Result<String, ConnectProblem> {
+) -> Result<Handshake, ConnectProblem> {
     let std_stream = stream.into_std().map_err(|_| ConnectProblem::Other)?;
     let host = host.to_owned();
     let work = tokio::task::spawn_blocking(move || handshake_blocking(std_stream, &host));
@@ -774,7 +771,7 @@ async fn tls_handshake(
 fn handshake_blocking(
     mut stream: std::net::TcpStream,
     host: &str,
-) -> Result<String, ConnectProblem> {
+) -> Result<Handshake, ConnectProblem> {
     use rustls::pki_types::ServerName;
     let tls = |e: rustls::Error| ConnectProblem::Tls(e.to_string());
     stream
@@ -783,7 +780,10 @@ fn handshake_blocking(
         .and_then(|()| stream.set_write_timeout(Some(STEP_TIMEOUT)))
         .map_err(|_| ConnectProblem::Other)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls_platform_verifier::Verifier::new(provider.clone()).map_err(tls)?;
+    let extra = crate::http::extra_roots().iter().cloned();
+    let verifier =
+        rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
+            .map_err(tls)?;
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(tls)?
@@ -806,9 +806,73 @@ fn handshake_blocking(
             });
         }
     }
-    Ok(conn
+    let version = conn
         .protocol_version()
-        .map_or_else(|| "TLS".to_owned(), |v| format!("{v:?}").replace('_', ".")))
+        .map_or_else(|| "TLS".to_owned(), |v| format!("{v:?}").replace('_', "."));
+    let not_after = conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| not_after(leaf));
+    Ok(Handshake { version, not_after })
+}
+
+/// What a TLS handshake that passed tells: the protocol version and when the server's
+/// certificate ends.
+struct Handshake {
+    version: String,
+    not_after: Option<SystemTime>,
+}
+
+/// The end of a certificate's validity (`notAfter`), if its DER can be read.
+fn not_after(der: &[u8]) -> Option<SystemTime> {
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(der).ok()?;
+    let since_epoch = cert.tbs_certificate.validity.not_after.to_unix_duration();
+    Some(SystemTime::UNIX_EPOCH + since_epoch)
+}
+
+/// The TLS step's line for a trusted certificate: ✗ once it has expired or ends within
+/// [`CERT_WARN_DAYS`] (a renewal that did not happen), with how many days are left.
+fn tls_step(shake: &Handshake, host: &str, now: SystemTime) -> Step {
+    let roots = if crate::http::extra_roots().is_empty() {
+        "this system's roots"
+    } else {
+        "this system's roots and agent.ca_file"
+    };
+    let Some(end) = shake.not_after else {
+        return pass(
+            "TLS",
+            format!(
+                "{} with {host}, certificate trusted by {roots} (its end date could not be read)",
+                shake.version
+            ),
+        );
+    };
+    let days = match end.duration_since(now) {
+        Ok(left) => (left.as_secs() / 86_400) as i64,
+        Err(past) => -((past.duration().as_secs() / 86_400) as i64) - 1,
+    };
+    let until = chrono::DateTime::<chrono::Utc>::from(end).format("%Y-%m-%d");
+    if days < CERT_WARN_DAYS {
+        let when = if days < 0 {
+            format!("expired on {until}")
+        } else {
+            format!("expires in {days} days ({until})")
+        };
+        return fail(
+            "TLS",
+            format!(
+                "{host}'s certificate {when}: ask the vendor (or whoever runs {host}) to renew it"
+            ),
+        );
+    }
+    pass(
+        "TLS",
+        format!(
+            "{} with {host}, certificate trusted by {roots}, {days} days to expiry ({until})",
+            shake.version
+        ),
+    )
 }
 
 /// An answer's `Date` and the local time it arrived.

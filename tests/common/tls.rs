@@ -53,8 +53,14 @@ pub fn self_signed(dir: &Path) -> TlsServer {
 }
 
 /// A private CA (`DIR/ca.pem`, in [`TlsServer::ca`]) and a server presenting a certificate it
-/// issued for 127.0.0.1.
+/// issued for 127.0.0.1, valid for one day.
 pub fn private_ca(dir: &Path) -> TlsServer {
+    private_ca_for(dir, 1)
+}
+
+/// [`private_ca`] with a server certificate valid for `days` days from now.
+pub fn private_ca_for(dir: &Path, days: u32) -> TlsServer {
+    let days = days.to_string();
     self_signed_cert(dir, "/CN=Practice Firewall CA", "ca.key", "ca.pem");
     openssl(
         dir,
@@ -89,7 +95,7 @@ pub fn private_ca(dir: &Path) -> TlsServer {
             "ca.key",
             "-CAcreateserial",
             "-days",
-            "1",
+            &days,
             "-extfile",
             "ext.cnf",
             "-out",
