@@ -22,9 +22,17 @@ pub const EXIT_FAILURE: u8 = 1;
 /// Exit code for an invalid config (and for command-line usage errors, as clap does).
 pub const EXIT_CONFIG: u8 = 2;
 
+/// `ehrsync --version`: the release and the commit it was built from (see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("EHRSYNC_COMMIT"),
+    ")"
+);
+
 /// Keeps EHR vendor tokens alive, pulls patient data into SQLite, and exposes Prometheus metrics.
 #[derive(Debug, Parser)]
-#[command(name = "ehrsync", version, about)]
+#[command(name = "ehrsync", version = VERSION, about)]
 pub struct Cli {
     /// Config file.
     #[arg(
