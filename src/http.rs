@@ -68,6 +68,30 @@ pub fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
         .redirect(reqwest::redirect::Policy::none())
 }
 
+/// Why an HTTP client could not be built, in words that name the fix where one is known.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientSetupError(String);
+
+/// Builds `builder`'s client. The usual failure on Linux is a machine without CA certificates
+/// (a minimal install or container image without the `ca-certificates` package), which
+/// reqwest reports only as "builder error" with the cause beneath.
+pub fn build(builder: reqwest::ClientBuilder) -> Result<reqwest::Client, ClientSetupError> {
+    builder.build().map_err(|e| {
+        let text = format!("{e}{}", causes(&e));
+        if text.contains("No CA certificates") {
+            ClientSetupError(format!(
+                "no CA certificates were found on this machine, so no HTTPS server can be \
+                 trusted ({text}): install them (Debian and Ubuntu: `apt install \
+                 ca-certificates`; they go to /etc/ssl/certs), or name a PEM file of the CAs \
+                 to trust in agent.ca_file"
+            ))
+        } else {
+            ClientSetupError(text)
+        }
+    })
+}
+
 /// How a request failed to get a (complete) answer. Callers act on the kind (a connection that
 /// never opened may mean a moved endpoint), so it is a type, not words in the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -378,6 +378,41 @@ async fn agent_ca_file_trusts_a_private_certificate_authority() {
     );
 }
 
+/// A machine without the `ca-certificates` package (a minimal install, a slim container image):
+/// rustls finds no system roots. Found walking through the README on a bare Debian root, where
+/// every command failed with only "cannot set up the HTTP client: builder error".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_machine_without_ca_certificates_is_told_to_install_them_or_set_agent_ca_file() {
+    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
+        .await
+        .unwrap();
+    // rustls-native-certs reads only these when they are set.
+    let no_roots = [
+        ("SSL_CERT_FILE", "/nonexistent/ca-certificates.crt"),
+        ("SSL_CERT_DIR", "/nonexistent/certs"),
+    ];
+    let token_url = sandbox.token_url(Vendor::NikoHealth).to_string();
+    let run = sync_with(&sandbox, &token_url, None, &no_roots);
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("cannot set up the HTTP client"))
+        .unwrap_or_else(|| panic!("no setup error:\n{}", run.stderr));
+    assert!(line.contains("no CA certificates were found"), "{line}");
+    assert!(line.contains("apt install ca-certificates"), "{line}");
+    assert!(line.contains("agent.ca_file"), "{line}");
+    assert_eq!(sandbox.total_requests(Vendor::NikoHealth), 0);
+
+    // agent.ca_file alone is enough: the pull over plain http to loopback succeeds.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, common::tls::ca_pem(dir.path())).unwrap();
+    let run = sync_with(&sandbox, &token_url, Some(&ca), &no_roots);
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("success"), "{}", run.stdout);
+}
+
 /// A CONNECT proxy on loopback: it tunnels every `CONNECT host:port` it is asked for and
 /// records the targets.
 async fn connect_proxy() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {

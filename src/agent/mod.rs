@@ -60,7 +60,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error("cannot set up the HTTP client: {0}")]
-    Http(#[from] reqwest::Error),
+    Http(#[from] crate::http::ClientSetupError),
     #[error("cannot set up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("agent.ca_file: {0}")]

@@ -154,10 +154,10 @@ impl fmt::Display for RunSummary {
 }
 
 /// The HTTP client for API pages: keep-alive connections (a run sends its pages back to back).
-pub fn api_client() -> Result<reqwest::Client, reqwest::Error> {
-    crate::http::client_builder(API_REQUEST_TIMEOUT)
-        .pool_idle_timeout(Duration::from_secs(20))
-        .build()
+pub fn api_client() -> Result<reqwest::Client, crate::http::ClientSetupError> {
+    crate::http::build(
+        crate::http::client_builder(API_REQUEST_TIMEOUT).pool_idle_timeout(Duration::from_secs(20)),
+    )
 }
 
 /// What every job runner in a process shares.

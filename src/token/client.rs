@@ -20,13 +20,14 @@ use crate::vendor::{ClientAuth, Grant};
 const MAX_BODY: usize = 256 * 1024;
 
 /// The HTTP client the engine shares between accounts for token requests.
-pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
-    crate::http::client_builder(timeout)
-        // Token requests are minutes apart, so a pooled connection is always long idle, and a
-        // server closing it as it is reused fails the request ("connection closed before
-        // message completed"). A fresh connection per token request avoids that race.
-        .pool_max_idle_per_host(0)
-        .build()
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, crate::http::ClientSetupError> {
+    crate::http::build(
+        crate::http::client_builder(timeout)
+            // Token requests are minutes apart, so a pooled connection is always long idle, and
+            // a server closing it as it is reused fails the request ("connection closed before
+            // message completed"). A fresh connection per token request avoids that race.
+            .pool_max_idle_per_host(0),
+    )
 }
 
 /// How the client authenticates at the token endpoint (RFC 6749 §2.3.1, OpenID Connect Core §9).

@@ -46,6 +46,12 @@ fn self_signed_cert(dir: &Path, subject: &str, key: &str, cert: &str) {
     );
 }
 
+/// A fresh self-signed CA certificate (PEM), made in `dir`.
+pub fn ca_pem(dir: &Path) -> String {
+    self_signed_cert(dir, "/CN=Some Practice CA", "some-ca.key", "some-ca.pem");
+    std::fs::read_to_string(dir.join("some-ca.pem")).unwrap()
+}
+
 /// A server whose certificate is self-signed: no client trusts it.
 pub fn self_signed(dir: &Path) -> TlsServer {
     self_signed_cert(dir, "/CN=127.0.0.1", "server.key", "server.pem");
