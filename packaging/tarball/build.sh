@@ -105,6 +105,17 @@ grep -qx 'ExecStart=/usr/local/bin/ehrsync run --config /etc/ehrsync/ehrsync.tom
   systemd/ehrsync.service \
   || die "systemd/ehrsync.service must run ExecStart=/usr/local/bin/ehrsync run --config /etc/ehrsync/ehrsync.toml, where install.sh puts the binary and config"
 
+# The timestamp is the last commit's, so the archive should hold committed files.
+if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
+  sources=()
+  for ((i = 3; i < ${#files[@]}; i += 3)); do sources+=("${files[i]}"); done
+  dirty=$(git status --porcelain -- "${sources[@]}" 2>/dev/null || true)
+  if [ -n "$dirty" ]; then
+    echo "tarball/build: warning: uncommitted changes go into the archive, dated as the last commit:" >&2
+    printf '%s\n' "$dirty" | sed 's/^/  /' >&2
+  fi
+fi
+
 mkdir -p "$DIST"
 stage=$(mktemp -d "${TMPDIR:-/tmp}/ehrsync-tarball.XXXXXX")
 trap 'rm -rf "$stage"' EXIT

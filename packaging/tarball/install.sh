@@ -276,6 +276,25 @@ if [ -d "$here/docs" ]; then
 fi
 say "  $DOC/"
 
+# --- CA certificates ------------------------------------------------------------------------------
+# ehrsync verifies HTTPS servers against the system's CA certificates, found where OpenSSL
+# looks for them; with none it cannot make any request (minimal containers, Alpine without
+# ca-certificates).
+ca_found=no
+for f in /etc/ssl/certs/ca-certificates.crt /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem \
+  /etc/pki/tls/certs/ca-bundle.crt /etc/ssl/ca-bundle.pem /etc/pki/tls/cacert.pem \
+  /etc/ssl/cert.pem /etc/ssl/certs/cacert.pem; do
+  if [ -s "$R$f" ]; then ca_found=yes; break; fi
+done
+if [ "$ca_found" = no ] && [ -d "$R/etc/ssl/certs" ] && [ -n "$(ls -A "$R/etc/ssl/certs")" ]; then
+  ca_found=yes
+fi
+if [ "$ca_found" = no ]; then
+  note "no CA certificates in ${R:-}/etc/ssl/certs or the other usual places: ehrsync cannot
+    make HTTPS requests without them (\"cannot set up the HTTP client\"). Install your
+    distribution's ca-certificates package."
+fi
+
 # --- Tell systemd -------------------------------------------------------------------------------
 if [ "$systemd_running" = yes ]; then
   systemctl daemon-reload

@@ -56,6 +56,30 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 CHROOT=$(command -v chroot)
+# ehrsync's HTTP client needs CA certificates: without any it cannot be set up at all ("No CA
+# certificates were loaded from the system"), not even for the demo's plain-HTTP sandbox. The
+# chroots that run `demo` get this host's bundle.
+ca_bundle=
+for f in /etc/ssl/certs/ca-certificates.crt /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem \
+  /etc/pki/tls/certs/ca-bundle.crt /etc/ssl/ca-bundle.pem /etc/ssl/cert.pem; do
+  if [ -s "$f" ]; then ca_bundle=$f; break; fi
+done
+[ -n "$ca_bundle" ] || fail "this host has no CA certificate bundle (apt-get install ca-certificates)"
+# with_ca_bundle ROOT COMMAND...: run COMMAND with the host's CA bundle in ROOT/etc/ssl/certs,
+# removed again afterwards (with the directories it needed).
+with_ca_bundle() {
+  local r=$1 rc=0 made=
+  shift
+  [ -d "$r/etc/ssl" ] || made=$r/etc/ssl
+  [ -d "$r/etc" ] || made=$r/etc
+  mkdir -p "$r/etc/ssl/certs"
+  [ ! -e "$r/etc/ssl/certs/ca-certificates.crt" ] || fail "$r already has a CA bundle"
+  cp "$ca_bundle" "$r/etc/ssl/certs/ca-certificates.crt"
+  "$@" || rc=$?
+  rm -f "$r/etc/ssl/certs/ca-certificates.crt"
+  if [ -n "$made" ]; then rm -rf -- "$made"; fi
+  return "$rc"
+}
 
 tmp=$(mktemp -d /tmp/ehrsync-tarball-test.XXXXXX)
 cleanup() {
@@ -154,9 +178,10 @@ case $info in
 esac
 pass "bin/ehrsync: $info"
 
-limit 60 env SOURCE_DATE_EPOCH="${epoch:-0}" VERSION="$VERSION" DIST="$tmp/rebuilt" \
-  LINUX_BIN="$x/bin/ehrsync" bash packaging/tarball/build.sh >/dev/null \
-  || fail "build.sh failed to rebuild the archive from its own binary"
+rebuild_out=$(limit 60 env SOURCE_DATE_EPOCH="${epoch:-0}" VERSION="$VERSION" DIST="$tmp/rebuilt" \
+  LINUX_BIN="$x/bin/ehrsync" bash packaging/tarball/build.sh 2>&1) \
+  || fail "build.sh failed to rebuild the archive from its own binary:
+$rebuild_out"
 if [ -n "$epoch" ]; then
   cmp -s "$archive" "$tmp/rebuilt/$name.tar.gz" \
     || fail "rebuilt from the same inputs, the archive differs: not reproducible"
@@ -166,9 +191,10 @@ fi
 # The example config's secrets, filled with placeholders: each { env = "VAR" } becomes an
 # environment variable, each { credential = "NAME" } a file in $CREDENTIALS_DIRECTORY.
 example=$x/config/ehrsync.toml
-mapfile -t env_vars < <(grep -o '{ *env *= *"[A-Za-z_][A-Za-z0-9_]*" *}' "$example" \
+# (Comment lines are left out: they show the syntax with made-up names.)
+mapfile -t env_vars < <(grep -v '^[[:space:]]*#' "$example" | grep -o '{ *env *= *"[A-Za-z_][A-Za-z0-9_]*" *}' \
   | sed 's/.*"\(.*\)".*/\1/' | sort -u)
-mapfile -t credentials < <(grep -o '{ *credential *= *"[^"]*" *}' "$example" \
+mapfile -t credentials < <(grep -v '^[[:space:]]*#' "$example" | grep -o '{ *credential *= *"[^"]*" *}' \
   | sed 's/.*"\(.*\)".*/\1/' | sort -u)
 [ ${#env_vars[@]} -gt 0 ] || fail "found no { env = \"VAR\" } secrets in the example config"
 [ ${#credentials[@]} -gt 0 ] || fail "found no { credential = \"NAME\" } secrets in the example config"
@@ -187,13 +213,16 @@ make_credentials() {
 }
 
 # --- 2. A bare root: the binary and nothing else ---------------------------------------------
-section "the binary in a bare root (no libraries, no /etc, /dev or /proc)"
+section "the binary in a bare root (no libraries, no /etc, /usr, /dev or /proc)"
 bare=$tmp/bare
 mkdir -m 0755 "$bare"
 install -m 0755 "$x/bin/ehrsync" "$bare/ehrsync"
 mkdir -m 1777 "$bare/tmp"
 [ "$(cd "$bare" && find . -mindepth 1 | sort | tr '\n' ' ')" = "./ehrsync ./tmp " ] \
   || fail "the bare root holds more than /ehrsync and /tmp"
+for d in lib lib64 usr etc dev proc; do
+  [ ! -e "$bare/$d" ] || fail "the bare root has /$d"
+done
 # run_bare COMMAND...: the binary in the bare root, with an empty environment plus $bare_env.
 bare_env=()
 run_bare() { limit 60 env -i "${bare_env[@]}" "$CHROOT" "$bare" /ehrsync "$@"; }
@@ -236,10 +265,11 @@ set -e
 $out"
 pass "chroot: check-config on a TOML syntax error: exit 2"
 
-# The built-in vendor sandbox listens on 127.0.0.1: a chroot shares the host's network.
+# The built-in vendor sandbox listens on 127.0.0.1: a chroot shares the host's network. The
+# demo gets /etc/ssl/certs/ca-certificates.crt for the run (see with_ca_bundle).
 bare_env=()
 set +e
-out=$(limit 90 env -i "$CHROOT" "$bare" /ehrsync demo --for 20s --dir /d 2>&1); rc=$?
+out=$(with_ca_bundle "$bare" limit 90 env -i "$CHROOT" "$bare" /ehrsync demo --for 20s --dir /d 2>&1); rc=$?
 set -e
 [ "$rc" -eq 0 ] || fail "demo in the bare root exited $rc:
 $out"
@@ -326,15 +356,17 @@ $out"
   pass "as user ehrsync ($uid:$gid) check-config reads /etc/ehrsync/ehrsync.toml: exit 0; as nobody: exit 2, permission denied"
   rm -rf -- "$r/run"
   set +e
-  out=$(limit 60 env -i "$CHROOT" --userspec="$uid:$gid" "$r" /usr/local/bin/ehrsync demo --for 2s --dir /var/lib/ehrsync/demo 2>&1); rc=$?
+  out=$(with_ca_bundle "$r" limit 60 env -i "$CHROOT" --userspec="$uid:$gid" "$r" /usr/local/bin/ehrsync demo --for 2s --dir /var/lib/ehrsync/demo 2>&1); rc=$?
   set -e
   [ "$rc" -eq 0 ] || fail "as user ehrsync, demo --dir /var/lib/ehrsync/demo exited $rc:
 $out"
   expect "$r" /var/lib/ehrsync/demo/ehrsync-demo.db "regular file" 600 "$uid:$gid"
   set +e
-  out=$(limit 60 env -i "$CHROOT" --userspec=65534:65534 "$r" /usr/local/bin/ehrsync demo --for 1s --dir /var/lib/ehrsync/nobody 2>&1); rc=$?
+  out=$(with_ca_bundle "$r" limit 60 env -i "$CHROOT" --userspec=65534:65534 "$r" /usr/local/bin/ehrsync demo --for 1s --dir /var/lib/ehrsync/nobody 2>&1); rc=$?
   set -e
   [ "$rc" -ne 0 ] || fail "as user nobody, demo could write into /var/lib/ehrsync"
+  grep -qi 'permission denied' <<< "$out" || fail "as user nobody, demo failed, but not for /var/lib/ehrsync's permissions:
+$out"
   pass "as user ehrsync, demo writes its database into /var/lib/ehrsync (0600); nobody cannot"
 }
 
@@ -522,23 +554,28 @@ $out" ;;
   grep -q "^Installed ehrsync $VERSION (commit" <<< "$out" || fail "install.sh did not run the installed binary:
 $out"
   if grep -q 'daemon-reload' <<< "$out"; then fail "install.sh ran systemctl daemon-reload without systemd"; fi
+  grep -q 'no CA certificates' <<< "$out" || fail "install.sh did not warn that the chroot has no CA certificates:
+$out"
+  grep -q 'this system does not run systemd' <<< "$out" || fail "install.sh's next steps do not say how to run it without systemd:
+$out"
   ids=$(user_ids "$d")
   read -r uid gid <<< "$ids"
   check_installed "$d" "$uid" "$gid"
-  pass "install.sh as root of the chroot: user ehrsync ($uid:$gid) by $flavour, files, modes and owners as above, no systemctl"
+  pass "install.sh as root of the chroot: user ehrsync ($uid:$gid) by $flavour, files, modes and owners as above, no systemctl; warns: no CA certificates"
   check_service_user "$d" "$uid" "$gid"
   printf '# edited\n' >> "$d/etc/ehrsync/ehrsync.toml"
   cp -p "$d/etc/ehrsync/ehrsync.toml" "$tmp/edited.toml"
   set +e
-  out=$(limit 60 "$CHROOT" "$d" /bin/sh /pkg/install.sh 2>&1); rc=$?
+  out=$(with_ca_bundle "$d" limit 60 "$CHROOT" "$d" /bin/sh /pkg/install.sh 2>&1); rc=$?
   set -e
   [ "$rc" -eq 0 ] || fail "install.sh in the chroot, run again, exited $rc:
 $out"
+  if grep -q 'no CA certificates' <<< "$out"; then fail "install.sh warned of no CA certificates with a bundle in place"; fi
   cmp -s "$d/etc/ehrsync/ehrsync.toml" "$tmp/edited.toml" || fail "the upgrade in the chroot changed the edited config"
   [ -f "$d/etc/ehrsync/ehrsync.toml.example" ] || fail "the upgrade in the chroot left no ehrsync.toml.example"
   ids=$(user_ids "$d")
   [ "$ids" = "$uid $gid" ] || fail "the upgrade in the chroot changed the user"
-  pass "run again: config kept, example beside it, same user"
+  pass "run again (with a CA bundle): config kept, example beside it, same user, no CA warning"
   set +e
   out=$(limit 60 "$CHROOT" "$d" /bin/sh /usr/local/share/ehrsync/uninstall.sh --purge 2>&1); rc=$?
   set -e
