@@ -82,6 +82,7 @@ with_ca_bundle() {
 }
 
 tmp=$(mktemp -d /tmp/ehrsync-tarball-test.XXXXXX)
+chmod 0755 "$tmp"   # the unpacked tarball is read by an unprivileged user too
 cleanup() {
   local rc=$?
   rm -rf -- "$tmp"
@@ -152,7 +153,8 @@ bad=$(TZ=UTC tar --numeric-owner --full-time -tvzf "$archive" | awk -v top="$nam
     if (stamp != "" && when != stamp) print path ": dated " when ", expected " stamp
     if (stamp == "" && when != first) print path ": dated " when ", unlike " first
   }')
-[ -z "$bad" ] || fail "archive entries with the wrong owner, mode or time:
+[ -z "$bad" ] || fail "archive entries with the wrong owner, mode or time (a wrong time: the archive
+was built at another commit, or with another SOURCE_DATE_EPOCH; rebuild it):
 $bad"
 pass "owner 0:0, modes 0755 (dirs, bin/ehrsync, install.sh, uninstall.sh) and 0644, all dated ${stamp:-alike} UTC"
 
@@ -371,9 +373,40 @@ $out"
 }
 
 # --- 3. install.sh --root into an empty directory --------------------------------------------
-section "install.sh --root DIR (user via systemd-sysusers --root)"
+section "install.sh: help and refusals"
+# expect_exit WANT PATTERN WHAT: the command just run (its $rc and $out) exited WANT, saying PATTERN.
+expect_exit() {
+  if [ "$rc" -ne "$1" ] || ! grep -q -- "$2" <<< "$out"; then
+    fail "$3 exited $rc (expected $1, saying '$2'):
+$out"
+  fi
+}
 root=$tmp/root
 mkdir "$root"
+out=$(limit 10 sh "$x/install.sh" --help) || fail "install.sh --help failed"
+grep -q -- '--root DIR' <<< "$out" || fail "install.sh --help does not describe --root"
+out=$(limit 10 sh "$x/uninstall.sh" --help) || fail "uninstall.sh --help failed"
+grep -q -- '--purge' <<< "$out" || fail "uninstall.sh --help does not describe --purge"
+set +e
+out=$(limit 10 sh "$x/install.sh" --root "$root" --bogus 2>&1); rc=$?
+set -e
+expect_exit 2 'unknown option --bogus' "install.sh --bogus"
+set +e
+out=$(limit 10 "$CHROOT" --userspec=65534:65534 / sh "$x/install.sh" --root "$root" 2>&1); rc=$?
+set -e
+expect_exit 1 'run it as root' "install.sh as a non-root user"
+broken=$tmp/broken
+cp -a "$x" "$broken"
+rm "$broken/bin/ehrsync"
+set +e
+out=$(limit 10 sh "$broken/install.sh" --root "$root" 2>&1); rc=$?
+set -e
+expect_exit 1 'missing in .*bin/ehrsync' "install.sh without bin/ehrsync"
+[ -z "$(ls -A "$root")" ] || fail "install.sh refused, but installed something: $(ls -A "$root")"
+rm -rf -- "$broken"
+pass "--help (both scripts); an unknown option: exit 2; not root: exit 1 \"run it as root\"; bin/ehrsync missing: exit 1 naming it, nothing installed"
+
+section "install.sh --root DIR (user via systemd-sysusers --root)"
 set +e
 out=$(limit 60 sh "$x/install.sh" --root "$root" 2>&1); rc=$?
 set -e
