@@ -16,7 +16,7 @@ CONF=$CONF_DIR/ehrsync.toml
 STATE_DIR=/var/lib/ehrsync
 SHARE=/usr/local/share/ehrsync
 DOC=/usr/local/share/doc/ehrsync
-CREDSTORES="/etc/credstore /etc/credstore.encrypted"
+CREDSTORES="/etc/ehrsync/credentials /etc/credstore /etc/credstore.encrypted"
 
 usage() {
   cat <<EOF
@@ -31,7 +31,8 @@ Installs ehrsync from this directory (run as root):
   $CONF           the config (0640 root:$USER_NAME), only if there is
                                         none; otherwise the new example goes
                                         beside it as ehrsync.toml.example
-  /etc/credstore{,.encrypted}/          root-only systemd credentials (if absent)
+  /etc/ehrsync/credentials/       root-only systemd credentials (if absent),
+  /etc/credstore{,.encrypted}/    as LoadCredential[Encrypted]= reads them
   $SHARE/              Prometheus alert rules and scrape config,
                                         uninstall.sh
   $DOC/          README, CHANGELOG, LICENSE, docs

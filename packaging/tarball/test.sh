@@ -320,6 +320,7 @@ check_installed() {
   expect "$r" /etc/ehrsync/ehrsync.toml "regular file" 640 "0:$gid"
   cmp -s "$r/etc/ehrsync/ehrsync.toml" "$x/config/ehrsync.toml" || fail "the installed config is not the example"
   [ ! -e "$r/etc/ehrsync/ehrsync.toml.example" ] || fail "a first install left ehrsync.toml.example beside the config"
+  expect "$r" /etc/ehrsync/credentials directory 700 0:0
   expect "$r" /etc/credstore directory 700 0:0
   expect "$r" /etc/credstore.encrypted directory 700 0:0
   for f in alerts.yml prometheus.yml; do
