@@ -3,11 +3,12 @@
  * prefix of packaging/windows/test.sh while it installs the MSI; never shipped.
  *
  * The MSI configures restart on failure with two custom actions running sc.exe: `sc failure ...`,
- * which Wine's sc.exe accepts, and `sc failureflag ehrsync 1`, which it does not know (Wine 8's
- * SCM lacks that ChangeServiceConfig2 level), and that would fail the installation. This program
- * appends each command line it gets to C:\sc-calls.log, so that the test can check what the MSI
- * asked for, answers `failureflag` with success itself, and runs every other command with Wine's
- * own sc.exe, which the test copies to sc-wine.exe beside it.
+ * which Wine's sc.exe accepts (its SCM stores nothing and never restarts a service, though), and
+ * `sc failureflag ehrsync 1`, which it does not know (Wine 8's SCM lacks that ChangeServiceConfig2
+ * level): that would fail the installation. This program appends each command line it gets to
+ * C:\sc-calls.log (and, on lines starting with #, why a command it passed on failed), so that the
+ * test checks what the MSI asks for; answers `failureflag` with success itself; and runs every
+ * other command with Wine's own sc.exe, which the test copies to sc-wine.exe.
  *
  * Build: x86_64-w64-mingw32-gcc -municode -o sc.exe sc.c
  */
@@ -32,14 +33,15 @@ static const wchar_t *arguments(const wchar_t *p)
     return p;
 }
 
-static void record(const wchar_t *args)
+static void record(const wchar_t *prefix, const wchar_t *text)
 {
     char utf8[4096];
-    int n = WideCharToMultiByte(CP_UTF8, 0, args, -1, utf8, sizeof utf8, NULL, NULL);
+    int n = WideCharToMultiByte(CP_UTF8, 0, text, -1, utf8, sizeof utf8, NULL, NULL);
+    char head[64];
+    int m = WideCharToMultiByte(CP_UTF8, 0, prefix, -1, head, sizeof head, NULL, NULL);
     FILE *log = _wfopen(L"C:\\sc-calls.log", L"ab");
-    if (log && n > 0) {
-        fprintf(log, "%s\r\n", utf8);
-    }
+    if (log && n > 0 && m > 0)
+        fprintf(log, "%s%s\r\n", head, utf8);
     if (log)
         fclose(log);
 }
@@ -47,7 +49,7 @@ static void record(const wchar_t *args)
 int wmain(int argc, wchar_t **argv)
 {
     const wchar_t *args = arguments(GetCommandLineW());
-    record(args);
+    record(L"", args);
     if (argc > 1 && _wcsicmp(argv[1], L"failureflag") == 0)
         return 0;
 
@@ -64,12 +66,21 @@ int wmain(int argc, wchar_t **argv)
     STARTUPINFOW si = { .cb = sizeof si };
     PROCESS_INFORMATION pi;
     if (!CreateProcessW(real, command, NULL, NULL, FALSE, 0, NULL, NULL, &si, &pi)) {
-        fwprintf(stderr, L"sc shim: cannot run %ls: error %lu\n", real, GetLastError());
+        wchar_t error[64];
+        _snwprintf(error, 64, L"%lu", GetLastError());
+        error[63] = 0;
+        record(L"# cannot run sc-wine.exe: error ", error);
         return 1;
     }
     WaitForSingleObject(pi.hProcess, INFINITE);
     DWORD code = 1;
     GetExitCodeProcess(pi.hProcess, &code);
+    if (code != 0) {
+        wchar_t status[64];
+        _snwprintf(status, 64, L"%lu", code);
+        status[63] = 0;
+        record(L"# sc-wine.exe exited ", status);
+    }
     CloseHandle(pi.hThread);
     CloseHandle(pi.hProcess);
     return (int)code;
