@@ -206,8 +206,9 @@ timeout 30 wineserver -w || true
 wineserver -p || fail "cannot start wineserver for $WINEPREFIX"
 timeout 120 wineboot >>"$tmp/wineboot.log" 2>&1 || fail "wineboot could not start $WINEPREFIX: $(tail -5 "$tmp/wineboot.log")"
 scms=0
-for pid in $(pgrep -f 'services\.exe' || true); do
-  if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "WINEPREFIX=$WINEPREFIX"; then scms=$((scms + 1)); fi
+for proc in /proc/[0-9]*; do
+  grep -qa 'services\.exe' "$proc/cmdline" 2>/dev/null || continue
+  if tr '\0' '\n' <"$proc/environ" 2>/dev/null | grep -qxF "WINEPREFIX=$WINEPREFIX"; then scms=$((scms + 1)); fi
 done
 [ "$scms" -eq 1 ] || fail "$scms service managers (services.exe) run in $WINEPREFIX, not 1"
 pass "Wine prefix ready in $((SECONDS - t)) s"
