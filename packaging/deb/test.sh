@@ -15,18 +15,12 @@ cache=${EHRSYNC_CI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ehrsync-ci}
 include=systemd,init-system-helpers,procps,ca-certificates
 base=$cache/debian-bookworm-minbase-${include//,/-}.tar
 
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"
-  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
-  else echo "need root to run: $*" >&2; return 1
-  fi
-}
+. .ci/lib.sh   # run from the repository root
 missing=()
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v lintian >/dev/null 2>&1 || missing+=(lintian)
 if [ ${#missing[@]} -gt 0 ]; then
-  as_root apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  apt_install "${missing[@]}"
 fi
 
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -72,8 +66,9 @@ version=$(in_root /usr/bin/ehrsync --version)
 ok "/usr/bin/ehrsync --version: $version"
 passwd=$(in_root getent passwd ehrsync) || fail "no user ehrsync"
 IFS=: read -r _ _ uid _ _ home shell <<< "$passwd"
-[ "$uid" -lt 1000 ] && [ "$home" = /var/lib/ehrsync ] && [ "$shell" = /usr/sbin/nologin ] \
-  || fail "user ehrsync: $passwd"
+if [ "$uid" -ge 1000 ] || [ "$home" != /var/lib/ehrsync ] || [ "$shell" != /usr/sbin/nologin ]; then
+  fail "user ehrsync: $passwd"
+fi
 ok "system user: $passwd"
 check_mode() { # PATH MODE OWNER:GROUP
   local got

@@ -25,20 +25,14 @@ if ! [[ $VERSION =~ ^(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,4
   die "VERSION=$VERSION is not an MSI product version (a.b.c, at most 255.255.65535, no pre-release)"
 fi
 
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"
-  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
-  else echo "need root to run: $*" >&2; return 1
-  fi
-}
+. .ci/lib.sh   # run from the repository root
 # Debian ships wixl in its own package; msibuild, msiinfo and msiextract are in msitools.
 missing=()
 command -v wixl >/dev/null 2>&1 || missing+=(wixl)
 command -v msibuild >/dev/null 2>&1 || missing+=(msitools)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
-  as_root apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  apt_install "${missing[@]}"
 fi
 
 stage=$(mktemp -d)

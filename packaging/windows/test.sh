@@ -42,12 +42,7 @@ fail() { printf 'FAIL  %s\n' "$*" >&2; exit 1; }
 started=$SECONDS
 
 # --- tools ----------------------------------------------------------------------------------------
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"
-  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
-  else echo "need root to run: $*" >&2; return 1
-  fi
-}
+. .ci/lib.sh   # run from the repository root
 missing=()
 command -v wine >/dev/null 2>&1 && [ -x /usr/lib/wine/wine64 ] || missing+=(wine wine64)
 command -v msiinfo >/dev/null 2>&1 && command -v msiextract >/dev/null 2>&1 || missing+=(msitools)
@@ -57,8 +52,7 @@ command -v sqlite3 >/dev/null 2>&1 || missing+=(sqlite3)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
-  as_root apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  apt_install "${missing[@]}"
 fi
 
 tmp=$(mktemp -d)
