@@ -4,18 +4,10 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use ehrsync::clock::SystemClock;
-use ehrsync::sandbox::{self, ApiFault, Lifetimes, Sandbox};
+use ehrsync::sandbox::{self, ApiFault, Sandbox};
 use ehrsync::vendor::Vendor;
-
-async fn sandbox() -> Sandbox {
-    Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
-        .await
-        .unwrap()
-}
 
 /// A config in `dir` with `accounts` (sections as [`Sandbox::account_config`] writes them).
 fn config(dir: &Path, accounts: &str) -> String {
@@ -57,7 +49,7 @@ fn assert_no_secret(run: &common::Run, sandbox: &Sandbox) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_step_passes_for_nextech_nikohealth_and_carecentric_accounts() {
-    let sandbox = sandbox().await;
+    let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().unwrap();
     let config = config(
         dir.path(),
@@ -126,7 +118,7 @@ async fn every_step_passes_for_nextech_nikohealth_and_carecentric_accounts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_client_secret_fails_at_the_token_step_after_one_request() {
-    let sandbox = sandbox().await;
+    let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().unwrap();
     let config = config(
         dir.path(),
@@ -157,7 +149,7 @@ async fn a_wrong_client_secret_fails_at_the_token_step_after_one_request() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_closed_port_fails_at_the_tcp_step_naming_the_address() {
-    let sandbox = sandbox().await;
+    let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();
     let section = sandbox.account_config(Vendor::NikoHealth, "niko").replace(
@@ -177,7 +169,7 @@ async fn a_closed_port_fails_at_the_tcp_step_naming_the_address() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_the_api_refuses_fails_at_the_api_step() {
-    let sandbox = sandbox().await;
+    let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), &sandbox.account_config(Vendor::Nextech, "nx"));
     sandbox.inject_api(Vendor::Nextech, [ApiFault::RevokeAccessTokens]);
@@ -193,7 +185,7 @@ async fn a_token_the_api_refuses_fails_at_the_api_step() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_clock_45_seconds_off_fails_at_the_clock_step() {
-    let sandbox = sandbox().await;
+    let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().unwrap();
     let config = config(
         dir.path(),
@@ -216,7 +208,7 @@ async fn a_clock_45_seconds_off_fails_at_the_clock_step() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_authorization_code_account_without_a_login_is_told_to_log_in() {
-    let sandbox = sandbox().await;
+    let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), &sandbox.account_config(Vendor::NetHealth, "nh"));
     let run = doctor(&config, Some("nh"), &sandbox::credentials_env());
@@ -235,7 +227,7 @@ async fn an_authorization_code_account_without_a_login_is_told_to_log_in() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unknown_account_is_a_usage_error() {
-    let sandbox = sandbox().await;
+    let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), &sandbox.account_config(Vendor::Nextech, "nx"));
     let run = doctor(&config, Some("nope"), &sandbox::credentials_env());
@@ -246,7 +238,7 @@ async fn an_unknown_account_is_a_usage_error() {
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread")]
 async fn an_untrusted_certificate_fails_at_the_tls_step() {
-    let sandbox = sandbox().await;
+    let sandbox = common::sandbox().await;
     // A TLS server whose certificate nobody issued.
     let dir = tempfile::tempdir().unwrap();
     let server = common::tls::self_signed(dir.path());
@@ -273,7 +265,7 @@ async fn an_untrusted_certificate_fails_at_the_tls_step() {
 /// that CA as `agent.ca_file` (or not).
 #[cfg(unix)]
 async fn doctor_with_private_ca(days: u32, trust_it: bool) -> (common::Run, u16) {
-    let sandbox = sandbox().await;
+    let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().unwrap();
     let server = common::tls::private_ca_for(dir.path(), days);
     let port = server.port;
@@ -336,7 +328,7 @@ async fn a_certificate_ending_within_two_weeks_fails_at_the_tls_step() {
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread")]
 async fn an_account_parked_by_a_running_agent_is_not_tried_again() {
-    let sandbox = sandbox().await;
+    let sandbox = common::sandbox().await;
     let wrong = [("SANDBOX_NIKOHEALTH_SECRET", "a-wrong-secret-4711")];
     let mut agent = common::agent::Agent::start(
         &sandbox.account_config(Vendor::NikoHealth, "niko"),

@@ -42,9 +42,7 @@ struct Parked {
 /// An agent whose NikoHealth account was refused a wrong client secret and is parked in
 /// `needs_login` (one token request so far).
 async fn parked() -> Parked {
-    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
-        .await
-        .unwrap();
+    let sandbox = common::sandbox().await;
     let secret_dir = tempfile::tempdir().unwrap();
     let secret = secret_dir.path().join("niko.secret");
     write_secret(&secret, "a-wrong-secret");
@@ -265,9 +263,7 @@ fn sync_with(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_endpoint_that_refuses_connections_fails_the_run_naming_host_and_port() {
-    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
-        .await
-        .unwrap();
+    let sandbox = common::sandbox().await;
     let port = common::free_port();
     let since = Instant::now();
     let run = sync_with_token_url(&sandbox, &format!("http://127.0.0.1:{port}/token"));
@@ -288,9 +284,7 @@ async fn a_token_endpoint_that_refuses_connections_fails_the_run_naming_host_and
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_endpoint_with_an_untrusted_certificate_fails_naming_the_certificate_problem() {
-    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
-        .await
-        .unwrap();
+    let sandbox = common::sandbox().await;
     // A TLS server whose certificate nobody issued.
     let dir = tempfile::tempdir().unwrap();
     let server = common::tls::self_signed(dir.path());
@@ -308,9 +302,7 @@ async fn a_token_endpoint_with_an_untrusted_certificate_fails_naming_the_certifi
 
 #[tokio::test(flavor = "multi_thread")]
 async fn check_config_ends_with_the_hosts_a_firewall_must_allow() {
-    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
-        .await
-        .unwrap();
+    let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         "{}{}",
@@ -344,9 +336,7 @@ async fn check_config_ends_with_the_hosts_a_firewall_must_allow() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_ca_file_trusts_a_private_certificate_authority() {
-    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
-        .await
-        .unwrap();
+    let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().unwrap();
     let server = common::tls::private_ca(dir.path());
     let (port, ca) = (server.port, server.ca.clone().unwrap());
@@ -383,9 +373,7 @@ async fn agent_ca_file_trusts_a_private_certificate_authority() {
 /// every command failed with only "cannot set up the HTTP client: builder error".
 #[tokio::test(flavor = "multi_thread")]
 async fn a_machine_without_ca_certificates_is_told_to_install_them_or_set_agent_ca_file() {
-    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
-        .await
-        .unwrap();
+    let sandbox = common::sandbox().await;
     // rustls-native-certs reads only these when they are set.
     let no_roots = [
         ("SSL_CERT_FILE", "/nonexistent/ca-certificates.crt"),
@@ -454,9 +442,7 @@ async fn connect_proxy() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn https_proxy_carries_token_requests_and_no_proxy_bypasses_it() {
-    let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
-        .await
-        .unwrap();
+    let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().unwrap();
     let server = common::tls::private_ca(dir.path());
     let port = server.port;

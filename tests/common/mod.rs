@@ -8,6 +8,18 @@ use std::process::{Command, Output};
 pub mod agent;
 pub mod tls;
 
+/// The vendor sandbox on loopback, on the real clock, with the vendors' documented token
+/// lifetimes.
+pub async fn sandbox() -> ehrsync::sandbox::Sandbox {
+    ehrsync::sandbox::Sandbox::start(
+        std::sync::Arc::new(ehrsync::clock::SystemClock),
+        ehrsync::sandbox::Lifetimes::documented(),
+        0,
+    )
+    .await
+    .unwrap()
+}
+
 pub struct Run {
     pub code: Option<i32>,
     pub stdout: String,
