@@ -169,14 +169,10 @@ fn agent_config(sandbox: &Sandbox, port: u16) -> String {
         "[[accounts.niko.jobs]]\nname = 'patients'\nkind = 'nikohealth_patients'\nschedule = '0 0 * * * *'\n",
     );
     // The right client, the wrong password: rejected, so the account parks in needs_login.
-    let nx = sandbox::NEXTECH_CREDENTIALS;
-    config.push_str(&format!(
-        "[accounts.bad]\nvendor = 'nextech'\ntoken_url = '{}'\nclient_id = '{}'\n\
-         client_secret = {{ env = 'SANDBOX_NEXTECH_SECRET' }}\nusername = '{}'\n\
-         password = {{ env = 'BAD_NEXTECH_PASSWORD' }}\npractice_id = '1001'\n",
-        sandbox.token_url(Vendor::Nextech),
-        nx.client_id,
-        nx.username
+    config.push_str(&common::nextech_with_password_from(
+        sandbox,
+        "bad",
+        "BAD_NEXTECH_PASSWORD",
     ));
     config
 }

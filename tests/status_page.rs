@@ -46,14 +46,10 @@ fn config(sandbox: &Sandbox) -> String {
         "[[accounts.niko.jobs]]\nname = 'patients'\nkind = 'nikohealth_patients'\n\
          schedule = '0 30 2 * * *'\n",
     );
-    let nx = sandbox::NEXTECH_CREDENTIALS;
-    config.push_str(&format!(
-        "[accounts.bad]\nvendor = 'nextech'\ntoken_url = '{}'\nclient_id = '{}'\n\
-         client_secret = {{ env = 'SANDBOX_NEXTECH_SECRET' }}\nusername = '{}'\n\
-         password = {{ env = 'BAD_NEXTECH_PASSWORD' }}\npractice_id = '1001'\n",
-        sandbox.token_url(Vendor::Nextech),
-        nx.client_id,
-        nx.username
+    config.push_str(&common::nextech_with_password_from(
+        sandbox,
+        "bad",
+        "BAD_NEXTECH_PASSWORD",
     ));
     config
 }

@@ -20,6 +20,24 @@ pub async fn sandbox() -> ehrsync::sandbox::Sandbox {
     .unwrap()
 }
 
+/// A sandbox Nextech account `name` whose password is read from `$password_env`: set it to
+/// anything but the sandbox's password and the account is refused and parks in `needs_login`.
+pub fn nextech_with_password_from(
+    sandbox: &ehrsync::sandbox::Sandbox,
+    name: &str,
+    password_env: &str,
+) -> String {
+    let nx = ehrsync::sandbox::NEXTECH_CREDENTIALS;
+    format!(
+        "[accounts.{name}]\nvendor = 'nextech'\ntoken_url = '{}'\nclient_id = '{}'\n\
+         client_secret = {{ env = 'SANDBOX_NEXTECH_SECRET' }}\nusername = '{}'\n\
+         password = {{ env = '{password_env}' }}\npractice_id = '1001'\n",
+        sandbox.token_url(ehrsync::vendor::Vendor::Nextech),
+        nx.client_id,
+        nx.username
+    )
+}
+
 pub struct Run {
     pub code: Option<i32>,
     pub stdout: String,
