@@ -220,6 +220,27 @@ fn create_key_file(path: &Path) -> Result<(), KeyError> {
     Ok(())
 }
 
+/// SHA-256 of `data`: the fingerprint of a record's content or a view's definition (not a
+/// secret's: those are keyed, see the credentials fingerprint).
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// [`sha256`] as lower-case hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    sha256(data)
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            use std::fmt::Write as _;
+            // Writing to a String cannot fail.
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

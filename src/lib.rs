@@ -23,3 +23,4 @@ pub mod store;
 pub mod sync;
 pub mod token;
 pub mod vendor;
+pub mod views;

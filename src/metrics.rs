@@ -20,6 +20,10 @@ pub struct Metrics {
     pub token_refresh_lateness: Histogram,
     pub sync_runs: IntCounterVec,
     pub sync_records: IntCounterVec,
+    /// Records created, updated and deleted by pull runs (`changes` rows written).
+    pub sync_changes: IntCounterVec,
+    /// Records a materialised view could not evaluate (they have no rows in it).
+    pub view_errors: IntCounterVec,
     pub sync_duration: HistogramVec,
     pub sync_last_success: GaugeVec,
     pub api_requests: IntCounterVec,
@@ -95,6 +99,20 @@ impl Metrics {
                 ),
                 &["account", "job"],
             )?,
+            sync_changes: IntCounterVec::new(
+                Opts::new(
+                    "ehrsync_sync_changes_total",
+                    "Records created, updated or deleted by pull runs (kind: created, updated, deleted).",
+                ),
+                &["account", "job", "kind"],
+            )?,
+            view_errors: IntCounterVec::new(
+                Opts::new(
+                    "ehrsync_view_errors_total",
+                    "Records a materialised SQL-on-FHIR view could not evaluate (they have no rows in it).",
+                ),
+                &["view"],
+            )?,
             sync_duration: HistogramVec::new(
                 HistogramOpts::new(
                     "ehrsync_sync_duration_seconds",
@@ -158,6 +176,8 @@ impl Metrics {
             Box::new(m.token_refresh_lateness.clone()),
             Box::new(m.sync_runs.clone()),
             Box::new(m.sync_records.clone()),
+            Box::new(m.sync_changes.clone()),
+            Box::new(m.view_errors.clone()),
             Box::new(m.sync_duration.clone()),
             Box::new(m.sync_last_success.clone()),
             Box::new(m.api_requests.clone()),
@@ -192,6 +212,13 @@ impl Metrics {
     pub fn sync_runs(&self, account: &str, job: &str, outcome: &str) -> u64 {
         self.sync_runs
             .get_metric_with_label_values(&[account, job, outcome])
+            .map_or(0, |c| c.get())
+    }
+
+    /// `ehrsync_sync_changes_total` for one kind.
+    pub fn sync_changes(&self, account: &str, job: &str, kind: &str) -> u64 {
+        self.sync_changes
+            .get_metric_with_label_values(&[account, job, kind])
             .map_or(0, |c| c.get())
     }
 

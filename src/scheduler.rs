@@ -118,24 +118,30 @@ pub fn run_at_start(
 /// starts at once. On stop, waits for the run in progress (which sees `stop` itself) and
 /// returns.
 ///
+/// `reconcile` is a second schedule whose occurrences start a run too, with `start(true)`: a
+/// reconcile due while a run is in progress is not lost but carried by the next run that
+/// starts.
+///
 /// The run task belongs to this one: aborting (or dropping) the task driving the schedule
 /// aborts the run in progress too, so a run cut off by a stop can never go on by itself.
 pub async fn drive<S, Fut>(
     schedule: Schedule,
+    reconcile: Option<Schedule>,
     clock: SharedClock,
     mut stop: watch::Receiver<bool>,
     run_now: bool,
     mut start: S,
     mut hooks: impl Hooks,
 ) where
-    S: FnMut() -> Fut + Send + 'static,
+    S: FnMut(bool) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut running: Option<AbortOnDrop> = None;
     if run_now {
-        running = Some(AbortOnDrop(tokio::spawn(start())));
+        running = Some(AbortOnDrop(tokio::spawn(start(false))));
     }
     let mut last_due: Option<DateTime<Utc>> = None;
+    let mut reconcile_pending = false;
     loop {
         let now = to_utc(clock.now());
         // Never fire the same occurrence twice, even if the wall clock steps back; after a
@@ -144,6 +150,7 @@ pub async fn drive<S, Fut>(
             Some(d) => d.max(now - chrono::Duration::seconds(1)),
             None => now,
         };
+        let sweep_due = reconcile.as_ref().and_then(|r| r.next_after(after));
         let Some(due) = schedule.next_after(after) else {
             tracing::warn!(
                 schedule = schedule.as_str(),
@@ -151,14 +158,22 @@ pub async fn drive<S, Fut>(
             );
             break;
         };
+        let (due, sweep) = match sweep_due {
+            Some(s) if s <= due => (s, true),
+            _ => (due, false),
+        };
         tokio::select! {
             _ = sleep_until(&clock, due) => {}
             _ = stop.wait_for(|s| *s) => break,
         }
         last_due = Some(due);
+        reconcile_pending |= sweep;
         match &running {
             Some(run) if !run.0.is_finished() => hooks.skipped(due),
-            _ => running = Some(AbortOnDrop(tokio::spawn(start()))),
+            _ => {
+                running = Some(AbortOnDrop(tokio::spawn(start(reconcile_pending))));
+                reconcile_pending = false;
+            }
         }
     }
     if let Some(mut run) = running {

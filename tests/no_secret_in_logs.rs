@@ -12,7 +12,7 @@ use base64::Engine as _;
 use ehrsync::clock::{SharedClock, TokioClock};
 use ehrsync::config::{self, Env};
 use ehrsync::sandbox::{self, ApiFault, Fault, Lifetimes, Sandbox};
-use ehrsync::sync::{JobRunner, Outcome, SyncShared, api_client};
+use ehrsync::sync::{JobRunner, Outcome, RunOptions, SyncShared, api_client};
 use ehrsync::token::Timestamp;
 use ehrsync::vendor::Vendor;
 
@@ -111,13 +111,7 @@ async fn no_secret_or_token_in_trace_logs_or_the_database() {
     // Pulls, with a revoked token, a malformed page and a server error on the way.
     let patients = 120;
     sandbox.set_patients(patients);
-    let sync = SyncShared {
-        store: shared.store.clone(),
-        http: api_client().unwrap(),
-        clock: shared.clock.clone(),
-        metrics: shared.metrics.clone(),
-        holder: shared.holder.clone(),
-    };
+    let sync = SyncShared::new(&shared, api_client().unwrap());
     let (_never, no_stop) = tokio::sync::watch::channel(false);
     // Accounts are sorted by name: bad, cc, niko, nx.
     for (vendor, index) in [(Vendor::Nextech, 3), (Vendor::NikoHealth, 2)] {
@@ -146,13 +140,16 @@ async fn no_secret_or_token_in_trace_logs_or_the_database() {
             sync.clone(),
         );
         assert_eq!(
-            runner.run_once(false, &no_stop).await.outcome,
+            runner
+                .run_once(RunOptions::default(), &no_stop)
+                .await
+                .outcome,
             Outcome::Failed
         );
         // With 2-minute tokens, a proactive refresh can land between the revocation and the
         // retry, and the run then fails earlier, leaving faults queued: clear them.
         sandbox.clear_api_faults(vendor);
-        let second = runner.run_once(false, &no_stop).await;
+        let second = runner.run_once(RunOptions::default(), &no_stop).await;
         assert_eq!(second.outcome, Outcome::Success, "{second}");
     }
     common::stop_all(handles, shutdown).await;

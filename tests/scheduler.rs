@@ -27,7 +27,7 @@ fn start_job(
 ) -> (Fires, tokio::task::JoinHandle<()>) {
     let fires: Fires = Arc::default();
     let (record, run_clock) = (fires.clone(), clock.clone());
-    let start = move || {
+    let start = move |_reconcile: bool| {
         let (record, clock) = (record.clone(), run_clock.clone());
         async move {
             record.lock().unwrap().push(clock.now().unix_millis());
@@ -35,6 +35,7 @@ fn start_job(
     };
     let task = tokio::spawn(drive(
         Schedule::parse(schedule).unwrap(),
+        None,
         clock.clone(),
         stop.clone(),
         false,
@@ -158,7 +159,7 @@ async fn stopping_waits_for_the_run_in_progress() {
     let (stop_tx, stop) = watch::channel(false);
     let finished = Arc::new(Mutex::new(false));
     let flag = finished.clone();
-    let start = move || {
+    let start = move |_reconcile: bool| {
         let flag = flag.clone();
         async move {
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -167,6 +168,7 @@ async fn stopping_waits_for_the_run_in_progress() {
     };
     let task = tokio::spawn(drive(
         Schedule::parse("0 0 0 1 1 *").unwrap(),
+        None,
         clock,
         stop,
         true,

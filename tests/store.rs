@@ -6,7 +6,10 @@ mod common;
 use std::path::Path;
 
 use common::{ehrsync, write_config};
-use ehrsync::store::{self, Store, StoreError};
+use std::time::Duration;
+
+use ehrsync::store::{self, PageRow, Store, StoreError};
+use ehrsync::views::ViewSet;
 
 async fn migration_rows(store: &Store) -> Vec<(i64, Vec<u8>)> {
     sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations ORDER BY version")
@@ -139,19 +142,22 @@ async fn a_database_from_a_newer_version_is_refused() {
     assert!(matches!(err, StoreError::TooNew { .. }), "{err}");
 }
 
-#[tokio::test]
-async fn the_patients_view_flattens_fhir_patients() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("e.db")).await.unwrap();
-    let patient = r#"{"resourceType":"Patient","id":"p1","gender":"female","birthDate":"1980-02-03",
-        "name":[{"use":"nickname","given":["Jo"]},{"use":"official","family":"Smith","given":["Joanna","Q"]}]}"#;
-    let unnamed = r#"{"resourceType":"Patient","id":"p2"}"#;
-    let other = r#"{"resourceType":"Encounter","id":"e1"}"#;
-    for (rt, id, data) in [
-        ("Patient", "p1", patient),
-        ("Patient", "p2", unnamed),
-        ("Encounter", "e1", other),
-    ] {
+/// A database at schema version 5 holding `rows` (resource type, id, JSON), as an older
+/// ehrsync left it.
+async fn version_5_database(path: &Path, rows: &[(&str, &str, &str)]) {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    let mut old = sqlx::migrate::Migrator::DEFAULT;
+    old.migrations = store::MIGRATOR
+        .iter()
+        .filter(|m| m.version <= 5)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    old.run(&pool).await.unwrap();
+    for (rt, id, data) in rows {
         sqlx::query(
             "INSERT INTO resources (account, resource_type, id, last_updated, data, synced_at) \
              VALUES ('a', ?, ?, '2026-01-01T00:00:00Z', ?, 1)",
@@ -159,38 +165,114 @@ async fn the_patients_view_flattens_fhir_patients() {
         .bind(rt)
         .bind(id)
         .bind(data)
-        .execute(store.pool())
+        .execute(&pool)
         .await
         .unwrap();
     }
-    type Row = (
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
+    pool.close().await;
+}
+
+type PatientRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+async fn patients(store: &Store) -> Vec<PatientRow> {
+    sqlx::query_as(
         "SELECT account, id, family, given, birth_date, gender FROM patients ORDER BY id",
     )
     .fetch_all(store.pool())
     .await
-    .unwrap();
-    assert_eq!(
-        rows,
-        vec![
-            (
-                "a".into(),
-                "p1".into(),
-                Some("Smith".into()),
-                Some("Joanna Q".into()),
-                Some("1980-02-03".into()),
-                Some("female".into())
-            ),
-            ("a".into(), "p2".into(), None, None, None, None),
-        ]
-    );
+    .unwrap()
+}
+
+/// The `patients` table is filled by migration 0006 from an older database's records, and by
+/// each page's transaction since: both give the same rows (the migration's SQL and
+/// `views::patients` follow one rule).
+#[tokio::test]
+async fn the_patients_table_is_the_same_whether_migrated_or_pulled() {
+    let patient = r#"{"resourceType":"Patient","id":"p1","gender":"female","birthDate":"1980-02-03",
+        "name":[{"use":"nickname","given":["Jo"]},{"use":"official","family":"Smith","given":["Joanna","Q"]}]}"#;
+    let first_name = r#"{"resourceType":"Patient","id":"p3","name":[{"family":"Lee","given":["Al"]},{"family":"X"}]}"#;
+    let unnamed = r#"{"resourceType":"Patient","id":"p2"}"#;
+    let other = r#"{"resourceType":"Encounter","id":"e1"}"#;
+    let niko = r#"{"id":7,"firstName":"Ann","middleName":"B","lastName":"Ng","dateOfBirth":"1990-04-05T00:00:00","gender":"Female"}"#;
+    let records = [
+        ("Patient", "p1", patient),
+        ("Patient", "p2", unnamed),
+        ("Patient", "p3", first_name),
+        ("Encounter", "e1", other),
+        ("NikoHealthPatient", "7", niko),
+    ];
+    let expected: Vec<PatientRow> = vec![
+        (
+            "a".into(),
+            "7".into(),
+            Some("Ng".into()),
+            Some("Ann B".into()),
+            Some("1990-04-05".into()),
+            Some("female".into()),
+        ),
+        (
+            "a".into(),
+            "p1".into(),
+            Some("Smith".into()),
+            Some("Joanna Q".into()),
+            Some("1980-02-03".into()),
+            Some("female".into()),
+        ),
+        ("a".into(), "p2".into(), None, None, None, None),
+        (
+            "a".into(),
+            "p3".into(),
+            Some("Lee".into()),
+            Some("Al".into()),
+            None,
+            None,
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let migrated = dir.path().join("old.db");
+    version_5_database(&migrated, &records).await;
+    let store = Store::open(&migrated).await.unwrap();
+    assert_eq!(patients(&store).await, expected);
+    store.close().await;
+
+    let store = Store::open(&dir.path().join("new.db")).await.unwrap();
+    let holder = ehrsync::store::Holder::this_process();
+    for (rt, id, data) in records {
+        let key = ehrsync::store::LeaseKey::job("a", rt);
+        let lease = store
+            .acquire(&key, &holder, 1, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        let run = store.begin_run(&lease, "a", rt, false, 1).await.unwrap();
+        let mut row = PageRow::new(
+            id.into(),
+            None,
+            Some("2026-01-01T00:00:00Z".into()),
+            data.into(),
+        );
+        row.derived = ViewSet::default().derive(rt, data);
+        store
+            .commit_page(
+                &lease,
+                run.run_id,
+                "a",
+                rt,
+                vec![row],
+                1,
+                &ViewSet::default(),
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(patients(&store).await, expected);
 }
 
 const TWO_ACCOUNTS: &str = r#"

@@ -13,7 +13,7 @@ use ehrsync::clock::{SharedClock, TokioClock};
 use ehrsync::config::{self, Account, Env};
 use ehrsync::sandbox::{self, ApiFault, Fault, Lifetimes, Sandbox, fhir_id};
 use ehrsync::store::shielded;
-use ehrsync::sync::{JobRunner, Mode, Outcome, RunSummary, SyncShared, api_client};
+use ehrsync::sync::{JobRunner, Mode, Outcome, RunOptions, RunSummary, SyncShared, api_client};
 use ehrsync::token::Timestamp;
 use ehrsync::token::owner::{Shared, TokenHandle, spawn};
 use ehrsync::vendor::Vendor;
@@ -68,13 +68,7 @@ async fn start_edited(
     let shared = common::shared_in(dir.path(), clock.clone()).await;
     let (owner_stop, rx) = watch::channel(false);
     let (tokens, owner) = spawn(account.clone(), shared.clone(), rx).await.unwrap();
-    let sync = SyncShared {
-        store: shared.store.clone(),
-        http: api_client().unwrap(),
-        clock,
-        metrics: shared.metrics.clone(),
-        holder: shared.holder.clone(),
-    };
+    let sync = SyncShared::new(&shared, api_client().unwrap());
     let (no_stop_tx, no_stop) = watch::channel(false);
     Harness {
         _dir: dir,
@@ -107,7 +101,11 @@ impl Harness {
     }
 
     async fn run(&self, full: bool) -> RunSummary {
-        self.runner().run_once(full, &self.no_stop).await
+        let options = RunOptions {
+            full,
+            ..RunOptions::default()
+        };
+        self.runner().run_once(options, &self.no_stop).await
     }
 
     async fn scalar(&self, sql: &'static str) -> i64 {
@@ -157,7 +155,7 @@ impl Harness {
     async fn spawn_run_until_pages(&self, pages: i64) -> tokio::task::JoinHandle<RunSummary> {
         let runner = self.runner();
         let stop = self.no_stop.clone();
-        let run = tokio::spawn(async move { runner.run_once(false, &stop).await });
+        let run = tokio::spawn(async move { runner.run_once(RunOptions::default(), &stop).await });
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let runs = self.shared.store.runs(ACCOUNT, "patients").await.unwrap();
@@ -750,7 +748,7 @@ async fn a_shutdown_mid_run_keeps_the_written_pages_and_records_interrupted() {
     );
     let (stop_tx, stop) = watch::channel(false);
     let runner = h.runner();
-    let run = tokio::spawn(async move { runner.run_once(false, &stop).await });
+    let run = tokio::spawn(async move { runner.run_once(RunOptions::default(), &stop).await });
     tokio::time::sleep(Duration::from_secs(60)).await;
     let stopped_at = tokio::time::Instant::now();
     stop_tx.send(true).unwrap();

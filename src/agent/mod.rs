@@ -32,7 +32,7 @@ use crate::metrics::Metrics;
 use crate::notify;
 use crate::scheduler;
 use crate::signals::Control;
-use crate::store::{Store, StoreError};
+use crate::store::{Prepared, Store, StoreError};
 use crate::sync::{JobRunner, SyncShared, api_client};
 use crate::token::client::http_client;
 use crate::token::owner::{Shared, TokenHandle, spawn};
@@ -88,12 +88,27 @@ pub async fn open_engine(
         Metrics::new()?,
     )
     .with_config_path(&config.path);
+    let prepared = store
+        .prepare_views(&config.views, clock.now().unix_seconds())
+        .await?;
+    for p in prepared {
+        match p {
+            Prepared::Current { .. } => {}
+            Prepared::Built {
+                name,
+                records,
+                rows,
+            } => tracing::info!(view = %name, records, rows,
+                "built the view's table from the stored records (new or changed definition)"),
+            Prepared::Dropped { name } => {
+                tracing::info!(view = %name, "dropped the table of a view no longer configured")
+            }
+        }
+    }
     let sync = SyncShared {
-        store,
-        http: api_client()?,
-        clock,
-        metrics: shared.metrics.clone(),
-        holder: shared.holder.clone(),
+        views: config.views.clone(),
+        changes_retention: config.agent.changes_retention,
+        ..SyncShared::new(&shared, api_client()?)
     };
     Ok((shared, sync))
 }
@@ -141,6 +156,7 @@ pub async fn run(
         env_overrides: config.env_overrides.clone(),
         agent: config.agent.clone(),
         accounts: config.accounts.clone(),
+        views: config.views.clone(),
     }));
     let started = chrono::DateTime::from_timestamp_millis(clock.now().unix_millis())
         .unwrap_or_else(chrono::Utc::now);
@@ -437,7 +453,13 @@ impl Agent {
             env_overrides: config.env_overrides.clone(),
             agent: self.settings.clone(),
             accounts: config.accounts.clone(),
+            views: self.sync.views.clone(),
         });
+        if config.views.fingerprints() != self.sync.views.fingerprints() {
+            tracing::warn!(
+                "the [[views]] changed; views are read at start: restart the agent to apply them"
+            );
+        }
         let changes = plan(
             self.accounts
                 .values()
@@ -478,6 +500,10 @@ impl Agent {
                 old.metrics_listen != new.metrics_listen,
             ),
             ("agent.token_key", old.token_key != new.token_key),
+            (
+                "agent.changes_retention",
+                old.changes_retention != new.changes_retention,
+            ),
         ] {
             if changed {
                 tracing::warn!(
@@ -646,16 +672,20 @@ pub async fn schedule_job(
             .with_label_values(&labels)
             .set(gap.as_secs_f64());
     }
-    let schedule = runner.job.schedule.clone();
+    let (schedule, reconcile) = (runner.job.schedule.clone(), runner.job.reconcile.clone());
     let (run_stop, skipping) = (stop.clone(), runner.clone());
-    let start = move || {
+    let start = move |reconcile: bool| {
         let (runner, stop) = (runner.clone(), run_stop.clone());
+        let options = crate::sync::RunOptions {
+            reconcile,
+            ..crate::sync::RunOptions::default()
+        };
         async move {
-            runner.run_once(false, &stop).await;
+            runner.run_once(options, &stop).await;
         }
     };
     let skipped = move |due| skipping.skipped(due);
     Ok(tokio::spawn(scheduler::drive(
-        schedule, clock, stop, due, start, skipped,
+        schedule, reconcile, clock, stop, due, start, skipped,
     )))
 }

@@ -30,6 +30,7 @@ impl fmt::Display for Plan<'_> {
             env_overrides,
             agent,
             accounts,
+            views,
         } = &self.0.config;
         writeln!(out, "config: {}", path.display())?;
         if !env_overrides.is_empty() {
@@ -55,8 +56,25 @@ impl fmt::Display for Plan<'_> {
                 ca.display()
             )?;
         }
+        writeln!(
+            out,
+            "  changes_retention {}",
+            humantime::format_duration(agent.changes_retention)
+        )?;
         for account in accounts {
             render_account(out, account)?;
+        }
+        for v in views.all() {
+            let columns: Vec<&str> = v.columns.iter().map(|c| c.name.as_str()).collect();
+            writeln!(
+                out,
+                "\n[[views]] {} → table {} ({} records; columns {})\n  file {}",
+                v.name,
+                v.table,
+                v.resource_type,
+                columns.join(", "),
+                v.file.display()
+            )?;
         }
         if !self.0.warnings.is_empty() {
             writeln!(out, "\nwarnings:")?;
@@ -231,11 +249,25 @@ fn render_account(out: &mut fmt::Formatter<'_>, a: &Account) -> fmt::Result {
             j.schedule.as_str()
         )?;
         match &j.kind {
-            crate::config::JobKind::Fhir { overlap, .. } => writeln!(
-                out,
-                "      incremental on meta.lastUpdated, {} overlap",
-                humantime::format_duration(*overlap)
-            )?,
+            crate::config::JobKind::Fhir { overlap, .. } => {
+                writeln!(
+                    out,
+                    "      incremental on meta.lastUpdated, {} overlap",
+                    humantime::format_duration(*overlap)
+                )?;
+                match &j.reconcile {
+                    Some(r) => writeln!(
+                        out,
+                        "      reconcile \"{}\": sweep every id, delete at most {:.1} % at once",
+                        r.as_str(),
+                        j.reconcile_max_delete * 100.0
+                    )?,
+                    None => writeln!(
+                        out,
+                        "      deletions reconciled by full runs and `sync --reconcile` (no reconcile schedule)"
+                    )?,
+                }
+            }
             crate::config::JobKind::NikohealthPatients(p) => writeln!(
                 out,
                 "      GET {}?{}={}..&{}={}, records at \"{}\", id field {}, updated field {}",
@@ -247,7 +279,14 @@ fn render_account(out: &mut fmt::Formatter<'_>, a: &Account) -> fmt::Result {
                 p.items,
                 p.id_field,
                 p.updated_field.as_deref().unwrap_or("(none)")
-            )?,
+            )
+            .and_then(|()| {
+                writeln!(
+                    out,
+                    "      each completed run reconciles deletions (at most {:.1} % at once)",
+                    j.reconcile_max_delete * 100.0
+                )
+            })?,
         }
     }
     Ok(())

@@ -1,13 +1,16 @@
 //! The command line: argument definitions and one module per command. Commands print their
 //! results on stdout and their errors on stderr, and map failures to the documented exit codes.
 
+mod changes;
 mod check_config;
 mod demo;
 mod doctor;
+mod export;
 mod login;
 mod output;
 pub(crate) mod status;
 mod sync;
+mod views;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +72,14 @@ pub enum Command {
         /// Pull everything, ignoring the watermark of the last completed run.
         #[arg(long)]
         full: bool,
+        /// After the pull, read every id the vendor holds and mark deleted the stored records
+        /// it no longer returns (a full pull or a whole list does this anyway).
+        #[arg(long)]
+        reconcile: bool,
+        /// Apply the reconcile even when it would delete more than the job's
+        /// reconcile_max_delete (once: the vendor really deleted that many).
+        #[arg(long)]
+        force: bool,
     },
     /// Log an account in: for accounts whose grant needs a person (authorization_code), open
     /// the provider's login page and receive the result on a loopback redirect (PKCE, state,
@@ -122,6 +133,41 @@ pub enum Command {
         #[arg(long, default_value_t = 9870)]
         metrics_port: u16,
     },
+    /// Show what the pulls changed, oldest first: records created, updated and deleted (by a
+    /// reconcile), from the database's change log.
+    Changes {
+        /// Only this account's changes.
+        account: Option<String>,
+        /// Only changes to this resource type (Patient, NikoHealthPatient, …).
+        #[arg(long)]
+        resource: Option<String>,
+        /// Start after this seq (a number, as printed), or at a time (2026-11-30T08:00:00Z,
+        /// 2026-11-30, or a duration back from now such as 24h).
+        #[arg(long, value_parser = changes::parse_since)]
+        since: Option<changes::Since>,
+        #[arg(long, value_enum, default_value_t = changes::Format::Table)]
+        format: changes::Format,
+    },
+    /// Write a view's table ([[views]] name, or `patients`) or the live records of a resource
+    /// type (Patient, …) as CSV or NDJSON, streamed from the database.
+    Export {
+        /// A view name, `patients`, or a resource type.
+        what: String,
+        /// Only this account's rows.
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long, value_enum, default_value_t = export::Format::Csv)]
+        format: export::Format,
+        /// Write to this file (complete or not at all) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The SQL-on-FHIR views of [[views]]: list them, or rebuild their tables from the stored
+    /// records.
+    Views {
+        #[command(subcommand)]
+        action: ViewsAction,
+    },
     /// Show each account's token state and each job's last and next run, from the database.
     Status {
         /// Print JSON instead of a table.
@@ -149,6 +195,17 @@ impl Command {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum ViewsAction {
+    /// Each view: its table, row count, resource type, columns and file.
+    List,
+    /// Rebuild the table of the view named (all views without a name) from the stored records.
+    Rebuild {
+        /// The view's name (its ViewDefinition's `name`).
+        name: Option<String>,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
 pub enum ServiceAction {
     /// Register the Windows service `ehrsync` (from an elevated prompt).
@@ -174,8 +231,45 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Run => run_agent(&cli.config).await,
         Command::CheckConfig => check_config::run(&cli.config),
         Command::Status { json } => status::run(&cli.config, json).await,
+        Command::Changes {
+            account,
+            resource,
+            since,
+            format,
+        } => changes::run(&cli.config, account, resource, since, format).await,
+        Command::Export {
+            what,
+            account,
+            format,
+            out,
+        } => {
+            let args = export::Args {
+                what,
+                account,
+                format,
+                out,
+            };
+            export::run(&cli.config, args).await
+        }
+        Command::Views { action } => match action {
+            ViewsAction::List => views::list(&cli.config).await,
+            ViewsAction::Rebuild { name } => views::rebuild(&cli.config, name).await,
+        },
         Command::Doctor { account } => doctor::run(&cli.config, account.as_deref()).await,
-        Command::Sync { account, job, full } => sync::run(&cli.config, &account, &job, full).await,
+        Command::Sync {
+            account,
+            job,
+            full,
+            reconcile,
+            force,
+        } => {
+            let options = crate::sync::RunOptions {
+                full,
+                reconcile,
+                force,
+            };
+            sync::run(&cli.config, &account, &job, options).await
+        }
         Command::Login {
             account,
             no_browser,
@@ -331,6 +425,34 @@ fn load_for_account(
         tracing::warn!(key = %w.key, "{}", w.message);
     }
     Ok(loaded.config)
+}
+
+/// Loads the config without reading any secret (for commands that only read or rebuild the
+/// database), printing every problem and returning the exit code on failure.
+fn load_without_secrets(path: &std::path::Path) -> Result<Loaded, ExitCode> {
+    let loaded = config::load_scoped(path, &config::Env::from_process(), &config::Secrets::None)
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        })?;
+    for w in &loaded.warnings {
+        tracing::warn!(key = %w.key, "{}", w.message);
+    }
+    Ok(loaded)
+}
+
+/// The config (no secrets read) and its database opened read-only (`None`: none exists yet).
+async fn open_database(
+    path: &std::path::Path,
+) -> Result<(config::Config, Option<crate::store::Store>), ExitCode> {
+    let config = load_without_secrets(path)?.config;
+    match crate::store::Store::open_read_only(&config.agent.database).await {
+        Ok(store) => Ok((config, store)),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(EXIT_FAILURE))
+        }
+    }
 }
 
 /// Loads the config for a command, printing every problem and returning the exit code on failure.

@@ -1,4 +1,4 @@
-//! `ehrsync sync ACCOUNT JOB [--full]`: one run of one job now, with the same token handling,
+//! `ehrsync sync ACCOUNT JOB [--full] [--reconcile [--force]]`: one run of one job now, with the same token handling,
 //! leases and bookkeeping as the agent (so it may run beside `ehrsync run` on one database),
 //! then a one-line summary. Ctrl-C or SIGTERM stops it between pages, as `interrupted`.
 
@@ -10,9 +10,9 @@ use tokio::sync::watch;
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{self, Config};
-use crate::sync::{JobRunner, Outcome};
+use crate::sync::{JobRunner, Outcome, RunOptions};
 
-pub async fn run(config_path: &Path, account: &str, job: &str, full: bool) -> ExitCode {
+pub async fn run(config_path: &Path, account: &str, job: &str, options: RunOptions) -> ExitCode {
     let env = config::Env::from_process();
     let mut config = match super::load_for_account(config_path, &env, account) {
         Ok(c) => c,
@@ -62,7 +62,7 @@ pub async fn run(config_path: &Path, account: &str, job: &str, full: bool) -> Ex
         }
     });
     let runner = JobRunner::new(account, job, handle, sync);
-    let summary = runner.run_once(full, &stop).await;
+    let summary = runner.run_once(options, &stop).await;
     signals.abort();
     let _ = owner_stop_tx.send(true);
     let _ = owner.await;

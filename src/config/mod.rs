@@ -37,6 +37,8 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9870";
 /// Default for `agent.shutdown_grace`; `systemd/ehrsync.service`'s `TimeoutStopSec=` is above it.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// The longest `agent.shutdown_grace` accepted.
+/// `agent.changes_retention` unless configured: 90 days.
+pub const DEFAULT_CHANGES_RETENTION: Duration = Duration::from_secs(90 * 86_400);
 pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(600);
 
 /// A validated configuration: what the agent will do.
@@ -49,6 +51,8 @@ pub struct Config {
     pub agent: Agent,
     /// Sorted by name.
     pub accounts: Vec<Account>,
+    /// The `[[views]]`, read and checked (a reload does not change them).
+    pub views: crate::views::ViewSet,
 }
 
 impl Config {
@@ -66,6 +70,8 @@ pub struct Agent {
     pub shutdown_grace: Duration,
     /// Extra certificate authorities (PEM) every HTTPS request trusts (`agent.ca_file`).
     pub ca_file: Option<PathBuf>,
+    /// How long `changes` rows are kept (`agent.changes_retention`).
+    pub changes_retention: Duration,
 }
 
 /// Where the key that encrypts stored tokens comes from. It is read (or created) when the
@@ -294,6 +300,10 @@ pub struct Job {
     pub name: JobName,
     pub kind: JobKind,
     pub schedule: Schedule,
+    /// When a run also sweeps every id and reconciles deletions (`fhir` jobs).
+    pub reconcile: Option<Schedule>,
+    /// The largest fraction of the records of its type a sweep may delete (0–1).
+    pub reconcile_max_delete: f64,
     pub page_size: u32,
     /// How long a run waits for a valid access token before it fails.
     pub token_wait: Duration,
@@ -533,13 +543,14 @@ pub fn load_text(
     let resolved = resolve::root(layered.cache, &mut ctx);
     let (mut problems, mut warnings) = (ctx.problems, ctx.warnings);
     match resolved {
-        Some((agent, accounts)) if problems.is_empty() => {
+        Some((agent, accounts, views)) if problems.is_empty() => {
             warnings.sort_by(|a, b| a.key.cmp(&b.key));
             let config = Config {
                 path: path.to_owned(),
                 env_overrides: overrides.into_iter().map(|(k, _)| k).collect(),
                 agent,
                 accounts,
+                views,
             };
             Ok(Loaded { config, warnings })
         }

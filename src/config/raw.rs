@@ -33,6 +33,16 @@ pub struct RawAgent {
     /// TLS-inspecting firewall or proxy, or a vendor's private CA. Read at start (a reload
     /// does not change it).
     pub ca_file: Option<PathBuf>,
+    /// How long rows of the `changes` log are kept (`ehrsync changes` reads them). Default
+    /// `"90d"`; at least `1h`.
+    pub changes_retention: Option<HumanDuration>,
+}
+
+/// `[[views]]`: a SQL-on-FHIR v2 ViewDefinition kept as the table `view_{name}`.
+#[derive(Deserialize)]
+pub struct RawView {
+    /// The ViewDefinition's JSON file (relative to the config file's directory).
+    pub file: Option<PathBuf>,
 }
 
 /// `[accounts.NAME]`: one vendor account.
@@ -113,6 +123,15 @@ pub struct RawJob {
     /// `meta.lastUpdated` minus this margin (covers clock skew and late commits on the
     /// vendor's side; re-fetched records are simply upserted again). Default `"5m"`.
     pub overlap: Option<HumanDuration>,
+    /// `fhir` jobs: a second cron schedule (six fields, UTC) on which a run also sweeps every
+    /// id the server holds (`_elements=id`) and marks deleted what it no longer returns. Off
+    /// by default (`ehrsync sync ACCOUNT JOB --reconcile` does it once). A
+    /// `nikohealth_patients` run reads the whole list, so each completed run reconciles.
+    pub reconcile: Option<String>,
+    /// The largest share of the account's records of this type one sweep may delete, as a
+    /// percentage (`"10%"`, the default). A sweep that would delete more deletes nothing and
+    /// fails the run with the count (`ehrsync sync … --reconcile --force` overrides once).
+    pub reconcile_max_delete: Option<String>,
     /// `nikohealth_patients` jobs: the list's path below `api_base`.
     /// Default `/api/external/v1/patients`.
     pub path: Option<String>,

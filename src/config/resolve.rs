@@ -10,7 +10,7 @@ use std::time::Duration;
 use url::{Host, Url};
 
 use super::problems::{Overrides, Problem, join, list, parse_section, suggest};
-use super::raw::{HumanDuration, RawAccount, RawAgent, RawJob, RawJobKind};
+use super::raw::{HumanDuration, RawAccount, RawAgent, RawJob, RawJobKind, RawView};
 use super::secret::{self, Secret, SecretSpec};
 use super::{
     Account, AccountName, Agent, DEFAULT_METRICS_LISTEN, DEFAULT_SHUTDOWN_GRACE, Env, Header,
@@ -27,6 +27,8 @@ const MAX_PAGE_SIZE: u32 = 1000;
 const DEFAULT_FHIR_RESOURCE: &str = "Patient";
 const DEFAULT_OVERLAP: Duration = Duration::from_secs(300);
 const DEFAULT_TOKEN_WAIT: Duration = Duration::from_secs(120);
+/// `reconcile_max_delete` unless configured: 10 %.
+const DEFAULT_RECONCILE_MAX_DELETE: f64 = 0.10;
 const MAX_TOKEN_WAIT: Duration = Duration::from_secs(3600);
 const DEFAULT_LIST_PATH: &str = "/api/external/v1/patients";
 
@@ -132,10 +134,13 @@ impl<'a> Ctx<'a> {
     }
 }
 
-const TOP_LEVEL_KEYS: [&str; 2] = ["agent", "accounts"];
+const TOP_LEVEL_KEYS: [&str; 3] = ["agent", "accounts", "views"];
 
 /// Resolves the whole tree; `None` (with problems recorded) when it cannot be used.
-pub fn root(tree: config::Value, ctx: &mut Ctx) -> Option<(Agent, Vec<Account>)> {
+pub fn root(
+    tree: config::Value,
+    ctx: &mut Ctx,
+) -> Option<(Agent, Vec<Account>, crate::views::ViewSet)> {
     let table = match tree.into_table() {
         Ok(t) => t,
         Err(_) => {
@@ -145,6 +150,7 @@ pub fn root(tree: config::Value, ctx: &mut Ctx) -> Option<(Agent, Vec<Account>)>
     };
     let mut agent = None;
     let mut accounts = Vec::new();
+    let mut views = crate::views::ViewSet::default();
     for (key, value) in table {
         match key.as_str() {
             "agent" => {
@@ -153,6 +159,7 @@ pub fn root(tree: config::Value, ctx: &mut Ctx) -> Option<(Agent, Vec<Account>)>
                     .and_then(|raw| resolve_agent(raw, ctx));
             }
             "accounts" => accounts = resolve_accounts(value, ctx),
+            "views" => views = resolve_views(value, ctx),
             other => {
                 let hint = match suggest(other, &TOP_LEVEL_KEYS) {
                     Some(s) => format!("unknown section; did you mean `{s}`?"),
@@ -171,6 +178,7 @@ pub fn root(tree: config::Value, ctx: &mut Ctx) -> Option<(Agent, Vec<Account>)>
                 token_key: None,
                 shutdown_grace: None,
                 ca_file: None,
+                changes_retention: None,
             },
             ctx,
         )?,
@@ -181,7 +189,48 @@ pub fn root(tree: config::Value, ctx: &mut Ctx) -> Option<(Agent, Vec<Account>)>
             "no accounts are configured; the agent has nothing to do",
         );
     }
-    Some((agent, accounts))
+    Some((agent, accounts, views))
+}
+
+/// `[[views]]`: each file read and its ViewDefinition checked now, so a broken one is a config
+/// problem (exit 2) rather than a failed run.
+fn resolve_views(value: config::Value, ctx: &mut Ctx) -> crate::views::ViewSet {
+    let Ok(list) = value.into_array() else {
+        ctx.problem(
+            "views",
+            "must be a list of views: [[views]] with file = \"….json\"",
+        );
+        return crate::views::ViewSet::default();
+    };
+    let mut loaded: Vec<crate::views::Materialised> = Vec::new();
+    for (i, value) in list.into_iter().enumerate() {
+        let key = format!("views[{i}]");
+        let Some(raw) = ctx.parse::<RawView>(&key, value) else {
+            continue;
+        };
+        let Some(file) = raw.file else {
+            ctx.problem(
+                &join(&key, "file"),
+                "missing; name the ViewDefinition's JSON file",
+            );
+            continue;
+        };
+        let file = ctx.path(file);
+        match crate::views::Materialised::load(&file) {
+            Err(e) => ctx.problem(&join(&key, "file"), e.to_string()),
+            Ok(v) => match loaded.iter().position(|o| o.table == v.table) {
+                Some(j) => ctx.problem(
+                    &join(&key, "file"),
+                    format!(
+                        "its view is named `{}`, like the view of views[{j}]; view names must be unique",
+                        v.name
+                    ),
+                ),
+                None => loaded.push(v),
+            },
+        }
+    }
+    crate::views::ViewSet::new(loaded)
 }
 
 fn resolve_agent(raw: RawAgent, ctx: &mut Ctx) -> Option<Agent> {
@@ -279,12 +328,22 @@ fn resolve_agent(raw: RawAgent, ctx: &mut Ctx) -> Option<Agent> {
             Ok(_) => {}
         }
     }
+    let changes_retention = ctx
+        .duration("agent.changes_retention", raw.changes_retention)
+        .unwrap_or(super::DEFAULT_CHANGES_RETENTION);
+    if changes_retention < Duration::from_secs(3600) {
+        ctx.problem(
+            "agent.changes_retention",
+            "is shorter than 1h; readers of `ehrsync changes` need time to catch up",
+        );
+    }
     Some(Agent {
         database,
         metrics_listen,
         token_key,
         shutdown_grace,
         ca_file,
+        changes_retention,
     })
 }
 
@@ -1041,6 +1100,12 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
                         ctx.problem(&k(field), "applies only to kind = \"fhir\"; remove it");
                     }
                 }
+                if raw.reconcile.is_some() {
+                    ctx.problem(
+                        &k("reconcile"),
+                        "applies only to kind = \"fhir\": a nikohealth_patients run reads the whole list, so each completed run reconciles; remove it",
+                    );
+                }
                 list_paging(
                     &jkey,
                     raw.path,
@@ -1070,6 +1135,25 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
             }
             Some(Ok(s)) => Some(s),
         };
+        let reconcile = match raw.reconcile.as_deref().map(Schedule::parse) {
+            None => None,
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                let text = raw.reconcile.as_deref().unwrap_or_default();
+                ctx.problem(&k("reconcile"), schedule_problem(text, &e));
+                None
+            }
+        };
+        let reconcile_max_delete = match raw.reconcile_max_delete.as_deref() {
+            None => DEFAULT_RECONCILE_MAX_DELETE,
+            Some(text) => match parse_percentage(text) {
+                Ok(f) => f,
+                Err(e) => {
+                    ctx.problem(&k("reconcile_max_delete"), e);
+                    DEFAULT_RECONCILE_MAX_DELETE
+                }
+            },
+        };
         let page_size = raw.page_size.unwrap_or(DEFAULT_PAGE_SIZE);
         if !(1..=MAX_PAGE_SIZE).contains(&page_size) {
             ctx.problem(
@@ -1096,12 +1180,27 @@ fn resolve_jobs(key: &str, raw_jobs: Vec<config::Value>, ctx: &mut Ctx) -> Vec<J
                 name,
                 kind,
                 schedule,
+                reconcile,
+                reconcile_max_delete,
                 page_size,
                 token_wait,
             });
         }
     }
     jobs
+}
+
+/// `"10%"` as 0.1: a percentage from 0 to 100.
+fn parse_percentage(text: &str) -> Result<f64, String> {
+    let number = text
+        .trim()
+        .strip_suffix('%')
+        .map(str::trim)
+        .and_then(|n| n.parse::<f64>().ok())
+        .filter(|n| (0.0..=100.0).contains(n));
+    number.map(|n| n / 100.0).ok_or_else(|| {
+        format!("`{text}` is not a percentage from 0% to 100%; write e.g. \"10%\", the default")
+    })
 }
 
 /// What to say about a schedule that [`Schedule::parse`] refused with `error`. A five-field

@@ -8,12 +8,18 @@
 //! than touched. Read-only opens (for `status`) never create, migrate or modify anything.
 
 mod agents;
+mod changes;
+mod export;
 mod lease;
 mod sync;
+mod views;
 
 pub use agents::AgentRow;
+pub use changes::{ChangeFilter, ChangeRow};
+pub use export::{ExportError, ExportEvent, ExportQuery, ExportValue};
 pub use lease::{Holder, Lease, LeaseKey, LeaseRow, process_started, this_host};
-pub use sync::{JobHistory, PageRow, RunStart};
+pub use sync::{ChangeKind, JobHistory, PageChanges, PageRow, Reconciled, RunStart};
+pub use views::Prepared;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

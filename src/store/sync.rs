@@ -5,25 +5,92 @@
 //! `sync_runs` never claims a page the database does not hold. The watermark is written only in
 //! the transaction that marks a run `success`.
 
+use std::collections::{HashMap, HashSet};
+
 use sqlx::{QueryBuilder, Sqlite};
 // Audited: the only SQL built at run time here is made of `&'static str` fragments chosen by
 // `LeaseKey` (table and key columns); every value is a bound parameter.
 use sqlx::AssertSqlSafe;
 
 use super::{Lease, Store, StoreError};
+use crate::views::patients::is_patient_type;
+use crate::views::{Derived, SqlValue, ViewSet, quote};
 
 /// Rows per INSERT statement: seven bound values each stays far below SQLite's limit of 32,766
 /// variables, and one statement per 500 rows keeps the hops to sqlx's worker thread few.
 const ROWS_PER_STATEMENT: usize = 500;
 
 /// One record of a page, ready to upsert into `resources`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PageRow {
     pub id: String,
     pub version_id: Option<String>,
     pub last_updated: Option<String>,
     /// The vendor's JSON for this record, as received.
     pub data: String,
+    /// SHA-256 of `data`: a record read again unchanged is not an update.
+    pub hash: [u8; 32],
+    /// What it contributes to `patient_rows` and the view tables (the pull's reader fills it
+    /// with [`ViewSet::derive`]).
+    pub derived: Derived,
+}
+
+impl PageRow {
+    pub fn new(
+        id: String,
+        version_id: Option<String>,
+        last_updated: Option<String>,
+        data: String,
+    ) -> PageRow {
+        PageRow {
+            hash: crate::crypto::sha256(data.as_bytes()),
+            id,
+            version_id,
+            last_updated,
+            data,
+            derived: Derived::default(),
+        }
+    }
+}
+
+/// What a change did to a record (`changes.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    Created,
+    Updated,
+    Deleted,
+}
+
+impl ChangeKind {
+    pub const ALL: [ChangeKind; 3] = [
+        ChangeKind::Created,
+        ChangeKind::Updated,
+        ChangeKind::Deleted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Created => "created",
+            ChangeKind::Updated => "updated",
+            ChangeKind::Deleted => "deleted",
+        }
+    }
+}
+
+/// What a page changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageChanges {
+    pub created: u64,
+    pub updated: u64,
+}
+
+/// What a completed sweep found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconciled {
+    /// `deleted` of the `live` records were marked deleted.
+    Applied { deleted: u64, live: u64 },
+    /// More than the allowed share would have been deleted: nothing was.
+    Refused { gone: u64, live: u64 },
 }
 
 /// Marks a job's `running` rows `interrupted`. Binds: finished_at, error, account, job.
@@ -132,9 +199,12 @@ impl Store {
         .await
     }
 
-    /// Upserts one page of `resource_type` records for `account` and counts it in run `run_id`,
-    /// in one transaction. Records are keyed by `(account, resource_type, id)`, so repeating a
-    /// page leaves each record once, holding the newest data.
+    /// Writes one page of `resource_type` records for `account` and counts it in run `run_id`,
+    /// in one transaction: records new or changed since they were last stored (by version and
+    /// content hash) are upserted, logged in `changes` and re-derived into `patient_rows` and
+    /// `views`' tables; unchanged ones are only marked seen by this run. Records are keyed by
+    /// `(account, resource_type, id)`, so repeating a page changes nothing.
+    #[allow(clippy::too_many_arguments)] // the page and where it goes
     pub async fn commit_page(
         &self,
         lease: &Lease,
@@ -143,33 +213,99 @@ impl Store {
         resource_type: &str,
         rows: Vec<PageRow>,
         synced_at: i64,
-    ) -> Result<(), StoreError> {
-        let (account, resource_type, lease) =
-            (account.to_owned(), resource_type.to_owned(), lease.clone());
+        views: &ViewSet,
+    ) -> Result<PageChanges, StoreError> {
+        let (account, resource_type, lease, views) = (
+            account.to_owned(),
+            resource_type.to_owned(),
+            lease.clone(),
+            views.clone(),
+        );
         self.shield(|s| async move {
+            let total = rows.len();
+            let rows = last_of_each_id(rows);
             let mut tx = s.pool.begin().await?;
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let existing = stored_versions(&mut tx, &account, &resource_type, &rows).await?;
+            // Each record with the change it makes (None: unchanged, but written to record its
+            // hash, for records stored before hashes were kept).
+            let mut writes: Vec<(&PageRow, Option<ChangeKind>)> = Vec::new();
+            let mut unchanged: Vec<&str> = Vec::new();
+            for row in &rows {
+                match existing.get(row.id.as_str()) {
+                    None => writes.push((row, Some(ChangeKind::Created))),
+                    Some(e) if e.deleted => writes.push((row, Some(ChangeKind::Created))),
+                    Some(e) => {
+                        let same = e.version_id == row.version_id
+                            && match (&e.hash, &e.data) {
+                                (Some(h), _) => h.as_slice() == row.hash.as_slice(),
+                                (None, Some(d)) => *d == row.data,
+                                (None, None) => false,
+                            };
+                        match (same, e.hash.is_some()) {
+                            (true, true) => unchanged.push(&row.id),
+                            (true, false) => writes.push((row, None)),
+                            (false, _) => writes.push((row, Some(ChangeKind::Updated))),
+                        }
+                    }
+                }
+            }
+            for chunk in writes.chunks(ROWS_PER_STATEMENT) {
                 let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                    "INSERT INTO resources \
-                     (account, resource_type, id, version_id, last_updated, data, synced_at) ",
+                    "INSERT INTO resources (account, resource_type, id, version_id, last_updated, \
+                     data, synced_at, content_hash, seen_run, deleted_at) ",
                 );
-                q.push_values(chunk, |mut b, row| {
+                q.push_values(chunk, |mut b, (row, _)| {
                     b.push_bind(&account)
                         .push_bind(&resource_type)
                         .push_bind(&row.id)
                         .push_bind(&row.version_id)
                         .push_bind(&row.last_updated)
                         .push_bind(&row.data)
-                        .push_bind(synced_at);
+                        .push_bind(synced_at)
+                        .push_bind(row.hash.as_slice())
+                        .push_bind(run_id)
+                        .push_bind(None::<i64>);
                 });
                 q.push(
                     " ON CONFLICT (account, resource_type, id) DO UPDATE SET \
                      version_id = excluded.version_id, last_updated = excluded.last_updated, \
-                     data = excluded.data, synced_at = excluded.synced_at",
+                     data = excluded.data, synced_at = excluded.synced_at, \
+                     content_hash = excluded.content_hash, seen_run = excluded.seen_run, \
+                     deleted_at = NULL",
                 );
                 q.build().execute(&mut *tx).await?;
             }
-            let records = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+            for chunk in unchanged.chunks(ROWS_PER_STATEMENT) {
+                let mut q: QueryBuilder<Sqlite> =
+                    QueryBuilder::new("UPDATE resources SET seen_run = ");
+                q.push_bind(run_id);
+                push_key_filter(&mut q, &account, &resource_type, "id", chunk);
+                q.build().execute(&mut *tx).await?;
+            }
+            let changed: Vec<(&PageRow, ChangeKind)> = writes
+                .iter()
+                .filter_map(|(row, kind)| kind.map(|k| (*row, k)))
+                .collect();
+            for chunk in changed.chunks(ROWS_PER_STATEMENT) {
+                let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                    "INSERT INTO changes (account, resource_type, id, kind, version_id, \
+                     last_updated, run_id, at) ",
+                );
+                q.push_values(chunk, |mut b, (row, kind)| {
+                    b.push_bind(&account)
+                        .push_bind(&resource_type)
+                        .push_bind(&row.id)
+                        .push_bind(kind.as_str())
+                        .push_bind(&row.version_id)
+                        .push_bind(&row.last_updated)
+                        .push_bind(run_id)
+                        .push_bind(synced_at);
+                });
+                q.build().execute(&mut *tx).await?;
+            }
+            let derived: Vec<&PageRow> = changed.iter().map(|(row, _)| *row).collect();
+            write_derived(&mut tx, &views, &account, &resource_type, &derived).await?;
+            let records = i64::try_from(total).unwrap_or(i64::MAX);
             sqlx::query(
                 "UPDATE sync_runs SET pages = pages + 1, records = records + ? WHERE id = ?",
             )
@@ -179,7 +315,134 @@ impl Store {
             .await?;
             check_fence(&mut tx, &lease).await?;
             tx.commit().await?;
-            Ok(())
+            let count = |k| changed.iter().filter(|(_, c)| *c == k).count() as u64;
+            Ok(PageChanges {
+                created: count(ChangeKind::Created),
+                updated: count(ChangeKind::Updated),
+            })
+        })
+        .await
+    }
+
+    /// Marks the `ids` a sweep read (run `run_id`, holding `lease`) as seen; returns how many
+    /// of them are not stored at all.
+    pub async fn mark_seen(
+        &self,
+        lease: &Lease,
+        run_id: i64,
+        account: &str,
+        resource_type: &str,
+        mut ids: Vec<String>,
+    ) -> Result<u64, StoreError> {
+        let (account, resource_type, lease) =
+            (account.to_owned(), resource_type.to_owned(), lease.clone());
+        ids.sort_unstable();
+        ids.dedup();
+        self.shield(|s| async move {
+            let mut tx = s.pool.begin().await?;
+            let mut known = 0u64;
+            for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+                let mut q: QueryBuilder<Sqlite> =
+                    QueryBuilder::new("UPDATE resources SET seen_run = ");
+                q.push_bind(run_id);
+                let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                push_key_filter(&mut q, &account, &resource_type, "id", &chunk);
+                known += q.build().execute(&mut *tx).await?.rows_affected();
+            }
+            check_fence(&mut tx, &lease).await?;
+            tx.commit().await?;
+            Ok((ids.len() as u64).saturating_sub(known))
+        })
+        .await
+    }
+
+    /// Ends a completed sweep of run `run_id`: the live `resource_type` records of `account`
+    /// it did not see (and that were stored before `sweep_started`, Unix seconds) are marked
+    /// deleted at `at`, logged in `changes`, and removed from `patient_rows` and the view
+    /// tables, in one transaction. When they are more than `max_delete` (a fraction) of the
+    /// live records, nothing is deleted and the count is returned as refused.
+    #[allow(clippy::too_many_arguments)] // the sweep and its limits
+    pub async fn reconcile(
+        &self,
+        lease: &Lease,
+        run_id: i64,
+        account: &str,
+        resource_type: &str,
+        sweep_started: i64,
+        max_delete: Option<f64>,
+        at: i64,
+        views: &ViewSet,
+    ) -> Result<Reconciled, StoreError> {
+        let (account, resource_type, lease, views) = (
+            account.to_owned(),
+            resource_type.to_owned(),
+            lease.clone(),
+            views.clone(),
+        );
+        // ?1 account, ?2 resource type, ?3 the sweep's run, ?4 when it started.
+        const GONE: &str = "account = ?1 AND resource_type = ?2 AND deleted_at IS NULL \
+                            AND seen_run IS NOT ?3 AND synced_at < ?4";
+        self.shield(|s| async move {
+            let mut tx = s.pool.begin().await?;
+            let (live, gone): (i64, i64) = sqlx::query_as(
+                "SELECT count(*), coalesce(sum(seen_run IS NOT ?3 AND synced_at < ?4), 0) \
+                 FROM resources WHERE account = ?1 AND resource_type = ?2 AND deleted_at IS NULL",
+            )
+            .bind(&account)
+            .bind(&resource_type)
+            .bind(run_id)
+            .bind(sweep_started)
+            .fetch_one(&mut *tx)
+            .await?;
+            let (live, gone) = (live.max(0) as u64, gone.max(0) as u64);
+            if let Some(max) = max_delete
+                && gone as f64 > live as f64 * max
+            {
+                return Ok(Reconciled::Refused { gone, live });
+            }
+            if gone > 0 {
+                let bind = |sql: String| {
+                    sqlx::query(AssertSqlSafe(sql))
+                        .bind(account.clone())
+                        .bind(resource_type.clone())
+                        .bind(run_id)
+                        .bind(sweep_started)
+                        .bind(at)
+                };
+                bind(format!(
+                    "INSERT INTO changes (account, resource_type, id, kind, version_id, \
+                     last_updated, run_id, at) SELECT account, resource_type, id, 'deleted', \
+                     version_id, last_updated, ?3, ?5 FROM resources WHERE {GONE}"
+                ))
+                .execute(&mut *tx)
+                .await?;
+                if is_patient_type(&resource_type) {
+                    bind(format!(
+                        "DELETE FROM patient_rows WHERE account = ?1 AND resource_type = ?2 \
+                         AND id IN (SELECT id FROM resources WHERE {GONE})"
+                    ))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for view in views.for_type(&resource_type) {
+                    bind(format!(
+                        "DELETE FROM {} WHERE account = ?1 AND resource_id IN \
+                         (SELECT id FROM resources WHERE {GONE})",
+                        quote(&view.table)
+                    ))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                bind(format!("UPDATE resources SET deleted_at = ?5 WHERE {GONE}"))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            check_fence(&mut tx, &lease).await?;
+            tx.commit().await?;
+            Ok(Reconciled::Applied {
+                deleted: gone,
+                live,
+            })
         })
         .await
     }
@@ -319,4 +582,188 @@ async fn check_fence(
     } else {
         Err(StoreError::LeaseLost("job"))
     }
+}
+
+/// A stored record as a page finds it.
+struct Stored {
+    version_id: Option<String>,
+    hash: Option<Vec<u8>>,
+    /// Its data, only for records stored without a hash.
+    data: Option<String>,
+    deleted: bool,
+}
+
+/// The stored versions of the page's records.
+async fn stored_versions(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    account: &str,
+    resource_type: &str,
+    rows: &[PageRow],
+) -> Result<HashMap<String, Stored>, StoreError> {
+    let mut found = HashMap::with_capacity(rows.len());
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT id, version_id, content_hash, CASE WHEN content_hash IS NULL THEN data END, \
+             deleted_at IS NOT NULL FROM resources",
+        );
+        let ids: Vec<&str> = chunk.iter().map(|r| r.id.as_str()).collect();
+        push_key_filter(&mut q, account, resource_type, "id", &ids);
+        let stored: Vec<(
+            String,
+            Option<String>,
+            Option<Vec<u8>>,
+            Option<String>,
+            bool,
+        )> = q.build_query_as().fetch_all(&mut **tx).await?;
+        for (id, version_id, hash, data, deleted) in stored {
+            found.insert(
+                id,
+                Stored {
+                    version_id,
+                    hash,
+                    data,
+                    deleted,
+                },
+            );
+        }
+    }
+    Ok(found)
+}
+
+/// ` WHERE account = ? AND resource_type = ? AND {id_column} IN (…)`.
+fn push_key_filter(
+    q: &mut QueryBuilder<Sqlite>,
+    account: &str,
+    resource_type: &str,
+    id_column: &'static str,
+    ids: &[&str],
+) {
+    q.push(" WHERE account = ")
+        .push_bind(account)
+        .push(" AND resource_type = ")
+        .push_bind(resource_type)
+        .push(" AND ")
+        .push(id_column)
+        .push(" IN (");
+    let mut list = q.separated(", ");
+    for id in ids {
+        list.push_bind(*id);
+    }
+    list.push_unseparated(")");
+}
+
+/// The page's records, each id once (its last occurrence wins, as the upsert did before),
+/// in page order.
+fn last_of_each_id(rows: Vec<PageRow>) -> Vec<PageRow> {
+    let mut seen: HashSet<String> = HashSet::with_capacity(rows.len());
+    let mut kept: Vec<PageRow> = rows
+        .into_iter()
+        .rev()
+        .filter(|r| seen.insert(r.id.clone()))
+        .collect();
+    kept.reverse();
+    kept
+}
+
+/// Replaces the derived rows (`patient_rows`, the view tables) of the `changed` records.
+async fn write_derived(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    views: &ViewSet,
+    account: &str,
+    resource_type: &str,
+    changed: &[&PageRow],
+) -> Result<(), StoreError> {
+    if changed.is_empty() {
+        return Ok(());
+    }
+    if is_patient_type(resource_type) {
+        for chunk in changed.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("DELETE FROM patient_rows");
+            let ids: Vec<&str> = chunk.iter().map(|r| r.id.as_str()).collect();
+            push_key_filter(&mut q, account, resource_type, "id", &ids);
+            q.build().execute(&mut **tx).await?;
+            let rows: Vec<(&PageRow, &crate::views::patients::PatientRow)> = chunk
+                .iter()
+                .filter_map(|r| r.derived.patient.as_ref().map(|p| (*r, p)))
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO patient_rows (account, resource_type, id, family, given, \
+                 birth_date, gender, last_updated) ",
+            );
+            q.push_values(rows, |mut b, (row, p)| {
+                b.push_bind(account)
+                    .push_bind(resource_type)
+                    .push_bind(&row.id)
+                    .push_bind(&p.family)
+                    .push_bind(&p.given)
+                    .push_bind(&p.birth_date)
+                    .push_bind(&p.gender)
+                    .push_bind(&row.last_updated);
+            });
+            q.build().execute(&mut **tx).await?;
+        }
+    }
+    for (i, view) in views.for_type(resource_type).enumerate() {
+        let table = quote(&view.table);
+        let width = view.columns.len() + 2;
+        for chunk in changed.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new(format!("DELETE FROM {table} WHERE account = "));
+            q.push_bind(account).push(" AND resource_id IN (");
+            let mut list = q.separated(", ");
+            for row in chunk {
+                list.push_bind(&row.id);
+            }
+            list.push_unseparated(")");
+            q.build().execute(&mut **tx).await?;
+        }
+        let rows: Vec<(&str, &Vec<SqlValue>)> = changed
+            .iter()
+            .filter_map(|r| r.derived.views.get(i).map(|v| (r.id.as_str(), v)))
+            .flat_map(|(id, rows)| rows.iter().map(move |v| (id, v)))
+            .collect();
+        insert_view_rows(tx, view, account, &rows, width).await?;
+    }
+    Ok(())
+}
+
+/// Inserts `rows` (resource id, values) into `view`'s table, as many per statement as
+/// SQLite's variable limit allows.
+pub(super) async fn insert_view_rows(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    view: &crate::views::Materialised,
+    account: &str,
+    rows: &[(&str, &Vec<SqlValue>)],
+    width: usize,
+) -> Result<(), StoreError> {
+    let per_statement = (30_000 / width.max(1)).clamp(1, ROWS_PER_STATEMENT);
+    let columns: Vec<String> = crate::views::KEY_COLUMNS
+        .iter()
+        .map(|c| quote(c))
+        .chain(view.columns.iter().map(|c| quote(&c.name)))
+        .collect();
+    let head = format!(
+        "INSERT INTO {} ({}) ",
+        quote(&view.table),
+        columns.join(", ")
+    );
+    for chunk in rows.chunks(per_statement) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(head.clone());
+        q.push_values(chunk, |mut b, (id, values)| {
+            b.push_bind(account).push_bind(*id);
+            for k in 0..view.columns.len() {
+                match values.get(k).unwrap_or(&SqlValue::Null) {
+                    SqlValue::Null => b.push_bind(None::<String>),
+                    SqlValue::Integer(i) => b.push_bind(*i),
+                    SqlValue::Real(f) => b.push_bind(*f),
+                    SqlValue::Text(t) => b.push_bind(t.clone()),
+                };
+            }
+        });
+        q.build().execute(&mut **tx).await?;
+    }
+    Ok(())
 }

@@ -196,12 +196,12 @@ pub fn read_page(
             }
         }
         super::limits::check_record(&id, raw.get())?;
-        rows.push(PageRow {
+        rows.push(PageRow::new(
             id,
             version_id,
             last_updated,
-            data: raw.get().to_owned(),
-        });
+            raw.get().to_owned(),
+        ));
     }
     Ok(BundlePage { rows, next, newest })
 }

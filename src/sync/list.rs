@@ -82,12 +82,7 @@ pub fn read_page(body: &[u8], paging: &ListPaging) -> Result<Vec<PageRow>, Strin
                 .and_then(|f| record.get(f))
                 .and_then(|v| scalar(v));
             super::limits::check_record(&id, raw.get())?;
-            Ok(PageRow {
-                id,
-                version_id: None,
-                last_updated,
-                data: raw.get().to_owned(),
-            })
+            Ok(PageRow::new(id, None, last_updated, raw.get().to_owned()))
         })
         .collect()
 }

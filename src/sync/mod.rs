@@ -27,8 +27,9 @@ use url::Url;
 use crate::clock::SharedClock;
 use crate::config::{Account, Job, JobKind, ListPaging};
 use crate::metrics::Metrics;
-use crate::store::{Holder, Lease, LeaseKey, PageRow, Store, StoreError};
+use crate::store::{ChangeKind, Holder, Lease, LeaseKey, PageRow, Reconciled, Store, StoreError};
 use crate::token::owner::TokenHandle;
+use crate::views::ViewSet;
 use fetch::Fetcher;
 
 /// How long a job lease lasts without renewal. A run whose process is gone is taken over at
@@ -68,6 +69,33 @@ pub enum SyncError {
     Store(#[from] StoreError),
     #[error("{reason}")]
     Config { reason: String },
+    #[error(
+        "reconcile refused: {gone} of the {live} stored {resource_type} records ({share:.1} %) were not \
+         returned by the vendor, more than reconcile_max_delete ({max:.1} %) allows; nothing was \
+         deleted. If the vendor really deleted them, run `ehrsync sync {account} {job} --reconcile --force` \
+         once; if not, check the account's permissions at the vendor"
+    )]
+    ReconcileRefused {
+        account: String,
+        job: String,
+        resource_type: String,
+        gone: u64,
+        live: u64,
+        share: f64,
+        max: f64,
+    },
+}
+
+/// How a run is asked to go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Ignore the watermark: pull everything.
+    pub full: bool,
+    /// After the pull, sweep every id the server holds and mark deleted what it no longer
+    /// returns (`fhir` jobs; a whole-list or full run reconciles anyway).
+    pub reconcile: bool,
+    /// Apply a reconcile even beyond `reconcile_max_delete` (a person's decision, once).
+    pub force: bool,
 }
 
 /// How a run ended.
@@ -113,9 +141,21 @@ pub struct RunSummary {
     pub mode: Mode,
     pub pages: u32,
     pub records: u64,
+    /// Records created, updated and (by reconciling) deleted.
+    pub changes: Changes,
+    /// Whether the run compared the vendor's complete list of ids with the stored records.
+    pub reconciled: bool,
     pub duration: Duration,
     /// Set for failed and skipped runs.
     pub error: Option<String>,
+}
+
+/// What a run changed in the stored records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub created: u64,
+    pub updated: u64,
+    pub deleted: u64,
 }
 
 impl fmt::Display for RunSummary {
@@ -146,6 +186,22 @@ impl fmt::Display for RunSummary {
             Mode::Incremental { since } => write!(f, " (changes after {since})")?,
             Mode::Whole => write!(f, " (whole list)")?,
         }
+        let Changes {
+            created,
+            updated,
+            deleted,
+        } = self.changes;
+        if created + updated + deleted == 0 {
+            write!(f, "; no changes")?;
+        } else {
+            write!(
+                f,
+                "; {created} created, {updated} updated, {deleted} deleted"
+            )?;
+        }
+        if self.reconciled {
+            write!(f, " (reconciled)")?;
+        }
         if let Some(e) = &self.error {
             write!(f, ": {e}")?;
         }
@@ -169,6 +225,25 @@ pub struct SyncShared {
     pub metrics: Metrics,
     /// This process as a lease holder.
     pub holder: Arc<Holder>,
+    /// The materialised views, kept with each page.
+    pub views: ViewSet,
+    /// How long `changes` rows are kept.
+    pub changes_retention: Duration,
+}
+
+impl SyncShared {
+    /// What runs share, beside the token owners' `shared`: no views, the default retention.
+    pub fn new(shared: &crate::token::owner::Shared, http: reqwest::Client) -> SyncShared {
+        SyncShared {
+            store: shared.store.clone(),
+            http,
+            clock: shared.clock.clone(),
+            metrics: shared.metrics.clone(),
+            holder: shared.holder.clone(),
+            views: ViewSet::default(),
+            changes_retention: crate::config::DEFAULT_CHANGES_RETENTION,
+        }
+    }
 }
 
 /// Runs one job of one account.
@@ -205,6 +280,7 @@ pub struct CurrentRun {
 struct Progress {
     pages: u32,
     records: u64,
+    changes: Changes,
     newest: Option<DateTime<Utc>>,
 }
 
@@ -283,6 +359,31 @@ impl Source<'_> {
     }
 }
 
+/// What a run's page writer committed, and the error that stopped it.
+#[derive(Default)]
+struct Written {
+    pages: u32,
+    records: u64,
+    changes: Changes,
+    error: Option<StoreError>,
+}
+
+/// Fills in what each record of a page contributes to the derived tables, counting records a
+/// view cannot evaluate.
+fn derive(views: &ViewSet, metrics: &Metrics, resource_type: &str, rows: &mut [PageRow]) {
+    if !views.derives(resource_type) {
+        return;
+    }
+    for row in rows {
+        row.derived = views.derive(resource_type, &row.data);
+        for &i in &row.derived.view_errors {
+            if let Some(view) = views.for_type(resource_type).nth(i) {
+                metrics.view_errors.with_label_values(&[&view.name]).inc();
+            }
+        }
+    }
+}
+
 /// A spawned task that is aborted when its handle is dropped (a run cut off by a stop takes its
 /// page writer with it; the writer's open transaction then rolls back).
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -298,9 +399,9 @@ impl JobRunner {
         [self.account.name.as_str(), self.job.name.as_str()]
     }
 
-    /// Runs the job once; `full` ignores the watermark. Stops between pages, as `interrupted`,
-    /// when `stop` turns true. Records the outcome in `sync_runs` and the metrics.
-    pub async fn run_once(&self, full: bool, stop: &watch::Receiver<bool>) -> RunSummary {
+    /// Runs the job once as `options` say. Stops between pages, as `interrupted`, when `stop`
+    /// turns true. Records the outcome in `sync_runs` and the metrics.
+    pub async fn run_once(&self, options: RunOptions, stop: &watch::Receiver<bool>) -> RunSummary {
         let started = tokio::time::Instant::now();
         let [account, job] = self.labels();
         let mut summary = RunSummary {
@@ -310,6 +411,8 @@ impl JobRunner {
             mode: Mode::Full,
             pages: 0,
             records: 0,
+            changes: Changes::default(),
+            reconciled: false,
             duration: Duration::ZERO,
             error: None,
         };
@@ -342,7 +445,7 @@ impl JobRunner {
             run_id: None,
         }));
         let result = tokio::select! {
-            r = self.run_leased(full, stop, &mut summary, &lease) => r,
+            r = self.run_leased(options, stop, &mut summary, &lease) => r,
             never = self.renew_lease(&lease) => match never {},
         };
         if let Err(e) = store.release(&lease).await {
@@ -362,6 +465,10 @@ impl JobRunner {
                 job,
                 pages = summary.pages,
                 records = summary.records,
+                created = summary.changes.created,
+                updated = summary.changes.updated,
+                deleted = summary.changes.deleted,
+                reconciled = summary.reconciled,
                 duration_s = summary.duration.as_secs_f64(),
                 "sync run succeeded"
             ),
@@ -387,21 +494,17 @@ impl JobRunner {
     /// The run proper, once the lease is held: `sync_runs` bookkeeping around [`Self::walk`].
     async fn run_leased(
         &self,
-        full: bool,
+        options: RunOptions,
         stop: &watch::Receiver<bool>,
         summary: &mut RunSummary,
         lease: &Lease,
     ) -> Result<(), SyncError> {
         let [account, job] = self.labels();
         let store = &self.shared.store;
+        let full = options.full;
+        let run_started = self.shared.clock.now().unix_seconds();
         let start = store
-            .begin_run(
-                lease,
-                account,
-                job,
-                full,
-                self.shared.clock.now().unix_seconds(),
-            )
+            .begin_run(lease, account, job, full, run_started)
             .await?;
         self.set_current(Some(CurrentRun {
             lease: lease.clone(),
@@ -430,6 +533,14 @@ impl JobRunner {
             .await;
         summary.pages = progress.pages;
         summary.records = progress.records;
+        summary.changes = progress.changes;
+        let walked = match walked {
+            Ok(true) => {
+                self.reconcile(options, run_started, stop, summary, start.run_id, lease)
+                    .await
+            }
+            other => other,
+        };
         let (outcome, error) = match &walked {
             Ok(true) => (Outcome::Success, None),
             Ok(false) => (Outcome::Interrupted, None),
@@ -456,7 +567,195 @@ impl JobRunner {
                 new_watermark,
             )
             .await?;
+        if outcome == Outcome::Success {
+            let now = self.shared.clock.now().unix_seconds();
+            let before = now.saturating_sub(
+                i64::try_from(self.shared.changes_retention.as_secs()).unwrap_or(i64::MAX),
+            );
+            match store.prune_changes(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(rows = n, "pruned the change log"),
+                // The next run tries again.
+                Err(e) => tracing::warn!(account, job, error = %e, "cannot prune the change log"),
+            }
+        }
         Ok(())
+    }
+
+    /// After a completed pull: marks deleted the records the vendor no longer has, when the
+    /// run saw its complete list (a whole list, a full pull, or an id sweep made now because
+    /// `options.reconcile` asks for one). `Ok(false)` when stopped during the sweep; nothing
+    /// is deleted then, nor when the sweep fails or would delete too much.
+    async fn reconcile(
+        &self,
+        options: RunOptions,
+        run_started: i64,
+        stop: &watch::Receiver<bool>,
+        summary: &mut RunSummary,
+        run_id: i64,
+        lease: &Lease,
+    ) -> Result<bool, SyncError> {
+        let sweep_started = match (&summary.mode, &self.job.kind) {
+            (Mode::Whole | Mode::Full, _) => run_started,
+            (Mode::Incremental { .. }, JobKind::Fhir { resource, .. }) if options.reconcile => {
+                let started = self.shared.clock.now().unix_seconds();
+                if !self.sweep_ids(resource, stop, run_id, lease).await? {
+                    return Ok(false);
+                }
+                started
+            }
+            _ => return Ok(true),
+        };
+        let [account, job] = self.labels();
+        let resource_type = match &self.job.kind {
+            JobKind::Fhir { resource, .. } => resource.as_str(),
+            JobKind::NikohealthPatients(_) => list::RESOURCE_TYPE,
+        };
+        let max = (!options.force).then_some(self.job.reconcile_max_delete);
+        let result = self
+            .shared
+            .store
+            .reconcile(
+                lease,
+                run_id,
+                account,
+                resource_type,
+                sweep_started,
+                max,
+                self.shared.clock.now().unix_seconds(),
+                &self.shared.views,
+            )
+            .await?;
+        match result {
+            Reconciled::Applied { deleted, .. } => {
+                summary.reconciled = true;
+                summary.changes.deleted += deleted;
+                self.shared
+                    .metrics
+                    .sync_changes
+                    .with_label_values(&[account, job, ChangeKind::Deleted.as_str()])
+                    .inc_by(deleted);
+                Ok(true)
+            }
+            Reconciled::Refused { gone, live } => Err(SyncError::ReconcileRefused {
+                account: account.to_owned(),
+                job: job.to_owned(),
+                resource_type: resource_type.to_owned(),
+                gone,
+                live,
+                share: gone as f64 * 100.0 / (live.max(1) as f64),
+                max: self.job.reconcile_max_delete * 100.0,
+            }),
+        }
+    }
+
+    /// Reads every id of `resource` the server holds (`_elements=id`, or whole records from a
+    /// server that refuses the parameter) and marks them seen by run `run_id`. `Ok(false)`
+    /// when stopped.
+    async fn sweep_ids(
+        &self,
+        resource: &str,
+        stop: &watch::Receiver<bool>,
+        run_id: i64,
+        lease: &Lease,
+    ) -> Result<bool, SyncError> {
+        let [account, job] = self.labels();
+        let api_base = self.api_base()?;
+        let fetcher = self.fetcher();
+        let first = |elements: bool| {
+            let mut url = fhir::first_url(api_base, resource, self.job.page_size, None);
+            if elements {
+                url.query_pairs_mut().append_pair("_elements", "id");
+            }
+            url
+        };
+        let (mut elements, mut url, mut page_no) = (true, first(true), 0u32);
+        let (mut stop, mut unknown, mut seen) = (stop.clone(), 0u64, 0u64);
+        let hasher = RandomState::new();
+        let mut visited: HashSet<u64> = HashSet::new();
+        loop {
+            if *stop.borrow() {
+                return Ok(false);
+            }
+            page_no += 1;
+            if !visited.insert(hasher.hash_one(url.as_str())) {
+                return Err(SyncError::Malformed {
+                    url: url.to_string(),
+                    page: page_no,
+                    reason: "the next link leads back to a page already read".to_owned(),
+                });
+            }
+            let page = tokio::select! {
+                r = fetcher.get(&url, page_no) => r,
+                _ = stop.wait_for(|s| *s) => return Ok(false),
+            };
+            let page = match page {
+                Err(SyncError::Http { status: 400, .. }) if elements && page_no == 1 => {
+                    tracing::info!(
+                        account,
+                        job,
+                        "the server refuses _elements=id; sweeping whole records (only their ids are read)"
+                    );
+                    (elements, url, page_no) = (false, first(false), 0);
+                    visited.clear();
+                    continue;
+                }
+                other => other?,
+            };
+            let read = fhir::read_page(&page.body, &page.url, api_base, resource, page_no == 1)
+                .map_err(|reason| SyncError::Malformed {
+                    url: page.url.to_string(),
+                    page: page_no,
+                    reason,
+                })?;
+            let ids: Vec<String> = read.rows.into_iter().map(|r| r.id).collect();
+            seen += ids.len() as u64;
+            unknown += self
+                .shared
+                .store
+                .mark_seen(lease, run_id, account, resource, ids)
+                .await?;
+            match read.next {
+                Some(next) => url = next,
+                None => break,
+            }
+        }
+        tracing::info!(
+            account,
+            job,
+            ids = seen,
+            pages = page_no,
+            "swept every id the server holds"
+        );
+        if unknown > 0 {
+            tracing::warn!(
+                account,
+                job,
+                records = unknown,
+                "the server holds records this database lacks (updated before the watermark); `ehrsync sync --full` pulls them"
+            );
+        }
+        Ok(true)
+    }
+
+    fn api_base(&self) -> Result<&Url, SyncError> {
+        self.account
+            .api_base
+            .as_ref()
+            .ok_or_else(|| SyncError::Config {
+                reason: format!("account {} has no api_base", self.account.name),
+            })
+    }
+
+    fn fetcher(&self) -> Fetcher<'_> {
+        Fetcher {
+            http: &self.shared.http,
+            account: &self.account,
+            tokens: &self.tokens,
+            metrics: &self.shared.metrics,
+            clock: &self.shared.clock,
+            token_wait: self.job.token_wait,
+        }
     }
 
     /// Walks every page; `Ok(false)` when stopped by `stop` between pages.
@@ -471,13 +770,7 @@ impl JobRunner {
         run_id: i64,
         lease: &Lease,
     ) -> Result<bool, SyncError> {
-        let api_base = self
-            .account
-            .api_base
-            .as_ref()
-            .ok_or_else(|| SyncError::Config {
-                reason: format!("account {} has no api_base", self.account.name),
-            })?;
+        let api_base = self.api_base()?;
         let (mut source, first) = match &self.job.kind {
             JobKind::Fhir { resource, overlap } => {
                 let since = if full {
@@ -513,16 +806,11 @@ impl JobRunner {
                 )
             }
         };
-        let fetcher = Fetcher {
-            http: &self.shared.http,
-            account: &self.account,
-            tokens: &self.tokens,
-            metrics: &self.shared.metrics,
-            clock: &self.shared.clock,
-            token_wait: self.job.token_wait,
-        };
+        let fetcher = self.fetcher();
         let [account, job] = self.labels();
         let resource_type = source.resource_type().to_owned();
+        let (views, metrics) = (&self.shared.views, &self.shared.metrics);
+        let derive_type = resource_type.clone();
         // The reader fetches and reads pages; the writer commits them, one transaction each.
         // One page waits between them, so page k+1 is fetched and read while page k is
         // written, and at most three pages are in memory whatever the run's size.
@@ -558,14 +846,16 @@ impl JobRunner {
                     // The writer failed: its error ends the run.
                     _ = pages.closed() => return Ok(false),
                 };
-                let read = source
-                    .read(&page.body, &page.url, page_no == 1)
-                    .map_err(|reason| SyncError::Malformed {
-                        url: page.url.to_string(),
-                        page: page_no,
-                        reason,
-                    })?;
+                let mut read =
+                    source
+                        .read(&page.body, &page.url, page_no == 1)
+                        .map_err(|reason| SyncError::Malformed {
+                            url: page.url.to_string(),
+                            page: page_no,
+                            reason,
+                        })?;
                 drop(page);
+                derive(views, metrics, &derive_type, &mut read.rows);
                 *newest = (*newest).max(read.newest);
                 next = read.next;
                 if pages.send(read.rows).await.is_err() {
@@ -575,43 +865,65 @@ impl JobRunner {
         };
         // A task of its own, so that reading a page (CPU work in this task) never holds up the
         // writer's next statement. It owns the receiver: a failed write closes the channel.
-        let (store, metrics, clock) = (
+        let (store, metrics, clock, views) = (
             self.shared.store.clone(),
             self.shared.metrics.clone(),
             self.shared.clock.clone(),
+            self.shared.views.clone(),
         );
         let (account_owned, job_owned, lease) = (account.to_owned(), job.to_owned(), lease.clone());
         let mut writer = AbortOnDrop(tokio::spawn(async move {
             let (account, job) = (account_owned.as_str(), job_owned.as_str());
-            let (mut pages, mut records) = (0u32, 0u64);
+            let mut done = Written::default();
             while let Some(rows) = to_write.recv().await {
                 let n = rows.len() as u64;
                 let at = clock.now().unix_seconds();
                 let written = store
-                    .commit_page(&lease, run_id, account, &resource_type, rows, at)
+                    .commit_page(&lease, run_id, account, &resource_type, rows, at, &views)
                     .await;
-                if let Err(e) = written {
-                    return (pages, records, Err(e));
-                }
-                pages += 1;
-                records += n;
+                let changes = match written {
+                    Ok(c) => c,
+                    Err(e) => {
+                        done.error = Some(e);
+                        return done;
+                    }
+                };
+                done.pages += 1;
+                done.records += n;
+                done.changes.created += changes.created;
+                done.changes.updated += changes.updated;
                 metrics
                     .sync_records
                     .with_label_values(&[account, job])
                     .inc_by(n);
+                for (kind, k) in [
+                    (ChangeKind::Created, changes.created),
+                    (ChangeKind::Updated, changes.updated),
+                ] {
+                    metrics
+                        .sync_changes
+                        .with_label_values(&[account, job, kind.as_str()])
+                        .inc_by(k);
+                }
             }
-            (pages, records, Ok(()))
+            done
         }));
         // When the reader ends, the writer drains what was read and stops; a writer that fails
         // closes the channel from its side, which stops the reader.
         let read = reader.await;
-        let (pages, records, written) = match (&mut writer.0).await {
+        let done = match (&mut writer.0).await {
             Ok(done) => done,
-            Err(e) => (0, 0, Err(StoreError::Task(e.to_string()))),
+            Err(e) => Written {
+                error: Some(StoreError::Task(e.to_string())),
+                ..Written::default()
+            },
         };
-        progress.pages = pages;
-        progress.records = records;
-        written?;
+        progress.pages = done.pages;
+        progress.records = done.records;
+        progress.changes = done.changes;
+        if let Some(e) = done.error {
+            return Err(e.into());
+        }
         read
     }
 

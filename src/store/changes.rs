@@ -1,0 +1,76 @@
+//! Reading and pruning the `changes` log (written by `store::sync` with the pages and
+//! reconciles that made each change).
+
+use sqlx::{QueryBuilder, Sqlite};
+
+use super::{Store, StoreError};
+
+/// A row of `changes`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct ChangeRow {
+    pub seq: i64,
+    pub account: String,
+    pub resource_type: String,
+    pub id: String,
+    pub kind: String,
+    pub version_id: Option<String>,
+    pub last_updated: Option<String>,
+    pub run_id: Option<i64>,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// Which changes to read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeFilter {
+    pub account: Option<String>,
+    pub resource_type: Option<String>,
+    /// Only changes with a larger `seq`.
+    pub after_seq: Option<i64>,
+    /// Only changes made at or after this time (Unix seconds).
+    pub since_time: Option<i64>,
+}
+
+impl Store {
+    /// Up to `limit` changes matching `filter` with `seq` above `after`, in `seq` order (read
+    /// in steps, so a long log never sits in memory whole).
+    pub async fn read_changes(
+        &self,
+        filter: &ChangeFilter,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<ChangeRow>, StoreError> {
+        let filter = filter.clone();
+        self.shield(|s| async move {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT seq, account, resource_type, id, kind, version_id, last_updated, run_id, at \
+                 FROM changes WHERE seq > ",
+            );
+            q.push_bind(after.max(filter.after_seq.unwrap_or(0)));
+            if let Some(a) = &filter.account {
+                q.push(" AND account = ").push_bind(a.clone());
+            }
+            if let Some(t) = &filter.resource_type {
+                q.push(" AND resource_type = ").push_bind(t.clone());
+            }
+            if let Some(at) = filter.since_time {
+                q.push(" AND at >= ").push_bind(at);
+            }
+            q.push(" ORDER BY seq LIMIT ").push_bind(i64::from(limit));
+            Ok(q.build_query_as().fetch_all(&s.pool).await?)
+        })
+        .await
+    }
+
+    /// Deletes changes made before `before` (Unix seconds); returns how many.
+    pub async fn prune_changes(&self, before: i64) -> Result<u64, StoreError> {
+        self.shield(|s| async move {
+            Ok(sqlx::query("DELETE FROM changes WHERE at < ?")
+                .bind(before)
+                .execute(&s.pool)
+                .await?
+                .rows_affected())
+        })
+        .await
+    }
+}
