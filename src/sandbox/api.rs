@@ -53,6 +53,8 @@ struct Patients {
     changed_order: BTreeSet<(i64, u64)>,
     /// Text served verbatim instead of a patient's generated JSON (hostile records).
     planted: HashMap<u64, String>,
+    /// Deleted patients: no longer served.
+    deleted: BTreeSet<u64>,
 }
 
 impl Patients {
@@ -66,7 +68,26 @@ impl Patients {
             changed: BTreeMap::new(),
             changed_order: BTreeSet::new(),
             planted: HashMap::new(),
+            deleted: BTreeSet::new(),
         }
+    }
+
+    /// The index of the `position`-th live patient (0-based), in index order.
+    fn nth_live(&self, position: u64) -> u64 {
+        let mut i = position;
+        for &d in &self.deleted {
+            if d <= i {
+                i += 1;
+            } else {
+                break;
+            }
+        }
+        i
+    }
+
+    /// Patients served.
+    fn live(&self) -> u64 {
+        self.count - self.deleted.len() as u64
     }
 
     /// (lastUpdated ms, versionId) of patient `i`.
@@ -97,7 +118,7 @@ impl Patients {
         if let Cursor::Generated(start) = cursor {
             let mut i = start.max(self.first_generated_after(filter.after_ms, filter.inclusive));
             while i < self.count && out.len() <= n {
-                if !self.changed.contains_key(&i) {
+                if !self.changed.contains_key(&i) && !self.deleted.contains(&i) {
                     out.push((i, Cursor::Generated(i)));
                 }
                 i += 1;
@@ -112,7 +133,7 @@ impl Patients {
                 break;
             }
             let matches = ms > filter.after_ms || (filter.inclusive && ms == filter.after_ms);
-            if matches {
+            if matches && !self.deleted.contains(&i) {
                 out.push((i, Cursor::Changed(ms, i)));
             }
         }
@@ -123,12 +144,23 @@ impl Patients {
     fn total(&self, filter: Filter) -> u64 {
         let start = self.first_generated_after(filter.after_ms, filter.inclusive);
         let changed_generated = self.changed.range(start..).count() as u64;
+        let matching =
+            |ms: i64| ms > filter.after_ms || (filter.inclusive && ms == filter.after_ms);
         let changed_matching = self
             .changed_order
             .iter()
-            .filter(|(ms, _)| *ms > filter.after_ms || (filter.inclusive && *ms == filter.after_ms))
+            .filter(|(ms, _)| matching(*ms))
             .count() as u64;
-        (self.count - start).saturating_sub(changed_generated) + changed_matching
+        let deleted_matching = self
+            .deleted
+            .iter()
+            .filter(|i| match self.changed.get(i) {
+                Some((ms, _)) => matching(*ms),
+                None => **i >= start,
+            })
+            .count() as u64;
+        ((self.count - start).saturating_sub(changed_generated) + changed_matching)
+            .saturating_sub(deleted_matching)
     }
 }
 
@@ -162,8 +194,21 @@ impl Cursor {
     }
 }
 
+/// How the FHIR search answers `_elements` (servers differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ElementsSupport {
+    /// Serves only the elements asked for (and `SUBSETTED` in `meta.tag`).
+    #[default]
+    Honour,
+    /// Ignores the parameter: whole records.
+    Ignore,
+    /// Refuses it: 400 with an OperationOutcome.
+    Reject,
+}
+
 pub(super) struct ApiBooks {
     patients: Patients,
+    elements: ElementsSupport,
     faults: HashMap<Vendor, VecDeque<ApiFault>>,
     requests: HashMap<Vendor, u64>,
     in_flight: HashMap<Vendor, u32>,
@@ -174,6 +219,7 @@ impl ApiBooks {
     pub(super) fn new(now: Timestamp) -> ApiBooks {
         ApiBooks {
             patients: Patients::new(DEFAULT_PATIENTS, now),
+            elements: ElementsSupport::default(),
             faults: HashMap::new(),
             requests: HashMap::new(),
             in_flight: HashMap::new(),
@@ -241,6 +287,51 @@ impl Sandbox {
             ids.push(fhir_id(i));
         }
         ids
+    }
+
+    /// Deletes the patients with these indices (they are no longer served) and returns their
+    /// FHIR ids.
+    pub fn delete_patients(&self, indices: impl IntoIterator<Item = u64>) -> Vec<String> {
+        let mut api = self.inner.api();
+        let p = &mut api.patients;
+        let mut ids = Vec::new();
+        for i in indices.into_iter().filter(|&i| i < p.count) {
+            if p.deleted.insert(i) {
+                ids.push(fhir_id(i));
+            }
+        }
+        ids
+    }
+
+    /// Serves deleted patients again, as changed now (next version), and returns their ids.
+    pub fn restore_patients(&self, indices: impl IntoIterator<Item = u64>) -> Vec<String> {
+        let indices: Vec<u64> = {
+            let mut api = self.inner.api();
+            indices
+                .into_iter()
+                .filter(|i| api.patients.deleted.remove(i))
+                .collect()
+        };
+        self.change_patients(indices)
+    }
+
+    /// Adds `n` new patients (version 1, `lastUpdated` now) and returns their FHIR ids.
+    pub fn add_patients(&self, n: u64) -> Vec<String> {
+        let now = self.inner.clock.now().unix_millis();
+        let mut api = self.inner.api();
+        let p = &mut api.patients;
+        let first = p.count;
+        p.count += n;
+        for i in first..p.count {
+            p.changed.insert(i, (now, 1));
+            p.changed_order.insert((now, i));
+        }
+        (first..p.count).map(fhir_id).collect()
+    }
+
+    /// How the FHIR search treats `_elements` from now on.
+    pub fn set_elements_support(&self, support: ElementsSupport) {
+        self.inner.api().elements = support;
     }
 
     /// Serves `raw` verbatim, unchecked, as patient `index`'s record: its resource in FHIR
@@ -605,7 +696,7 @@ pub(super) async fn fhir_search(
     for key in q.keys() {
         if !matches!(
             key.as_str(),
-            "_count" | "_lastUpdated" | "_cursor" | "_sort"
+            "_count" | "_lastUpdated" | "_cursor" | "_sort" | "_elements"
         ) {
             return outcome(
                 StatusCode::BAD_REQUEST,
@@ -614,6 +705,18 @@ pub(super) async fn fhir_search(
             );
         }
     }
+    let elements_support = inner.api().elements;
+    let subset = match q.get("_elements") {
+        None => false,
+        Some(_) if elements_support == ElementsSupport::Reject => {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                "not-supported",
+                "Unknown search parameter _elements",
+            );
+        }
+        Some(e) => elements_support == ElementsSupport::Honour && e == "id",
+    };
     let count = match q.get("_count").map(|c| c.parse::<usize>()) {
         None => 50,
         Some(Ok(n)) if n >= 1 => n.min(MAX_PAGE),
@@ -678,9 +781,13 @@ pub(super) async fn fhir_search(
     let base = format!("{}/{}", inner.base, fhir_path(vendor));
     let link = |cursor: Option<Cursor>| {
         let mut url = format!("{base}/Patient?_count={count}");
-        if let Some(v) = q.get("_lastUpdated") {
-            url.push_str("&_lastUpdated=");
-            url.push_str(&url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>());
+        for key in ["_lastUpdated", "_elements"] {
+            if let Some(v) = q.get(key) {
+                url.push_str(&format!("&{key}="));
+                url.push_str(
+                    &url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>(),
+                );
+            }
         }
         if let Some(c) = cursor {
             url.push_str("&_cursor=");
@@ -717,13 +824,21 @@ pub(super) async fn fhir_search(
             if k > 0 {
                 body.push(',');
             }
-            let _ = write!(
-                body,
-                r#"{{"fullUrl":"{base}/Patient/{}","resource":{},"search":{{"mode":"match"}}}}"#,
-                fhir_id(*i),
+            let resource: Cow<'_, str> = if subset {
+                format!(
+                    r#"{{"resourceType":"Patient","id":"{}","meta":{{"tag":[{{"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","code":"SUBSETTED"}}]}}}}"#,
+                    fhir_id(*i)
+                )
+                .into()
+            } else {
                 planted
                     .as_deref()
                     .map_or_else(|| fhir_patient(*i, *ms, *v).into(), Cow::Borrowed)
+            };
+            let _ = write!(
+                body,
+                r#"{{"fullUrl":"{base}/Patient/{}","resource":{resource},"search":{{"mode":"match"}}}}"#,
+                fhir_id(*i),
             );
         }
         body.push(']');
@@ -779,9 +894,10 @@ pub(super) async fn niko_patients(
         Vec::new()
     } else {
         let api = inner.api();
-        let total = api.patients.count;
+        let total = api.patients.live();
         let start = (page - 1).saturating_mul(size);
         (start..total.min(start.saturating_add(size)))
+            .map(|position| api.patients.nth_live(position))
             .map(|i| match api.patients.planted.get(&i) {
                 Some(raw) => raw.clone(),
                 None => {
@@ -791,7 +907,7 @@ pub(super) async fn niko_patients(
             })
             .collect()
     };
-    let total = inner.api().patients.count;
+    let total = inner.api().patients.live();
     let body = format!(
         r#"{{"items":[{}],"page":{page},"pageSize":{size},"totalCount":{total}}}"#,
         items.join(",")

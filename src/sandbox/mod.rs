@@ -20,7 +20,8 @@
 mod api;
 
 pub use api::{
-    ApiFault, DEFAULT_PATIENTS, NEXTECH_PRACTICE_ID, fhir_id, fhir_patient, niko_patient,
+    ApiFault, DEFAULT_PATIENTS, ElementsSupport, NEXTECH_PRACTICE_ID, fhir_id, fhir_patient,
+    niko_patient,
 };
 
 use std::collections::{HashMap, VecDeque};

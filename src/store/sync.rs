@@ -357,10 +357,10 @@ impl Store {
     }
 
     /// Ends a completed sweep of run `run_id`: the live `resource_type` records of `account`
-    /// it did not see (and that were stored before `sweep_started`, Unix seconds) are marked
-    /// deleted at `at`, logged in `changes`, and removed from `patient_rows` and the view
-    /// tables, in one transaction. When they are more than `max_delete` (a fraction) of the
-    /// live records, nothing is deleted and the count is returned as refused.
+    /// that neither it nor a later run saw are marked deleted at `at`, logged in `changes`,
+    /// and removed from `patient_rows` and the view tables, in one transaction. When they are
+    /// more than `max_delete` (a fraction) of the live records, nothing is deleted and the
+    /// count is returned as refused.
     #[allow(clippy::too_many_arguments)] // the sweep and its limits
     pub async fn reconcile(
         &self,
@@ -368,7 +368,6 @@ impl Store {
         run_id: i64,
         account: &str,
         resource_type: &str,
-        sweep_started: i64,
         max_delete: Option<f64>,
         at: i64,
         views: &ViewSet,
@@ -379,19 +378,19 @@ impl Store {
             lease.clone(),
             views.clone(),
         );
-        // ?1 account, ?2 resource type, ?3 the sweep's run, ?4 when it started.
+        // ?1 account, ?2 resource type, ?3 the sweep's run. Run ids only grow: a record a run
+        // started later wrote (another job of the same type) is not this sweep's to judge.
         const GONE: &str = "account = ?1 AND resource_type = ?2 AND deleted_at IS NULL \
-                            AND seen_run IS NOT ?3 AND synced_at < ?4";
+                            AND coalesce(seen_run, 0) < ?3";
         self.shield(|s| async move {
             let mut tx = s.pool.begin().await?;
             let (live, gone): (i64, i64) = sqlx::query_as(
-                "SELECT count(*), coalesce(sum(seen_run IS NOT ?3 AND synced_at < ?4), 0) \
+                "SELECT count(*), coalesce(sum(coalesce(seen_run, 0) < ?3), 0) \
                  FROM resources WHERE account = ?1 AND resource_type = ?2 AND deleted_at IS NULL",
             )
             .bind(&account)
             .bind(&resource_type)
             .bind(run_id)
-            .bind(sweep_started)
             .fetch_one(&mut *tx)
             .await?;
             let (live, gone) = (live.max(0) as u64, gone.max(0) as u64);
@@ -406,13 +405,12 @@ impl Store {
                         .bind(account.clone())
                         .bind(resource_type.clone())
                         .bind(run_id)
-                        .bind(sweep_started)
                         .bind(at)
                 };
                 bind(format!(
                     "INSERT INTO changes (account, resource_type, id, kind, version_id, \
                      last_updated, run_id, at) SELECT account, resource_type, id, 'deleted', \
-                     version_id, last_updated, ?3, ?5 FROM resources WHERE {GONE}"
+                     version_id, last_updated, ?3, ?4 FROM resources WHERE {GONE}"
                 ))
                 .execute(&mut *tx)
                 .await?;
@@ -433,7 +431,7 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 }
-                bind(format!("UPDATE resources SET deleted_at = ?5 WHERE {GONE}"))
+                bind(format!("UPDATE resources SET deleted_at = ?4 WHERE {GONE}"))
                     .execute(&mut *tx)
                     .await?;
             }

@@ -502,9 +502,14 @@ impl JobRunner {
         let [account, job] = self.labels();
         let store = &self.shared.store;
         let full = options.full;
-        let run_started = self.shared.clock.now().unix_seconds();
         let start = store
-            .begin_run(lease, account, job, full, run_started)
+            .begin_run(
+                lease,
+                account,
+                job,
+                full,
+                self.shared.clock.now().unix_seconds(),
+            )
             .await?;
         self.set_current(Some(CurrentRun {
             lease: lease.clone(),
@@ -536,7 +541,7 @@ impl JobRunner {
         summary.changes = progress.changes;
         let walked = match walked {
             Ok(true) => {
-                self.reconcile(options, run_started, stop, summary, start.run_id, lease)
+                self.reconcile(options, stop, summary, start.run_id, lease)
                     .await
             }
             other => other,
@@ -589,23 +594,20 @@ impl JobRunner {
     async fn reconcile(
         &self,
         options: RunOptions,
-        run_started: i64,
         stop: &watch::Receiver<bool>,
         summary: &mut RunSummary,
         run_id: i64,
         lease: &Lease,
     ) -> Result<bool, SyncError> {
-        let sweep_started = match (&summary.mode, &self.job.kind) {
-            (Mode::Whole | Mode::Full, _) => run_started,
+        match (&summary.mode, &self.job.kind) {
+            (Mode::Whole | Mode::Full, _) => {}
             (Mode::Incremental { .. }, JobKind::Fhir { resource, .. }) if options.reconcile => {
-                let started = self.shared.clock.now().unix_seconds();
                 if !self.sweep_ids(resource, stop, run_id, lease).await? {
                     return Ok(false);
                 }
-                started
             }
             _ => return Ok(true),
-        };
+        }
         let [account, job] = self.labels();
         let resource_type = match &self.job.kind {
             JobKind::Fhir { resource, .. } => resource.as_str(),
@@ -620,7 +622,6 @@ impl JobRunner {
                 run_id,
                 account,
                 resource_type,
-                sweep_started,
                 max,
                 self.shared.clock.now().unix_seconds(),
                 &self.shared.views,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod agent;
+pub mod pull;
 pub mod tls;
 
 /// The vendor sandbox on loopback, on the real clock, with the vendors' documented token
