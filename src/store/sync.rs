@@ -224,7 +224,10 @@ impl Store {
         self.shield(|s| async move {
             let total = rows.len();
             let rows = last_of_each_id(rows);
-            let mut tx = s.pool.begin().await?;
+            // IMMEDIATE: the transaction reads before it writes, and a deferred one could not
+            // upgrade to a writer once another process wrote meanwhile (SQLITE_BUSY at once,
+            // without the busy timeout's wait).
+            let mut tx = s.pool.begin_with("BEGIN IMMEDIATE").await?;
             let existing = stored_versions(&mut tx, &account, &resource_type, &rows).await?;
             // Each record with the change it makes (None: unchanged, but written to record its
             // hash, for records stored before hashes were kept).
@@ -383,7 +386,8 @@ impl Store {
         const GONE: &str = "account = ?1 AND resource_type = ?2 AND deleted_at IS NULL \
                             AND coalesce(seen_run, 0) < ?3";
         self.shield(|s| async move {
-            let mut tx = s.pool.begin().await?;
+            // IMMEDIATE, as in commit_page: reads first, then writes.
+            let mut tx = s.pool.begin_with("BEGIN IMMEDIATE").await?;
             let (live, gone): (i64, i64) = sqlx::query_as(
                 "SELECT count(*), coalesce(sum(coalesce(seen_run, 0) < ?3), 0) \
                  FROM resources WHERE account = ?1 AND resource_type = ?2 AND deleted_at IS NULL",
