@@ -54,7 +54,10 @@ async fn sync_runs_one_job_and_prints_a_summary() {
         first.stdout
     );
     assert!(
-        first.stdout.trim_end().ends_with("(full)"),
+        first
+            .stdout
+            .trim_end()
+            .ends_with("(full); 1050 created, 0 updated, 0 deleted (reconciled)"),
         "{}",
         first.stdout
     );
@@ -199,4 +202,201 @@ async fn run_pulls_jobs_that_never_ran_at_start_and_reports_them_in_metrics() {
     );
     let exit = child.wait().unwrap();
     assert_eq!(exit.code(), Some(0));
+}
+
+/// The mirror as an operator reads it: views kept by `sync`, `views list`/`rebuild`, `export`
+/// in both formats, a reconcile, and `changes` in every format; a broken view file is a config
+/// error naming its key.
+#[tokio::test(flavor = "multi_thread")]
+async fn views_export_and_changes_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let views = dir.path().join("views");
+    std::fs::create_dir(&views).unwrap();
+    for f in ["patient_demographics", "patient_contacts", "appointments"] {
+        std::fs::copy(
+            format!("{}/config/views/{f}.json", env!("CARGO_MANIFEST_DIR")),
+            views.join(format!("{f}.json")),
+        )
+        .unwrap();
+    }
+    let extra = "[[views]]\nfile = 'views/patient_demographics.json'\n\
+                 [[views]]\nfile = 'views/patient_contacts.json'\n\
+                 [[views]]\nfile = 'views/appointments.json'\n";
+    let (sandbox, path) = sandbox_with_config(dir.path(), extra).await;
+    let config = path.to_str().unwrap();
+    let env = sandbox::credentials_env();
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--config", config]);
+        ehrsync(&all, &env)
+    };
+
+    let check = run(&["check-config"]);
+    assert_eq!(check.code, Some(0), "{}", check.stderr);
+    assert!(
+        check.stdout.contains(
+            "[[views]] patient_demographics → table view_patient_demographics (Patient records;"
+        ),
+        "{}",
+        check.stdout
+    );
+    let first = run(&["sync", "nx", "patients"]);
+    assert_eq!(first.code, Some(0), "{}", first.stderr);
+    let list = run(&["views", "list"]);
+    assert!(
+        list.stdout
+            .contains("patient_demographics  table view_patient_demographics (1050 rows)")
+            && list
+                .stdout
+                .contains("patient_contacts  table view_patient_contacts (2100 rows)")
+            && list
+                .stdout
+                .contains("appointments  table view_appointments (0 rows)"),
+        "{}",
+        list.stdout
+    );
+
+    let csv_path = dir.path().join("demographics.csv");
+    let export = run(&[
+        "export",
+        "patient_demographics",
+        "--out",
+        csv_path.to_str().unwrap(),
+    ]);
+    assert_eq!(export.code, Some(0), "{}", export.stderr);
+    assert!(
+        export.stderr.contains("exported 1050 rows"),
+        "{}",
+        export.stderr
+    );
+    let csv = std::fs::read_to_string(&csv_path).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some(
+            "account,resource_id,id,mrn,family,given,birth_date,gender,phone,email,active,\
+             address_line,city,state,postal_code"
+        )
+    );
+    let p7: serde_json::Value = serde_json::from_str(&sandbox.patient_json(7)).unwrap();
+    let row7 = lines.find(|l| l.starts_with("nx,pat-0000007,")).unwrap();
+    let address = p7["address"][0]["line"].as_array().unwrap();
+    // The joined address holds a comma: RFC 4180 quotes the field.
+    assert!(
+        row7.contains(&format!(
+            "\"{}, {}\"",
+            address[0].as_str().unwrap(),
+            address[1].as_str().unwrap()
+        )) && row7.contains(p7["identifier"][0]["value"].as_str().unwrap())
+            && row7.contains(",1,"),
+        "{row7}"
+    );
+    assert_eq!(csv.lines().count(), 1051);
+    assert!(!dir.path().join("demographics.csv.partial").exists());
+
+    let ndjson = run(&["export", "Patient", "--account", "nx", "--format", "ndjson"]);
+    assert_eq!(ndjson.code, Some(0), "{}", ndjson.stderr);
+    assert_eq!(ndjson.stdout.lines().count(), 1050);
+    for line in ndjson.stdout.lines().take(3) {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(record["resourceType"], "Patient");
+    }
+    let contacts = run(&["export", "patient_contacts", "--format", "ndjson"]);
+    let contact: serde_json::Value =
+        serde_json::from_str(contacts.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(contact["account"], "nx");
+    assert!(
+        contact["system"] == "phone" || contact["system"] == "email",
+        "{contact}"
+    );
+
+    let seq: i64 = {
+        let all = run(&["changes", "--format", "json"]);
+        assert_eq!(all.stdout.lines().count(), 1050, "{}", all.stderr);
+        let last: serde_json::Value =
+            serde_json::from_str(all.stdout.lines().last().unwrap()).unwrap();
+        last["seq"].as_i64().unwrap()
+    };
+    sandbox.delete_patients([3, 4]);
+    sandbox.change_patients([10, 11, 12]);
+    let reconcile = run(&["sync", "nx", "patients", "--reconcile"]);
+    assert_eq!(reconcile.code, Some(0), "{}", reconcile.stderr);
+    assert!(
+        reconcile
+            .stdout
+            .trim_end()
+            .ends_with("0 created, 3 updated, 2 deleted (reconciled)"),
+        "{}",
+        reconcile.stdout
+    );
+    let since = seq.to_string();
+    let changes = run(&["changes", "nx", "--since", &since, "--format", "json"]);
+    let kinds: Vec<(String, String)> = changes
+        .stdout
+        .lines()
+        .map(|l| {
+            let c: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                c["id"].as_str().unwrap().to_owned(),
+                c["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let mut kinds = kinds;
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            ("pat-0000003", "deleted"),
+            ("pat-0000004", "deleted"),
+            ("pat-0000010", "updated"),
+            ("pat-0000011", "updated"),
+            ("pat-0000012", "updated"),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    let table = run(&["changes", "nx", "--since", &since, "--resource", "Patient"]);
+    assert!(
+        table.stdout.starts_with("     SEQ  AT") && table.stdout.lines().count() == 6,
+        "{}",
+        table.stdout
+    );
+    let csv = run(&["changes", "--since", &since, "--format", "csv"]);
+    assert!(
+        csv.stdout
+            .starts_with("seq,at,account,resource_type,id,kind,version_id,last_updated,run_id\n"),
+        "{}",
+        csv.stdout
+    );
+    let list = run(&["views", "list"]);
+    assert!(list.stdout.contains("(1048 rows)"), "{}", list.stdout);
+    let rebuilt = run(&["views", "rebuild", "patient_demographics"]);
+    assert!(
+        rebuilt
+            .stdout
+            .starts_with("patient_demographics: rebuilt from 1048 records, 1048 rows"),
+        "{}",
+        rebuilt.stdout
+    );
+    let unknown = run(&["export", "nothing"]);
+    assert_eq!(unknown.code, Some(2));
+    assert!(
+        unknown
+            .stderr
+            .contains("neither a view (patients, patient_demographics"),
+        "{}",
+        unknown.stderr
+    );
+
+    std::fs::write(views.join("appointments.json"), r#"{"resourceType":"ViewDefinition","name":"appointments","status":"active","resource":"Appointment","select":[{"column":[{"name":"x","path":"id.frobnicate()"}]}]}"#).unwrap();
+    let broken = run(&["check-config"]);
+    assert_eq!(broken.code, Some(2));
+    assert!(
+        broken.stderr.contains("views[2].file") && broken.stderr.contains("frobnicate"),
+        "{}",
+        broken.stderr
+    );
+    for r in [&first, &export, &ndjson, &reconcile, &changes, &csv, &list] {
+        r.assert_absent(&env.iter().map(|(_, v)| *v).collect::<Vec<_>>());
+    }
 }
