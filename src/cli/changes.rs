@@ -142,8 +142,8 @@ fn write_rows(
             if first {
                 writeln!(
                     out,
-                    "{:>8}  {:<20}  {:<16}  {:<14}  {:<8}  {:<24}  {:<8}  {}",
-                    "SEQ", "AT", "ACCOUNT", "TYPE", "KIND", "ID", "VERSION", "LAST UPDATED"
+                    "{:>8}  {:<20}  {:<16}  {:<14}  {:<8}  {:<24}  {:<8}  LAST UPDATED",
+                    "SEQ", "AT", "ACCOUNT", "TYPE", "KIND", "ID", "VERSION"
                 )?;
                 if rows.is_empty() {
                     writeln!(out, "(no changes)")?;

@@ -162,11 +162,11 @@ async fn export(
 ) -> Result<u64, ExportError> {
     let resources = matches!(query, ExportQuery::Resources { .. });
     let mut sink = match args.format {
-        Format::Csv => Sink::Csv(
+        Format::Csv => Sink::Csv(Box::new(
             csv::WriterBuilder::new()
                 .has_headers(false)
                 .from_writer(out),
-        ),
+        )),
         Format::Ndjson => Sink::Lines(out),
     };
     let mut names: Vec<String> = Vec::new();
@@ -222,7 +222,7 @@ async fn export(
 
 /// Where rows go.
 enum Sink<'a> {
-    Csv(csv::Writer<&'a mut dyn Write>),
+    Csv(Box<csv::Writer<&'a mut dyn Write>>),
     Lines(&'a mut dyn Write),
 }
 

@@ -595,6 +595,15 @@ struct Stored {
     deleted: bool,
 }
 
+/// id, version_id, content_hash, data (without a hash only), deleted.
+type StoredRow = (
+    String,
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<String>,
+    bool,
+);
+
 /// The stored versions of the page's records.
 async fn stored_versions(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
@@ -610,13 +619,7 @@ async fn stored_versions(
         );
         let ids: Vec<&str> = chunk.iter().map(|r| r.id.as_str()).collect();
         push_key_filter(&mut q, account, resource_type, "id", &ids);
-        let stored: Vec<(
-            String,
-            Option<String>,
-            Option<Vec<u8>>,
-            Option<String>,
-            bool,
-        )> = q.build_query_as().fetch_all(&mut **tx).await?;
+        let stored: Vec<StoredRow> = q.build_query_as().fetch_all(&mut **tx).await?;
         for (id, version_id, hash, data, deleted) in stored {
             found.insert(
                 id,
