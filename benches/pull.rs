@@ -1,6 +1,10 @@
 //! Pull throughput and memory: the vendor sandbox serves N generated FHIR Patients (~1.4 KB of
 //! JSON each) on loopback, and `ehrsync sync` (the release binary, as operators run it) pulls
-//! them all into a fresh SQLite database. Beside it, the raw SQLite ceiling measured in the same
+//! them all into a fresh SQLite database: once as configured by default (the change log and
+//! the `patients` table kept with each page), once with two SQL-on-FHIR views as well
+//! (`patient_demographics`, `patient_contacts`). On the largest size's last database with views,
+//! it then measures `ehrsync export` (rows/s and peak RSS, CSV of a view and NDJSON of the
+//! records) and a name lookup in `patients`. Beside it, the raw SQLite ceiling measured in the same
 //! run: rusqlite upserting the same rows into the same schema, with the same durability (WAL,
 //! `synchronous = FULL`), one prepared single-row statement, one transaction per 1,000-row page,
 //! no HTTP and no JSON. Prints patients per second, the share of the ceiling, and the pull's
@@ -57,30 +61,150 @@ mod bench {
         for n in sizes {
             sandbox.set_patients(n);
             let (mut pulled, mut ceiling, mut share, mut rss) = (vec![], vec![], vec![], vec![]);
+            let (mut viewed, mut view_share, mut view_rss) = (vec![], vec![], vec![]);
+            let mut last = None;
             for _ in 0..runs {
                 // Each measurement starts with no dirty pages of the one before to write back.
                 common::flush_disks();
-                let (rate, peak_mb) = pipeline(&sandbox, n);
+                let (rate, peak_mb, _) = pipeline(&sandbox, n, false);
+                common::flush_disks();
+                let (with_views, views_mb, dir) = pipeline(&sandbox, n, true);
                 common::flush_disks();
                 let raw = raw_ceiling(&sandbox, n);
                 pulled.push(rate);
                 ceiling.push(raw);
                 share.push(rate / raw * 100.0);
                 rss.push(peak_mb);
+                viewed.push(with_views);
+                view_share.push(with_views / rate * 100.0);
+                view_rss.push(views_mb);
+                last = Some(dir);
             }
             println!("  {n} patients:");
             println!("    ehrsync pull:      {} patients/s", spread(&pulled, 0));
             println!("    raw SQLite:        {} rows/s", spread(&ceiling, 0));
             println!("    share of ceiling:  {} %", spread(&share, 1));
             println!("    pull's peak RSS:   {} MB", spread(&rss, 1));
+            println!("    with two views:    {} patients/s", spread(&viewed, 0));
+            println!("    views / no views:  {} %", spread(&view_share, 1));
+            println!("    peak RSS (views):  {} MB", spread(&view_rss, 1));
+            if let Some(dir) = last {
+                exports(&dir, n, runs);
+                lookups(&dir);
+            }
         }
     }
 
-    /// One full pull of `n` patients by the release binary: patients per second, peak RSS (MB).
-    fn pipeline(sandbox: &Sandbox, n: u64) -> (f64, f64) {
+    /// `ehrsync export` of the pulled database: a view as CSV and the records as NDJSON, to
+    /// files; rows per second and peak RSS.
+    fn exports(dir: &tempfile::TempDir, n: u64, runs: usize) {
+        for (what, format, rows_per_patient) in
+            [("patient_demographics", "csv", 1), ("Patient", "ndjson", 1)]
+        {
+            let (mut rates, mut rss) = (vec![], vec![]);
+            for _ in 0..runs {
+                let out = dir.path().join(format!("export.{format}"));
+                let started = Instant::now();
+                let child = Command::new(common::EHRSYNC)
+                    .args(["export", what, "--format", format, "--out"])
+                    .arg(&out)
+                    .arg("--config")
+                    .arg(dir.path().join("ehrsync.toml"))
+                    .env_clear()
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("run ehrsync export");
+                let (code, peak_kb) = common::wait_with_peak_rss(child);
+                let secs = started.elapsed().as_secs_f64();
+                assert_eq!(code, Some(0), "ehrsync export failed");
+                let lines = std::io::BufRead::lines(std::io::BufReader::new(
+                    std::fs::File::open(&out).expect("the export"),
+                ))
+                .count() as u64;
+                let header = u64::from(format == "csv");
+                assert_eq!(lines, n * rows_per_patient + header, "every row exported");
+                rates.push((n * rows_per_patient) as f64 / secs);
+                rss.push(peak_kb as f64 / 1024.0);
+            }
+            println!(
+                "    export {what} ({format}): {} rows/s, peak RSS {} MB",
+                spread(&rates, 0),
+                spread(&rss, 1)
+            );
+        }
+    }
+
+    /// Looking a patient up by family and given name in `patients` (indexed), against the
+    /// same question asked of the records' JSON as the version 2 view did.
+    fn lookups(dir: &tempfile::TempDir) {
+        let db = rusqlite::Connection::open(dir.path().join("ehrsync.db")).expect("the database");
+        let names: Vec<(String, String)> = {
+            let mut q = db
+                .prepare("SELECT family, given FROM patients ORDER BY random() LIMIT 200")
+                .expect("a query");
+            q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(Iterator::collect)
+                .expect("sample names")
+        };
+        let sql = "SELECT account, id, birth_date FROM patients \
+                   WHERE family = ?1 COLLATE NOCASE AND given = ?2 COLLATE NOCASE";
+        let plan: String = db
+            .query_row(&format!("EXPLAIN QUERY PLAN {sql}"), ("a", "b"), |r| {
+                r.get(3)
+            })
+            .expect("the plan");
+        let mut times = vec![];
+        let mut found = 0usize;
+        let mut q = db.prepare(sql).expect("the lookup");
+        for (family, given) in &names {
+            let t = Instant::now();
+            found += q
+                .query_map((family.to_uppercase(), given), |r| r.get::<_, String>(1))
+                .and_then(Iterator::collect::<rusqlite::Result<Vec<_>>>)
+                .expect("a lookup")
+                .len();
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let times = common::sorted(times);
+        println!(
+            "    name lookup in patients: median {:.3} ms, p99 {:.3} ms ({:.0} rows each; plan: {plan})",
+            common::quantile(&times, 0.5),
+            common::quantile(&times, 0.99),
+            found as f64 / names.len() as f64
+        );
+        let t = Instant::now();
+        let (family, given) = &names[0];
+        let _: i64 = db
+            .query_row(
+                "SELECT count(*) FROM resources WHERE resource_type = 'Patient' \
+                 AND json_extract(data, '$.name[0].family') = ?1 \
+                 AND (SELECT group_concat(g.value, ' ') FROM json_each(data, '$.name[0].given') AS g) = ?2",
+                (family, given),
+                |r| r.get(0),
+            )
+            .expect("the JSON scan");
+        println!(
+            "    the same lookup over the records' JSON (no table): {:.0} ms",
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+
+    /// One full pull of `n` patients by the release binary, with or without two views:
+    /// patients per second, peak RSS (MB), and the directory holding the database.
+    fn pipeline(sandbox: &Sandbox, n: u64, views: bool) -> (f64, f64, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("a temporary directory");
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/views");
+        let views = if views {
+            format!(
+                "[[views]]\nfile = '{}'\n[[views]]\nfile = '{}'\n",
+                shipped.join("patient_demographics.json").display(),
+                shipped.join("patient_contacts.json").display()
+            )
+        } else {
+            String::new()
+        };
         let config = format!(
-            "[agent]\ndatabase = 'ehrsync.db'\n{}\n[[accounts.nx.jobs]]\nname = 'patients'\nkind = 'fhir'\nschedule = '0 0 3 * * *'\npage_size = {PAGE}\n",
+            "[agent]\ndatabase = 'ehrsync.db'\n{views}{}\n[[accounts.nx.jobs]]\nname = 'patients'\nkind = 'fhir'\nschedule = '0 0 3 * * *'\npage_size = {PAGE}\n",
             sandbox.account_config(Vendor::Nextech, "nx")
         );
         let path = dir.path().join("ehrsync.toml");
@@ -102,7 +226,7 @@ mod bench {
             .and_then(|c| c.query_row("SELECT count(*) FROM resources", [], |r| r.get(0)))
             .expect("count the stored patients");
         assert_eq!(stored, n as i64, "the pull stored every patient once");
-        (n as f64 / secs, peak_kb as f64 / 1024.0)
+        (n as f64 / secs, peak_kb as f64 / 1024.0, dir)
     }
 
     /// Rows per second upserting the sandbox's `n` patients straight into SQLite. Only the
