@@ -47,9 +47,10 @@ CREATE TABLE patient_rows (
     PRIMARY KEY (account, resource_type, id)
 ) STRICT;
 
--- Name lookups, case-insensitive (`WHERE family = 'smith' COLLATE NOCASE`).
+-- Name lookups, case-insensitive (`WHERE family = 'smith' COLLATE NOCASE`). One index only:
+-- names arrive in random order, so each page's transaction rewrites most of the index's pages
+-- (measured: a second index on birth_date cost the pull a tenth of its rate).
 CREATE INDEX patient_rows_by_name ON patient_rows (family COLLATE NOCASE, given COLLATE NOCASE);
-CREATE INDEX patient_rows_by_birth_date ON patient_rows (birth_date);
 
 INSERT INTO patient_rows (account, resource_type, id, family, given, birth_date, gender, last_updated)
 SELECT

@@ -83,6 +83,7 @@ check_mode /var/lib/ehrsync 700 ehrsync:ehrsync
 check_mode /lib/systemd/system/ehrsync.service 644 root:root
 check_mode /usr/lib/sysusers.d/ehrsync.conf 644 root:root
 check_mode /usr/share/ehrsync/prometheus/alerts.yml 644 root:root
+check_mode /usr/share/ehrsync/views/patient_demographics.json 644 root:root
 in_root test -f /usr/share/doc/ehrsync/copyright || fail "no copyright file"
 in_root grep -q '^/etc/ehrsync/ehrsync.toml$' /var/lib/dpkg/info/ehrsync.conffiles \
   || fail "ehrsync.toml is not a conffile"

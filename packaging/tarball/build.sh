@@ -88,6 +88,9 @@ files=(
   config/ehrsync.toml                   config/ehrsync.toml             0644
   config/prometheus/alerts.yml          config/prometheus/alerts.yml    0644
   config/prometheus/prometheus.yml      config/prometheus/prometheus.yml 0644
+  config/views/patient_demographics.json config/views/patient_demographics.json 0644
+  config/views/patient_contacts.json    config/views/patient_contacts.json 0644
+  config/views/appointments.json        config/views/appointments.json  0644
   README.md                             README.md                       0644
   LICENSE                               LICENSE                         0644
   CHANGELOG.md                          CHANGELOG.md                    0644

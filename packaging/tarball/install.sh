@@ -262,9 +262,13 @@ dir "$SHARE" 0755 0:0
 dir "$SHARE/prometheus" 0755 0:0
 put "$here/config/prometheus/alerts.yml" "$SHARE/prometheus/alerts.yml" 0644 0:0
 put "$here/config/prometheus/prometheus.yml" "$SHARE/prometheus/prometheus.yml" 0644 0:0
+dir "$SHARE/views" 0755 0:0
+for v in "$here"/config/views/*.json; do
+  put "$v" "$SHARE/views/${v##*/}" 0644 0:0
+done
 put "$here/systemd/ehrsync.service" "$SHARE/ehrsync.service" 0644 0:0
 put "$here/uninstall.sh" "$SHARE/uninstall.sh" 0755 0:0
-say "  $SHARE/ (prometheus/alerts.yml, prometheus/prometheus.yml, uninstall.sh)"
+say "  $SHARE/ (prometheus/alerts.yml, prometheus/prometheus.yml, views/*.json, uninstall.sh)"
 dir "$DOC" 0755 0:0
 for f in README.md CHANGELOG.md LICENSE; do
   if [ -f "$here/$f" ]; then put "$here/$f" "$DOC/$f" 0644 0:0; fi

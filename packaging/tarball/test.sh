@@ -112,7 +112,8 @@ pass "gzip integrity"
 
 expected_files=(bin/ehrsync install.sh uninstall.sh systemd/ehrsync.service
   systemd/ehrsync.sysusers config/ehrsync.toml config/prometheus/alerts.yml
-  config/prometheus/prometheus.yml README.md LICENSE CHANGELOG.md)
+  config/prometheus/prometheus.yml config/views/patient_demographics.json
+  config/views/patient_contacts.json config/views/appointments.json README.md LICENSE CHANGELOG.md)
 shopt -s nullglob
 for doc in docs/*.md docs/*.png; do expected_files+=("$doc"); done
 shopt -u nullglob
@@ -323,6 +324,9 @@ check_installed() {
   expect "$r" /etc/ehrsync/credentials directory 700 0:0
   expect "$r" /etc/credstore directory 700 0:0
   expect "$r" /etc/credstore.encrypted directory 700 0:0
+  for f in patient_demographics.json patient_contacts.json appointments.json; do
+    expect "$r" "/usr/local/share/ehrsync/views/$f" "regular file" 644 0:0
+  done
   for f in alerts.yml prometheus.yml; do
     expect "$r" "/usr/local/share/ehrsync/prometheus/$f" "regular file" 644 0:0
     cmp -s "$r/usr/local/share/ehrsync/prometheus/$f" "$x/config/prometheus/$f" || fail "/usr/local/share/ehrsync/prometheus/$f is not the tarball's"
