@@ -11,7 +11,8 @@
 //! peak RSS (from `wait4`), at each size (default 100,000 and 1,000,000), so flat memory shows
 //! as equal RSS.
 //!
-//! Run: `cargo bench --bench pull [-- --runs 3 100000 1000000]`.
+//! Run: `cargo bench --bench pull [-- --runs 3 [--baseline PATH] 100000 1000000]`.
+//! `--baseline` also pulls with another ehrsync binary (an earlier build) for comparison.
 
 #[cfg(target_os = "linux")]
 mod common;
@@ -43,7 +44,8 @@ mod bench {
 
     pub fn main() {
         let runs: usize = common::arg("--runs").unwrap_or(3);
-        let sizes: Vec<u64> = common::positional(&["--runs"]);
+        let baseline: Option<String> = common::arg("--baseline");
+        let sizes: Vec<u64> = common::positional(&["--runs", "--baseline"]);
         let sizes = if sizes.is_empty() {
             vec![100_000, 1_000_000]
         } else {
@@ -62,13 +64,20 @@ mod bench {
             sandbox.set_patients(n);
             let (mut pulled, mut ceiling, mut share, mut rss) = (vec![], vec![], vec![], vec![]);
             let (mut viewed, mut view_share, mut view_rss) = (vec![], vec![], vec![]);
+            let (mut based, mut base_share) = (vec![], vec![]);
             let mut last = None;
             for _ in 0..runs {
                 // Each measurement starts with no dirty pages of the one before to write back.
                 common::flush_disks();
-                let (rate, peak_mb, _) = pipeline(&sandbox, n, false);
+                let (rate, peak_mb, _) = pipeline(&sandbox, n, false, common::EHRSYNC);
+                if let Some(binary) = &baseline {
+                    common::flush_disks();
+                    let (base, _, _) = pipeline(&sandbox, n, false, binary);
+                    based.push(base);
+                    base_share.push(rate / base * 100.0);
+                }
                 common::flush_disks();
-                let (with_views, views_mb, dir) = pipeline(&sandbox, n, true);
+                let (with_views, views_mb, dir) = pipeline(&sandbox, n, true, common::EHRSYNC);
                 common::flush_disks();
                 let raw = raw_ceiling(&sandbox, n);
                 pulled.push(rate);
@@ -85,6 +94,10 @@ mod bench {
             println!("    raw SQLite:        {} rows/s", spread(&ceiling, 0));
             println!("    share of ceiling:  {} %", spread(&share, 1));
             println!("    pull's peak RSS:   {} MB", spread(&rss, 1));
+            if baseline.is_some() {
+                println!("    baseline binary:   {} patients/s", spread(&based, 0));
+                println!("    this / baseline:   {} %", spread(&base_share, 1));
+            }
             println!("    with two views:    {} patients/s", spread(&viewed, 0));
             println!("    views / no views:  {} %", spread(&view_share, 1));
             println!("    peak RSS (views):  {} MB", spread(&view_rss, 1));
@@ -191,7 +204,12 @@ mod bench {
 
     /// One full pull of `n` patients by the release binary, with or without two views:
     /// patients per second, peak RSS (MB), and the directory holding the database.
-    fn pipeline(sandbox: &Sandbox, n: u64, views: bool) -> (f64, f64, tempfile::TempDir) {
+    fn pipeline(
+        sandbox: &Sandbox,
+        n: u64,
+        views: bool,
+        binary: &str,
+    ) -> (f64, f64, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/views");
         let views = if views {
@@ -210,7 +228,7 @@ mod bench {
         let path = dir.path().join("ehrsync.toml");
         std::fs::write(&path, config).expect("write the config");
         let started = Instant::now();
-        let child = Command::new(common::EHRSYNC)
+        let child = Command::new(binary)
             .args(["sync", "nx", "patients", "--full", "--config"])
             .arg(&path)
             .env_clear()

@@ -179,7 +179,7 @@ pub fn arg<T: std::str::FromStr>(name: &str) -> Option<T> {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.replace('_', "").parse().ok())
+        .and_then(|v| v.parse().ok().or_else(|| v.replace('_', "").parse().ok()))
 }
 
 /// The arguments that are neither flags nor the values of `valued` flags, parsed.
