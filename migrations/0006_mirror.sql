@@ -26,9 +26,8 @@ CREATE TABLE changes (
     run_id        INTEGER,
     at            INTEGER NOT NULL
 ) STRICT;
-
-CREATE INDEX changes_by_account ON changes (account, resource_type, seq);
-CREATE INDEX changes_by_time ON changes (at);
+-- No secondary index: rows are only appended (by `seq`), read from a `seq` onwards, and
+-- pruned from the oldest; an index would cost every page of every pull.
 
 -- Live patients from every source, flattened, maintained with `resources` in each page's
 -- transaction (ehrsync computes the columns; version 2's view re-parsed every record on every
@@ -45,11 +44,11 @@ CREATE TABLE patient_rows (
     gender        TEXT,
     last_updated  TEXT,
     PRIMARY KEY (account, resource_type, id)
-) STRICT;
+) STRICT, WITHOUT ROWID;
 
 -- Name lookups, case-insensitive (`WHERE family = 'smith' COLLATE NOCASE`). One index only:
 -- names arrive in random order, so each page's transaction rewrites most of the index's pages
--- (measured: a second index on birth_date cost the pull a tenth of its rate).
+-- (docs/performance.md has what it costs).
 CREATE INDEX patient_rows_by_name ON patient_rows (family COLLATE NOCASE, given COLLATE NOCASE);
 
 INSERT INTO patient_rows (account, resource_type, id, family, given, birth_date, gender, last_updated)

@@ -62,10 +62,16 @@ impl Store {
         .await
     }
 
-    /// Deletes changes made before `before` (Unix seconds); returns how many.
+    /// Deletes the changes older than the first one made at or after `before` (Unix seconds);
+    /// returns how many. By `seq`, so it needs no index on the time (the log is written in
+    /// time order; after a clock step back, a few rows may wait for the next prune).
     pub async fn prune_changes(&self, before: i64) -> Result<u64, StoreError> {
         self.shield(|s| async move {
-            Ok(sqlx::query("DELETE FROM changes WHERE at < ?")
+            Ok(sqlx::query(
+                "DELETE FROM changes WHERE seq < coalesce(\
+                 (SELECT seq FROM changes WHERE at >= ?1 ORDER BY seq LIMIT 1), \
+                 (SELECT max(seq) + 1 FROM changes WHERE at < ?1), 0)",
+            )
                 .bind(before)
                 .execute(&s.pool)
                 .await?

@@ -306,8 +306,7 @@ impl Store {
                 });
                 q.build().execute(&mut *tx).await?;
             }
-            let derived: Vec<&PageRow> = changed.iter().map(|(row, _)| *row).collect();
-            write_derived(&mut tx, &views, &account, &resource_type, &derived).await?;
+            write_derived(&mut tx, &views, &account, &resource_type, &changed).await?;
             let records = i64::try_from(total).unwrap_or(i64::MAX);
             sqlx::query(
                 "UPDATE sync_runs SET pages = pages + 1, records = records + ? WHERE id = ?",
@@ -670,23 +669,32 @@ fn last_of_each_id(rows: Vec<PageRow>) -> Vec<PageRow> {
     kept
 }
 
-/// Replaces the derived rows (`patient_rows`, the view tables) of the `changed` records.
+/// Replaces the derived rows (`patient_rows`, the view tables) of the `changed` records. A
+/// created record has none yet (a deleted one lost them with its deletion): only updated
+/// ones have rows to remove first.
 async fn write_derived(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     views: &ViewSet,
     account: &str,
     resource_type: &str,
-    changed: &[&PageRow],
+    changed: &[(&PageRow, ChangeKind)],
 ) -> Result<(), StoreError> {
     if changed.is_empty() {
         return Ok(());
     }
+    let updated: Vec<&str> = changed
+        .iter()
+        .filter(|(_, k)| *k == ChangeKind::Updated)
+        .map(|(r, _)| r.id.as_str())
+        .collect();
+    let changed: Vec<&PageRow> = changed.iter().map(|(row, _)| *row).collect();
     if is_patient_type(resource_type) {
-        for chunk in changed.chunks(ROWS_PER_STATEMENT) {
+        for ids in updated.chunks(ROWS_PER_STATEMENT) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("DELETE FROM patient_rows");
-            let ids: Vec<&str> = chunk.iter().map(|r| r.id.as_str()).collect();
-            push_key_filter(&mut q, account, resource_type, "id", &ids);
+            push_key_filter(&mut q, account, resource_type, "id", ids);
             q.build().execute(&mut **tx).await?;
+        }
+        for chunk in changed.chunks(ROWS_PER_STATEMENT) {
             let rows: Vec<(&PageRow, &crate::views::patients::PatientRow)> = chunk
                 .iter()
                 .filter_map(|r| r.derived.patient.as_ref().map(|p| (*r, p)))
@@ -714,13 +722,13 @@ async fn write_derived(
     for (i, view) in views.for_type(resource_type).enumerate() {
         let table = quote(&view.table);
         let width = view.columns.len() + 2;
-        for chunk in changed.chunks(ROWS_PER_STATEMENT) {
+        for ids in updated.chunks(ROWS_PER_STATEMENT) {
             let mut q: QueryBuilder<Sqlite> =
                 QueryBuilder::new(format!("DELETE FROM {table} WHERE account = "));
             q.push_bind(account).push(" AND resource_id IN (");
             let mut list = q.separated(", ");
-            for row in chunk {
-                list.push_bind(&row.id);
+            for id in ids {
+                list.push_bind(*id);
             }
             list.push_unseparated(")");
             q.build().execute(&mut **tx).await?;

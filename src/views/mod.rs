@@ -202,8 +202,12 @@ impl ViewSet {
     /// What `data`, a `resource_type` record, contributes to the derived tables. JSON that does
     /// not parse contributes nothing (the pull's readers have checked it already).
     pub fn derive(&self, resource_type: &str, data: &str) -> Derived {
-        if !self.derives(resource_type) {
-            return Derived::default();
+        if self.for_type(resource_type).next().is_none() {
+            // Only the patients table: read its few fields, without building the whole record.
+            return Derived {
+                patient: patients::row_from_text(resource_type, data),
+                ..Derived::default()
+            };
         }
         let Ok(json) = serde_json::from_str::<serde_json::Value>(data) else {
             return Derived::default();

@@ -21,6 +21,69 @@ pub fn is_patient_type(resource_type: &str) -> bool {
     resource_type == FHIR_PATIENT || resource_type == crate::sync::list::RESOURCE_TYPE
 }
 
+/// The row of `data`, a `resource_type` record's JSON, read straight into the few fields it
+/// needs (the rest is skipped, not built): `None` for other types or JSON that does not parse.
+pub fn row_from_text(resource_type: &str, data: &str) -> Option<PatientRow> {
+    if resource_type == FHIR_PATIENT {
+        let p: FhirPatient = serde_json::from_str(data).ok()?;
+        Some(fhir_fields(&p.name, p.birth_date, p.gender))
+    } else if resource_type == crate::sync::list::RESOURCE_TYPE {
+        let n: NikoPatient = serde_json::from_str(data).ok()?;
+        Some(niko_fields(
+            n.first_name.and_then(text_of),
+            n.middle_name.and_then(text_of),
+            n.last_name.and_then(text_of),
+            n.date_of_birth.and_then(text_of),
+            n.gender.and_then(text_of),
+        ))
+    } else {
+        None
+    }
+}
+
+/// The fields of a FHIR Patient the row needs.
+#[derive(serde::Deserialize)]
+struct FhirPatient {
+    #[serde(default, deserialize_with = "lenient")]
+    name: Value,
+    #[serde(rename = "birthDate", default, deserialize_with = "lenient_text")]
+    birth_date: Option<String>,
+    #[serde(default, deserialize_with = "lenient_text")]
+    gender: Option<String>,
+}
+
+/// The fields of a NikoHealth list record the row needs.
+#[derive(serde::Deserialize)]
+struct NikoPatient {
+    #[serde(rename = "firstName", default)]
+    first_name: Option<Value>,
+    #[serde(rename = "middleName", default)]
+    middle_name: Option<Value>,
+    #[serde(rename = "lastName", default)]
+    last_name: Option<Value>,
+    #[serde(rename = "dateOfBirth", default)]
+    date_of_birth: Option<Value>,
+    #[serde(default)]
+    gender: Option<Value>,
+}
+
+/// Any JSON value (a field of an unexpected shape is not an error: it gives no column).
+fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+    <Value as serde::Deserialize>::deserialize(d)
+}
+
+fn lenient_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(text_of(<Value as serde::Deserialize>::deserialize(d)?))
+}
+
+fn text_of(v: Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
 /// The row of `record`, a `resource_type` record; `None` for other types.
 pub fn row(resource_type: &str, record: &Value) -> Option<PatientRow> {
     if resource_type == FHIR_PATIENT {
@@ -35,7 +98,15 @@ pub fn row(resource_type: &str, record: &Value) -> Option<PatientRow> {
 /// A FHIR Patient: the name with use = `official`, else the first; its given names joined with
 /// spaces; `birthDate` and `gender` as written.
 fn fhir(record: &Value) -> PatientRow {
-    let names = record.get("name").and_then(Value::as_array);
+    fhir_fields(
+        record.get("name").unwrap_or(&Value::Null),
+        record.get("birthDate").and_then(text),
+        record.get("gender").and_then(text),
+    )
+}
+
+fn fhir_fields(names: &Value, birth_date: Option<String>, gender: Option<String>) -> PatientRow {
+    let names = names.as_array();
     let name = names.and_then(|n| {
         n.iter()
             .find(|n| n.get("use").and_then(Value::as_str) == Some("official"))
@@ -49,8 +120,8 @@ fn fhir(record: &Value) -> PatientRow {
     PatientRow {
         family: name.and_then(|n| n.get("family")).and_then(text),
         given,
-        birth_date: record.get("birthDate").and_then(text),
-        gender: record.get("gender").and_then(text),
+        birth_date,
+        gender,
     }
 }
 
@@ -58,18 +129,34 @@ fn fhir(record: &Value) -> PatientRow {
 /// gender lower-cased (as FHIR writes it).
 fn niko(record: &Value) -> PatientRow {
     let field = |k: &str| record.get(k).and_then(text);
+    niko_fields(
+        field("firstName"),
+        field("middleName"),
+        field("lastName"),
+        field("dateOfBirth"),
+        field("gender"),
+    )
+}
+
+fn niko_fields(
+    first: Option<String>,
+    middle: Option<String>,
+    last: Option<String>,
+    birth: Option<String>,
+    gender: Option<String>,
+) -> PatientRow {
     let given = format!(
         "{} {}",
-        field("firstName").unwrap_or_default(),
-        field("middleName").unwrap_or_default()
+        first.unwrap_or_default(),
+        middle.unwrap_or_default()
     )
     .trim()
     .to_owned();
     PatientRow {
-        family: field("lastName"),
+        family: last,
         given: Some(given).filter(|g| !g.is_empty()),
-        birth_date: field("dateOfBirth").map(|d| d.chars().take(10).collect()),
-        gender: field("gender").map(|g| g.to_lowercase()),
+        birth_date: birth.map(|d| d.chars().take(10).collect()),
+        gender: gender.map(|g| g.to_lowercase()),
     }
 }
 
@@ -102,6 +189,9 @@ mod tests {
                 gender: Some("male".into()),
             })
         );
+        assert_eq!(row_from_text(FHIR_PATIENT, &p.to_string()), row(FHIR_PATIENT, &p));
+        let odd = json!({"name": 5, "gender": ["x"], "birthDate": 1970});
+        assert_eq!(row_from_text(FHIR_PATIENT, &odd.to_string()), row(FHIR_PATIENT, &odd));
         let first = json!({"name": [{"family": "Jones"}, {"family": "Other"}]});
         assert_eq!(fhir(&first).family.as_deref(), Some("Jones"));
         assert_eq!(fhir(&json!({"name": "not a list"})), PatientRow::default());
@@ -112,6 +202,10 @@ mod tests {
         let n = json!({"id": 7, "firstName": "Ann", "lastName": "Lee",
             "dateOfBirth": "1980-05-06T00:00:00", "gender": "Female"});
         let r = row(crate::sync::list::RESOURCE_TYPE, &n).unwrap();
+        assert_eq!(
+            row_from_text(crate::sync::list::RESOURCE_TYPE, &n.to_string()),
+            Some(r.clone())
+        );
         assert_eq!(r.given.as_deref(), Some("Ann"));
         assert_eq!(r.birth_date.as_deref(), Some("1980-05-06"));
         assert_eq!(r.gender.as_deref(), Some("female"));
