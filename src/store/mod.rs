@@ -40,6 +40,10 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// SQLite allows one writer; a few readers beside it are all the agent needs.
 const MAX_CONNECTIONS: u32 = 4;
+/// A writing connection's page cache, at most (SQLite's default is 2 MiB).
+const PAGE_CACHE_KIB: u32 = 32 * 1024;
+/// WAL pages between automatic checkpoints (SQLite's default is 1,000).
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 8000;
 
 /// The newest schema version this build knows.
 pub fn supported_schema_version() -> i64 {
@@ -307,7 +311,10 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            .pragma("cache_size", format!("-{PAGE_CACHE_KIB}"))
+            .pragma("temp_store", "memory")
+            .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string());
         let mut store = Store::connect(path, options.clone()).await?;
         store.migrate().await?;
         store.lease_pool =
