@@ -432,3 +432,41 @@ async fn status_refuses_a_newer_database_with_exit_1() {
     assert_eq!(run.code, Some(1), "{}", run.stdout);
     assert!(run.stderr.contains("schema version 9999"), "{}", run.stderr);
 }
+
+/// The change log is pruned by age through `seq` (it has no index on time): every change
+/// before the first one made at or after the cut-off goes, the rest stays.
+#[tokio::test]
+async fn the_change_log_is_pruned_by_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("c.db")).await.unwrap();
+    for at in [10, 20, 30, 40, 50] {
+        sqlx::query(
+            "INSERT INTO changes (account, resource_type, id, kind, at) \
+             VALUES ('a', 'Patient', 'p', 'created', ?)",
+        )
+        .bind(at)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+    assert_eq!(store.prune_changes(5).await.unwrap(), 0);
+    assert_eq!(store.prune_changes(30).await.unwrap(), 2);
+    let filter = ehrsync::store::ChangeFilter::default();
+    let left: Vec<i64> = store
+        .read_changes(&filter, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.at)
+        .collect();
+    assert_eq!(left, [30, 40, 50]);
+    assert_eq!(store.prune_changes(1000).await.unwrap(), 3);
+    // seq keeps growing after pruning.
+    sqlx::query(
+        "INSERT INTO changes (account, resource_type, id, kind, at) VALUES ('a', 'Patient', 'p', 'created', 60)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(store.read_changes(&filter, 0, 100).await.unwrap()[0].seq, 6);
+}

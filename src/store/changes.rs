@@ -72,10 +72,10 @@ impl Store {
                  (SELECT seq FROM changes WHERE at >= ?1 ORDER BY seq LIMIT 1), \
                  (SELECT max(seq) + 1 FROM changes WHERE at < ?1), 0)",
             )
-                .bind(before)
-                .execute(&s.pool)
-                .await?
-                .rows_affected())
+            .bind(before)
+            .execute(&s.pool)
+            .await?
+            .rows_affected())
         })
         .await
     }

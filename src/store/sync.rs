@@ -215,6 +215,33 @@ impl Store {
         synced_at: i64,
         views: &ViewSet,
     ) -> Result<PageChanges, StoreError> {
+        self.commit_pages(
+            lease,
+            run_id,
+            account,
+            resource_type,
+            rows,
+            1,
+            synced_at,
+            views,
+        )
+        .await
+    }
+
+    /// [`Store::commit_page`] for the records of `pages` consecutive pages, in one
+    /// transaction (a page that appears twice keeps its later record).
+    #[allow(clippy::too_many_arguments)] // the pages and where they go
+    pub async fn commit_pages(
+        &self,
+        lease: &Lease,
+        run_id: i64,
+        account: &str,
+        resource_type: &str,
+        rows: Vec<PageRow>,
+        pages: u32,
+        synced_at: i64,
+        views: &ViewSet,
+    ) -> Result<PageChanges, StoreError> {
         let (account, resource_type, lease, views) = (
             account.to_owned(),
             resource_type.to_owned(),
@@ -309,8 +336,9 @@ impl Store {
             write_derived(&mut tx, &views, &account, &resource_type, &changed).await?;
             let records = i64::try_from(total).unwrap_or(i64::MAX);
             sqlx::query(
-                "UPDATE sync_runs SET pages = pages + 1, records = records + ? WHERE id = ?",
+                "UPDATE sync_runs SET pages = pages + ?, records = records + ? WHERE id = ?",
             )
+            .bind(i64::from(pages))
             .bind(records)
             .bind(run_id)
             .execute(&mut *tx)

@@ -2,10 +2,10 @@
 //!
 //! A run takes the job's lease (so it never overlaps itself, in this process or another),
 //! records itself in `sync_runs`, and walks the pages: while page k is written (one
-//! transaction, records and counts together), page k+1 is already being fetched and read. At
-//! most three pages are in memory (being written, waiting, being read), whatever the run's
-//! size. The
-//! watermark moves in the transaction that marks the run `success`; a run that fails or is
+//! transaction, records, derived rows and counts together), the next pages are already being
+//! fetched and read; pages that waited for the writer are committed together. At most five
+//! pages are in memory (three waiting, one being written, one being read), whatever the run's
+//! size. The watermark moves in the transaction that marks the run `success`; a run that fails or is
 //! dropped halfway leaves its committed pages and the old watermark, and the next run repeats
 //! the rest (upserts are idempotent).
 
@@ -37,6 +37,9 @@ use fetch::Fetcher;
 pub const JOB_LEASE_TTL: Duration = Duration::from_secs(120);
 /// How often a running job renews its lease.
 const JOB_LEASE_RENEW: Duration = Duration::from_secs(30);
+/// Pages read ahead of the writer. When writing is the slower side they are committed
+/// together: fewer commits, and an index page touched by several pages is written once.
+const WAITING_PAGES: usize = 3;
 /// A page request's deadline, per attempt.
 pub const API_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -812,10 +815,11 @@ impl JobRunner {
         let resource_type = source.resource_type().to_owned();
         let (views, metrics) = (&self.shared.views, &self.shared.metrics);
         let derive_type = resource_type.clone();
-        // The reader fetches and reads pages; the writer commits them, one transaction each.
-        // One page waits between them, so page k+1 is fetched and read while page k is
-        // written, and at most three pages are in memory whatever the run's size.
-        let (pages, mut to_write) = tokio::sync::mpsc::channel::<Vec<PageRow>>(1);
+        // The reader fetches and reads pages; the writer commits them. Up to WAITING_PAGES
+        // wait between them, so later pages are fetched and read while one is written, and at
+        // most WAITING_PAGES + 2 pages are in memory whatever the run's size. When the writer
+        // is the slower side, it commits the pages waiting together, in one transaction.
+        let (pages, mut to_write) = tokio::sync::mpsc::channel::<Vec<PageRow>>(WAITING_PAGES);
         let newest = &mut progress.newest;
         // It owns the sender: its end closes the channel.
         let reader = async move {
@@ -876,11 +880,30 @@ impl JobRunner {
         let mut writer = AbortOnDrop(tokio::spawn(async move {
             let (account, job) = (account_owned.as_str(), job_owned.as_str());
             let mut done = Written::default();
-            while let Some(rows) = to_write.recv().await {
+            while let Some(mut rows) = to_write.recv().await {
+                let mut group = 1u32;
+                while group <= WAITING_PAGES as u32 {
+                    match to_write.try_recv() {
+                        Ok(more) => {
+                            rows.extend(more);
+                            group += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
                 let n = rows.len() as u64;
                 let at = clock.now().unix_seconds();
                 let written = store
-                    .commit_page(&lease, run_id, account, &resource_type, rows, at, &views)
+                    .commit_pages(
+                        &lease,
+                        run_id,
+                        account,
+                        &resource_type,
+                        rows,
+                        group,
+                        at,
+                        &views,
+                    )
                     .await;
                 let changes = match written {
                     Ok(c) => c,
@@ -889,7 +912,7 @@ impl JobRunner {
                         return done;
                     }
                 };
-                done.pages += 1;
+                done.pages += group;
                 done.records += n;
                 done.changes.created += changes.created;
                 done.changes.updated += changes.updated;

@@ -189,9 +189,15 @@ mod tests {
                 gender: Some("male".into()),
             })
         );
-        assert_eq!(row_from_text(FHIR_PATIENT, &p.to_string()), row(FHIR_PATIENT, &p));
+        assert_eq!(
+            row_from_text(FHIR_PATIENT, &p.to_string()),
+            row(FHIR_PATIENT, &p)
+        );
         let odd = json!({"name": 5, "gender": ["x"], "birthDate": 1970});
-        assert_eq!(row_from_text(FHIR_PATIENT, &odd.to_string()), row(FHIR_PATIENT, &odd));
+        assert_eq!(
+            row_from_text(FHIR_PATIENT, &odd.to_string()),
+            row(FHIR_PATIENT, &odd)
+        );
         let first = json!({"name": [{"family": "Jones"}, {"family": "Other"}]});
         assert_eq!(fhir(&first).family.as_deref(), Some("Jones"));
         assert_eq!(fhir(&json!({"name": "not a list"})), PatientRow::default());
