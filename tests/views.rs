@@ -155,8 +155,8 @@ async fn actual_and_expected(store: &Store, views: &ViewSet) -> (Vec<String>, Ve
     (actual, expected)
 }
 
-/// One run's page of `records` for account `account`, written as a pull writes it.
-async fn write_page(store: &Store, views: &ViewSet, account: &str, records: &[Value]) {
+/// A run of job `p` of `account`, as a pull makes one: its lease and `sync_runs` row.
+async fn begin(store: &Store, account: &str) -> (ehrsync::store::Lease, i64) {
     let holder = Holder::this_process();
     let lease = store
         .acquire(
@@ -172,6 +172,21 @@ async fn write_page(store: &Store, views: &ViewSet, account: &str, records: &[Va
         .begin_run(&lease, account, "p", false, 1)
         .await
         .unwrap();
+    (lease, run.run_id)
+}
+
+/// Ends a run [`begin`] started.
+async fn end(store: &Store, account: &str, lease: ehrsync::store::Lease, run_id: i64) {
+    store
+        .finish_run(&lease, run_id, account, "p", "success", 2, None, None)
+        .await
+        .unwrap();
+    store.release(&lease).await.unwrap();
+}
+
+/// One run's page of `records` for account `account`, written as a pull writes it.
+async fn write_page(store: &Store, views: &ViewSet, account: &str, records: &[Value]) {
+    let (lease, run_id) = begin(store, account).await;
     let rows = records
         .iter()
         .map(|r| {
@@ -187,46 +202,24 @@ async fn write_page(store: &Store, views: &ViewSet, account: &str, records: &[Va
         })
         .collect();
     store
-        .commit_page(&lease, run.run_id, account, "Patient", rows, 1, views)
+        .commit_page(&lease, run_id, account, "Patient", rows, 1, views)
         .await
         .unwrap();
-    store
-        .finish_run(&lease, run.run_id, account, "p", "success", 2, None, None)
-        .await
-        .unwrap();
-    store.release(&lease).await.unwrap();
+    end(store, account, lease, run_id).await;
 }
 
 /// A completed sweep of `account` that saw only `kept`.
 async fn sweep(store: &Store, views: &ViewSet, account: &str, kept: Vec<String>) -> Reconciled {
-    let holder = Holder::this_process();
-    let lease = store
-        .acquire(
-            &LeaseKey::job(account, "p"),
-            &holder,
-            1,
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    let run = store
-        .begin_run(&lease, account, "p", false, 1)
-        .await
-        .unwrap();
+    let (lease, run_id) = begin(store, account).await;
     store
-        .mark_seen(&lease, run.run_id, account, "Patient", kept)
+        .mark_seen(&lease, run_id, account, "Patient", kept)
         .await
         .unwrap();
     let done = store
-        .reconcile(&lease, run.run_id, account, "Patient", None, 3, views)
+        .reconcile(&lease, run_id, account, "Patient", None, 3, views)
         .await
         .unwrap();
-    store
-        .finish_run(&lease, run.run_id, account, "p", "success", 3, None, None)
-        .await
-        .unwrap();
-    store.release(&lease).await.unwrap();
+    end(store, account, lease, run_id).await;
     done
 }
 

@@ -362,6 +362,26 @@ impl Source<'_> {
     }
 }
 
+/// The pages a walk has requested, to refuse a `next` link that leads back to one of them.
+#[derive(Default)]
+struct Visited {
+    hasher: RandomState,
+    seen: HashSet<u64>,
+}
+
+impl Visited {
+    fn first_visit(&mut self, url: &Url, page: u32) -> Result<(), SyncError> {
+        if self.seen.insert(self.hasher.hash_one(url.as_str())) {
+            return Ok(());
+        }
+        Err(SyncError::Malformed {
+            url: url.to_string(),
+            page,
+            reason: "the next link leads back to a page already read".to_owned(),
+        })
+    }
+}
+
 /// What a run's page writer committed, and the error that stopped it.
 #[derive(Default)]
 struct Written {
@@ -675,20 +695,13 @@ impl JobRunner {
         };
         let (mut elements, mut url, mut page_no) = (true, first(true), 0u32);
         let (mut stop, mut unknown, mut seen) = (stop.clone(), 0u64, 0u64);
-        let hasher = RandomState::new();
-        let mut visited: HashSet<u64> = HashSet::new();
+        let mut visited = Visited::default();
         loop {
             if *stop.borrow() {
                 return Ok(false);
             }
             page_no += 1;
-            if !visited.insert(hasher.hash_one(url.as_str())) {
-                return Err(SyncError::Malformed {
-                    url: url.to_string(),
-                    page: page_no,
-                    reason: "the next link leads back to a page already read".to_owned(),
-                });
-            }
+            visited.first_visit(&url, page_no)?;
             let page = tokio::select! {
                 r = fetcher.get(&url, page_no) => r,
                 _ = stop.wait_for(|s| *s) => return Ok(false),
@@ -701,7 +714,7 @@ impl JobRunner {
                         "the server refuses _elements=id; sweeping whole records (only their ids are read)"
                     );
                     (elements, url, page_no) = (false, first(false), 0);
-                    visited.clear();
+                    visited = Visited::default();
                     continue;
                 }
                 other => other?,
@@ -823,8 +836,7 @@ impl JobRunner {
         let newest = &mut progress.newest;
         // It owns the sender: its end closes the channel.
         let reader = async move {
-            let hasher = RandomState::new();
-            let mut visited: HashSet<u64> = HashSet::new();
+            let mut visited = Visited::default();
             let mut next = Some(first);
             let mut page_no = 0u32;
             let mut stop = stop.clone();
@@ -838,13 +850,7 @@ impl JobRunner {
                     return Ok(true);
                 };
                 page_no += 1;
-                if !visited.insert(hasher.hash_one(url.as_str())) {
-                    return Err(SyncError::Malformed {
-                        url: url.to_string(),
-                        page: page_no,
-                        reason: "the next link leads back to a page already read".to_owned(),
-                    });
-                }
+                visited.first_visit(&url, page_no)?;
                 let page = tokio::select! {
                     r = fetcher.get(&url, page_no) => r?,
                     _ = stop.wait_for(|s| *s) => return Ok(false),
