@@ -229,7 +229,7 @@ impl Store {
     }
 
     /// [`Store::commit_page`] for the records of `pages` consecutive pages, in one
-    /// transaction (a page that appears twice keeps its later record).
+    /// transaction (a record that appears on two of them keeps its later version).
     #[allow(clippy::too_many_arguments)] // the pages and where they go
     pub async fn commit_pages(
         &self,
