@@ -229,26 +229,6 @@ impl ViewSet {
     }
 }
 
-/// Loads every `[[views]]` file.
-pub fn load_all(files: &[PathBuf]) -> Result<ViewSet, ViewFileError> {
-    let mut views: Vec<Materialised> = Vec::new();
-    for f in files {
-        let v = Materialised::load(f)?;
-        if let Some(other) = views.iter().find(|o| o.table == v.table) {
-            return Err(ViewFileError::Invalid {
-                path: f.clone(),
-                reason: format!(
-                    "its name `{}` is also the name of the view in {}",
-                    v.name,
-                    other.file.display()
-                ),
-            });
-        }
-        views.push(v);
-    }
-    Ok(ViewSet::new(views))
-}
-
 /// The SQLite type of a column of FHIR type `ty`: numbers and booleans (0/1) as numbers, every
 /// other FHIR type as text; a column without a type keeps each value's own (`ANY`).
 fn sql_type(ty: Option<&str>, collection: bool) -> &'static str {
