@@ -16,7 +16,8 @@ use ehrsync::token::response::{
 };
 use libfuzzer_sys::fuzz_target;
 use secrecy::ExposeSecret;
-use serde_json::Value;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
 
 /// The fields whose values are secrets.
 const SECRET_FIELDS: [&str; 3] = ["access_token", "refresh_token", "id_token"];
@@ -62,26 +63,66 @@ fn render(parsed: &Result<TokenResponse, MalformedResponse>) -> String {
 /// body with that value disguised (same length, every character different) must show it too,
 /// or the text came from the secret and not from elsewhere (a `token_type` quoted in an error,
 /// a `scope`, the message's own words).
+///
+/// The disguise is spliced into the body's own bytes, at every place the field occurs: a body
+/// rebuilt from a parsed `Value` would lose a duplicate field (the parser keeps the last) and
+/// with it the very error being checked.
 fn assert_no_secret_shown(data: &[u8], shown: &str) {
-    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(data) else {
+    let Ok(Entries(entries)) = serde_json::from_slice::<Entries>(data) else {
         // Not a JSON object: `parse_success` fails before it reads any field.
         return;
     };
     for field in SECRET_FIELDS {
-        let Some(Value::String(secret)) = body.get(field) else {
-            continue;
-        };
-        if secret.is_empty() || !shown.contains(secret.as_str()) {
-            continue;
+        // Where each occurrence of the field's string value sits in `data`, and its text.
+        let spots: Vec<(std::ops::Range<usize>, String)> = entries
+            .iter()
+            .filter(|(key, _)| key == field)
+            .filter_map(|(_, raw)| {
+                let value = serde_json::from_str::<String>(raw.get()).ok()?;
+                let start = raw.get().as_ptr() as usize - data.as_ptr() as usize;
+                Some((start..start + raw.get().len(), value))
+            })
+            .collect();
+        for (_, secret) in &spots {
+            if secret.is_empty() || !shown.contains(secret.as_str()) {
+                continue;
+            }
+            let mut other = data.to_vec();
+            // Back to front, so that earlier ranges stay where they are.
+            for (range, value) in spots.iter().rev() {
+                let literal = serde_json::to_string(&disguise(value)).expect("a string serializes");
+                other.splice(range.clone(), literal.into_bytes());
+            }
+            let shown_other = render(&parse_success(&other));
+            assert!(
+                shown_other.contains(secret.as_str()),
+                "the {field} value is shown: {shown}"
+            );
         }
-        let mut other = body.clone();
-        other.insert(field.to_owned(), Value::String(disguise(secret)));
-        let other = serde_json::to_vec(&Value::Object(other)).expect("a Value serializes");
-        let shown_other = render(&parse_success(&other));
-        assert!(
-            shown_other.contains(secret.as_str()),
-            "the {field} value is shown: {shown}"
-        );
+    }
+}
+
+/// A JSON object's members in order, duplicates kept, each value as the slice of the input it
+/// was read from.
+struct Entries<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Entries<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> Visitor<'de> for Members {
+            type Value = Entries<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry::<String, &'de RawValue>()? {
+                    members.push(member);
+                }
+                Ok(Entries(members))
+            }
+        }
+        deserializer.deserialize_map(Members)
     }
 }
 
