@@ -6,6 +6,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use ehrsync::cli::{self, Cli};
 
+/// mimalloc, not the C library's allocator: a pull allocates on the reader and frees on
+/// SQLite's thread, where glibc's arenas contend and musl's (the static build's) is slower
+/// still (ARCHITECTURE: decisions; docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // No paused test clock here: database calls need no hop through the blocking pool.
     ehrsync::store::unshield();
