@@ -5,6 +5,7 @@
 //! modules and the invariants they keep.
 
 pub mod agent;
+pub mod broker;
 pub mod cli;
 pub mod clock;
 pub mod config;

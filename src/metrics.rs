@@ -33,6 +33,10 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub config_last_reload_successful: IntGauge,
     pub config_last_reload_success: Gauge,
+    /// Broker requests by client, account, endpoint (`token`, `api`, `health`) and outcome.
+    pub broker_requests: IntCounterVec,
+    /// Token files written (outcome: written, failed) and `on_rotate` commands run (ok, failed).
+    pub token_files: IntCounterVec,
 }
 
 impl Metrics {
@@ -164,6 +168,20 @@ impl Metrics {
                 "ehrsync_config_last_reload_success_timestamp_seconds",
                 "When the config in use was read (Unix seconds).",
             )?,
+            broker_requests: IntCounterVec::new(
+                Opts::new(
+                    "ehrsync_broker_requests_total",
+                    "Requests to the token broker by client, account, endpoint (token, api, health) and outcome (granted, proxied, unauthorized, forbidden, bad_request, unavailable, upstream_error, too_large). Unknown clients and accounts are labelled \"\".",
+                ),
+                &["client", "account", "endpoint", "outcome"],
+            )?,
+            token_files: IntCounterVec::new(
+                Opts::new(
+                    "ehrsync_token_files_total",
+                    "Token files written and on_rotate commands run, by account and outcome (written, write_failed, command_ok, command_failed).",
+                ),
+                &["account", "outcome"],
+            )?,
             registry,
         };
         for c in [
@@ -186,6 +204,8 @@ impl Metrics {
             Box::new(m.config_reloads.clone()),
             Box::new(m.config_last_reload_successful.clone()),
             Box::new(m.config_last_reload_success.clone()),
+            Box::new(m.broker_requests.clone()),
+            Box::new(m.token_files.clone()),
         ] {
             m.registry.register(c)?;
         }

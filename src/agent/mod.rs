@@ -65,6 +65,8 @@ pub enum AgentError {
     Metrics(#[from] prometheus::Error),
     #[error("agent.ca_file: {0}")]
     CaFile(String),
+    #[error(transparent)]
+    Broker(#[from] crate::broker::server::ListenError),
 }
 
 /// Opens what token owners and job runners share: the store (migrated), the token key, the
@@ -151,12 +153,21 @@ pub async fn run(
         version,
     ));
     let (handles_tx, handles_rx) = watch::channel(Arc::new(Vec::new()));
+    let (served_tx, served_rx) = watch::channel(crate::broker::ServedAccounts::default());
+    let (clients_tx, clients_rx) = watch::channel(Arc::new(
+        config
+            .broker
+            .as_ref()
+            .map(|b| b.clients.clone())
+            .unwrap_or_default(),
+    ));
     let (config_tx, config_rx) = watch::channel(Arc::new(Config {
         path: config.path.clone(),
         env_overrides: config.env_overrides.clone(),
         agent: config.agent.clone(),
         accounts: config.accounts.clone(),
         views: config.views.clone(),
+        broker: config.broker.clone(),
     }));
     let started = chrono::DateTime::from_timestamp_millis(clock.now().unix_millis())
         .unwrap_or_else(chrono::Utc::now);
@@ -165,6 +176,9 @@ pub async fn run(
         sync,
         accounts: BTreeMap::new(),
         handles: handles_tx,
+        served: served_tx,
+        clients: clients_tx,
+        broker: config.broker.clone(),
         config: config_tx,
         path: config.path.clone(),
         env,
@@ -184,6 +198,36 @@ pub async fn run(
     let metrics = agent.shared.metrics.clone();
     metrics.config_loaded(true, clock.now().unix_seconds_f64(), false);
 
+    let broker = match &config.broker {
+        None => None,
+        Some(settings) => {
+            let broker = crate::broker::Broker::new(
+                clients_rx,
+                served_rx,
+                crate::http::build(crate::http::client_builder(settings.proxy_timeout))?,
+                metrics.clone(),
+                clock.clone(),
+            );
+            match crate::broker::server::listen(settings, broker.router()).await {
+                Ok(listening) => {
+                    tracing::info!(listen = %listening.address, clients = settings.clients.len(),
+                        "the token broker is listening");
+                    Some((broker, listening))
+                }
+                Err(e) => {
+                    agent.shutdown().await;
+                    heartbeat.abort();
+                    let _ = store.unregister_agent(&holder).await;
+                    store.close().await;
+                    return Err(e.into());
+                }
+            }
+        }
+    };
+    let usage_flush = broker
+        .as_ref()
+        .map(|(b, _)| tokio::spawn(crate::broker::flush_usage(b.clone(), store.clone())));
+
     let (server_stop_tx, mut server_stop) = watch::channel(false);
     let app = web::router(
         handles_rx,
@@ -194,6 +238,7 @@ pub async fn run(
             store: store.clone(),
             holder: holder.clone(),
             started,
+            broker: broker.as_ref().map(|(b, _)| b.clone()),
         },
     );
     let server = tokio::spawn(async move {
@@ -218,6 +263,13 @@ pub async fn run(
     tracing::info!(grace = %humantime::format_duration(grace), "stopping");
     notify::stopping("stopping: runs in progress finish their page");
     agent.shutdown().await;
+    if let Some((broker, listening)) = broker {
+        listening.stop(CLOSE_TIMEOUT).await;
+        if let Some(task) = usage_flush {
+            task.abort();
+        }
+        crate::broker::store_usage(&broker, &store).await;
+    }
     let cleanup = std::mem::take(&mut agent.cleanup);
     if tokio::time::timeout(CLOSE_TIMEOUT, cleanup.join_all())
         .await
@@ -278,6 +330,12 @@ struct Agent {
     sync: SyncShared,
     accounts: BTreeMap<String, AccountRun>,
     handles: watch::Sender<Arc<Vec<TokenHandle>>>,
+    /// The accounts the broker serves (published with `handles`).
+    served: watch::Sender<crate::broker::ServedAccounts>,
+    /// The broker's clients (a reload replaces them).
+    clients: watch::Sender<Arc<Vec<config::BrokerClient>>>,
+    /// `[broker]` as started (where it listens cannot change without a restart).
+    broker: Option<config::BrokerSettings>,
     /// The config in force, for the status page: the last accepted one, with the `[agent]`
     /// settings that are in effect (those a reload cannot change stay as started).
     config: watch::Sender<Arc<Config>>,
@@ -298,6 +356,8 @@ struct AccountRun {
     handle: TokenHandle,
     stop: watch::Sender<bool>,
     owner: JoinHandle<()>,
+    /// Writes the account's token files, when it has any (stopped with the owner).
+    files: Option<JoinHandle<()>>,
     jobs: BTreeMap<String, JobRun>,
 }
 
@@ -314,12 +374,21 @@ impl Agent {
         let name = account.name.to_string();
         let account = Arc::new(account);
         let (stop, stop_rx) = watch::channel(false);
-        let (handle, owner) = spawn(account.clone(), self.shared.clone(), stop_rx).await?;
+        let (handle, owner) = spawn(account.clone(), self.shared.clone(), stop_rx.clone()).await?;
+        let files = (!account.token_files.is_empty()).then(|| {
+            tokio::spawn(crate::broker::files::keep(
+                account.clone(),
+                handle.clone(),
+                self.shared.metrics.clone(),
+                stop_rx,
+            ))
+        });
         let mut run = AccountRun {
             account: account.clone(),
             handle,
             stop,
             owner,
+            files,
             jobs: BTreeMap::new(),
         };
         for job in &account.jobs {
@@ -394,14 +463,17 @@ impl Agent {
             for (job, j) in run.jobs {
                 jobs.push((name.clone(), job, j));
             }
-            owners.push((run.stop, run.owner));
+            owners.push((run.stop, run.owner, run.files));
         }
         self.stop_jobs(jobs).await;
-        for (stop, _) in &owners {
+        for (stop, _, _) in &owners {
             let _ = stop.send(true);
         }
-        for (_, owner) in owners {
+        for (_, owner, files) in owners {
             let _ = owner.await;
+            if let Some(files) = files {
+                let _ = files.await;
+            }
         }
     }
 
@@ -416,6 +488,18 @@ impl Agent {
     fn publish(&self) {
         let handles = self.accounts.values().map(|a| a.handle.clone()).collect();
         self.handles.send_replace(Arc::new(handles));
+        let served = self
+            .accounts
+            .iter()
+            .map(|(name, a)| {
+                let served = crate::broker::Served {
+                    account: a.account.clone(),
+                    handle: a.handle.clone(),
+                };
+                (name.clone(), served)
+            })
+            .collect();
+        self.served.send_replace(Arc::new(served));
     }
 
     /// One line for logs and `systemctl status`.
@@ -448,12 +532,14 @@ impl Agent {
         }
         let config = loaded.config;
         self.apply_agent_settings(&config.agent);
+        self.apply_broker_settings(config.broker.as_ref());
         let in_force = Arc::new(Config {
             path: config.path.clone(),
             env_overrides: config.env_overrides.clone(),
             agent: self.settings.clone(),
             accounts: config.accounts.clone(),
             views: self.sync.views.clone(),
+            broker: self.broker.clone(),
         });
         if config.views.fingerprints() != self.sync.views.fingerprints() {
             tracing::warn!(
@@ -489,6 +575,38 @@ impl Agent {
             );
         }
         notify::ready(&status);
+    }
+
+    /// A reload replaces the broker's clients (keys, accounts, endpoints); where and how it
+    /// listens, and whether it runs at all, wait for a restart.
+    fn apply_broker_settings(&mut self, new: Option<&config::BrokerSettings>) {
+        match (&mut self.broker, new) {
+            (Some(old), Some(new)) => {
+                let listening = old.listen != new.listen
+                    || old.socket_mode != new.socket_mode
+                    || old.socket_group != new.socket_group
+                    || old.proxy_timeout != new.proxy_timeout;
+                if listening {
+                    tracing::warn!(
+                        key = "broker",
+                        "where and how the broker listens changed in the config; it takes effect when ehrsync restarts"
+                    );
+                }
+                if old.clients != new.clients {
+                    tracing::info!(
+                        clients = new.clients.len(),
+                        "the broker's clients changed; applied"
+                    );
+                    old.clients = new.clients.clone();
+                    self.clients.send_replace(Arc::new(new.clients.clone()));
+                }
+            }
+            (None, None) => {}
+            _ => tracing::warn!(
+                key = "broker",
+                "[broker] was added or removed in the config; it takes effect when ehrsync restarts"
+            ),
+        }
     }
 
     fn apply_agent_settings(&mut self, new: &config::Agent) {
@@ -574,8 +692,30 @@ impl Agent {
                 start @ (Change::AddAccount(_) | Change::StartJob { .. }) => starts.push(start),
             }
         }
+        // Token files of removed accounts, and those a restarted account no longer lists.
+        let unlisted: Vec<(String, Vec<config::TokenFile>)> = stopped_accounts
+            .iter()
+            .map(|run| {
+                let name = run.account.name.to_string();
+                let keep = new
+                    .get(&name)
+                    .map(|a| a.token_files.as_slice())
+                    .unwrap_or(&[]);
+                let gone = run
+                    .account
+                    .token_files
+                    .iter()
+                    .filter(|f| !keep.iter().any(|k| k.path == f.path))
+                    .cloned()
+                    .collect();
+                (name, gone)
+            })
+            .collect();
         self.stop_jobs(stopped_jobs).await;
         self.stop_accounts(stopped_accounts).await;
+        for (name, files) in unlisted {
+            crate::broker::files::remove(&name, &files);
+        }
         let mut failed = 0;
         for name in forget {
             if let Err(e) = self.shared.store.forget_tokens(&name).await {

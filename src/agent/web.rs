@@ -37,6 +37,8 @@ pub struct StatusSource {
     pub holder: Arc<Holder>,
     /// When this agent started.
     pub started: DateTime<Utc>,
+    /// The token broker, when it runs: its clients' latest use is newer than the stored.
+    pub broker: Option<crate::broker::Broker>,
 }
 
 #[derive(Clone)]
@@ -76,7 +78,18 @@ impl Web {
     async fn report(&self) -> Result<Report, crate::store::StoreError> {
         // Cloned out of the channel: its guard must not be held across an await.
         let config = self.status.config.borrow().clone();
-        status::build_from(Some(&self.status.store), &config, self.now()).await
+        let mut report = status::build_from(Some(&self.status.store), &config, self.now()).await?;
+        if let (Some(broker), Some(shown)) = (&self.status.broker, report.broker.as_mut()) {
+            let live = broker.usage();
+            for c in &mut shown.clients {
+                if let Some(u) = live.get(&c.name)
+                    && let Some(at) = u.last_used_at
+                {
+                    c.used(at, u.last_account.as_deref());
+                }
+            }
+        }
+        Ok(report)
     }
 }
 
@@ -401,7 +414,8 @@ fn body(f: &mut fmt::Formatter<'_>, me: &Me, report: &Report) -> fmt::Result {
 
     writeln!(f, "<h2>Jobs</h2>")?;
     if report.accounts.iter().all(|a| a.jobs.is_empty()) {
-        return writeln!(f, "<p>No jobs are configured.</p>");
+        writeln!(f, "<p>No jobs are configured.</p>")?;
+        return broker_section(f, report, now);
     }
     writeln!(
         f,
@@ -439,6 +453,51 @@ fn body(f: &mut fmt::Formatter<'_>, me: &Me, report: &Report) -> fmt::Result {
             cell(f, "", &status::when(j.next(), now))?;
             writeln!(f, "</tr>")?;
         }
+    }
+    writeln!(f, "</tbody>\n</table>")?;
+    broker_section(f, report, now)
+}
+
+/// The broker's clients and their last use (nothing secret: names, accounts, times, counts).
+fn broker_section(f: &mut fmt::Formatter<'_>, report: &Report, now: DateTime<Utc>) -> fmt::Result {
+    let Some(b) = &report.broker else {
+        return Ok(());
+    };
+    writeln!(
+        f,
+        "<h2>Broker</h2>\n<p class=\"muted\">Listening on {}</p>",
+        Esc(&b.listen)
+    )?;
+    if b.clients.is_empty() {
+        return writeln!(f, "<p>No clients are configured.</p>");
+    }
+    writeln!(
+        f,
+        "<table id=\"broker-clients\">\n<thead><tr><th>Client</th><th>Accounts</th><th>Endpoints</th>\
+         <th>Last use</th><th>Requests</th><th>Refused</th></tr></thead>\n<tbody>"
+    )?;
+    for c in &b.clients {
+        write!(f, "<tr id=\"client-{}\">", Esc(&c.name))?;
+        cell(f, "", &c.name)?;
+        cell(f, "", &c.accounts.join(", "))?;
+        let endpoints = format!(
+            "{}{}",
+            c.endpoints.join(", "),
+            if c.read_only { " (read-only)" } else { "" }
+        );
+        cell(f, "", &endpoints)?;
+        let last = match (&c.last_used_at, &c.last_account) {
+            (Some(_), Some(a)) => format!("{} ({a})", status::when(c.last_used, now)),
+            (Some(_), None) => status::when(c.last_used, now),
+            (None, _) => "never".to_owned(),
+        };
+        cell(f, "", &last)?;
+        write!(
+            f,
+            "<td class=\"n\">{}</td><td class=\"n\">{}</td>",
+            c.requests, c.refused
+        )?;
+        writeln!(f, "</tr>")?;
     }
     writeln!(f, "</tbody>\n</table>")
 }

@@ -31,6 +31,7 @@ impl fmt::Display for Plan<'_> {
             agent,
             accounts,
             views,
+            broker,
         } = &self.0.config;
         writeln!(out, "config: {}", path.display())?;
         if !env_overrides.is_empty() {
@@ -75,6 +76,39 @@ impl fmt::Display for Plan<'_> {
                 columns.join(", "),
                 v.file.display()
             )?;
+        }
+        if let Some(b) = broker {
+            writeln!(out, "\n[broker]")?;
+            writeln!(out, "  listen          {}", b.listen)?;
+            if matches!(b.listen, crate::config::BrokerListen::Unix(_)) {
+                let group = b
+                    .socket_group
+                    .as_ref()
+                    .map(|(g, _)| format!(", group {g}"))
+                    .unwrap_or_default();
+                writeln!(out, "  socket          mode {:04o}{group}", b.socket_mode)?;
+            }
+            writeln!(
+                out,
+                "  proxy_timeout   {}",
+                humantime::format_duration(b.proxy_timeout)
+            )?;
+            for c in &b.clients {
+                let accounts: Vec<&str> = c.accounts.iter().map(|a| a.as_str()).collect();
+                let endpoints = match (c.token, c.api) {
+                    (true, true) => "token, api",
+                    (true, false) => "token",
+                    _ => "api",
+                };
+                writeln!(
+                    out,
+                    "  client {:<12} key {}; accounts {}; endpoints {endpoints}{}",
+                    c.name,
+                    c.key,
+                    accounts.join(", "),
+                    if c.read_only { " (read-only)" } else { "" }
+                )?;
+            }
         }
         if !self.0.warnings.is_empty() {
             writeln!(out, "\nwarnings:")?;

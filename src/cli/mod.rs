@@ -10,6 +10,7 @@ mod login;
 mod output;
 pub(crate) mod status;
 mod sync;
+mod token;
 mod views;
 
 use std::path::PathBuf;
@@ -162,6 +163,21 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Print a valid access token of the account on stdout, for scripts:
+    /// `curl -H "Authorization: Bearer $(ehrsync token nextech-main)" …`. With
+    /// EHRSYNC_BROKER_KEY set (a [broker.clients] key), asks the running agent's broker;
+    /// otherwise reads it through the database (refreshing under the account's lease if needed).
+    Token {
+        /// The account, as named in the config (`[accounts.NAME]`).
+        account: String,
+        /// The token must stay valid at least this long (e.g. `5m`); refreshed early if not.
+        #[arg(long, value_parser = crate::config::parse_duration, default_value = "0s")]
+        min_valid: std::time::Duration,
+        /// The broker's address (`unix:/run/ehrsync/broker.sock`, `127.0.0.1:9871`) instead of
+        /// the config's broker.listen. Used with EHRSYNC_BROKER_KEY.
+        #[arg(long)]
+        broker: Option<String>,
+    },
     /// The SQL-on-FHIR views of [[views]]: list them, or rebuild their tables from the stored
     /// records.
     Views {
@@ -231,6 +247,18 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Run => run_agent(&cli.config).await,
         Command::CheckConfig => check_config::run(&cli.config),
         Command::Status { json } => status::run(&cli.config, json).await,
+        Command::Token {
+            account,
+            min_valid,
+            broker,
+        } => {
+            let args = token::Args {
+                account,
+                min_valid,
+                broker,
+            };
+            token::run(&cli.config, args).await
+        }
         Command::Changes {
             account,
             resource,

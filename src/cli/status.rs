@@ -61,6 +61,42 @@ pub struct Report {
     /// Every `ehrsync run` that recorded itself in the database, running or not.
     pub agents: Vec<AgentReport>,
     pub accounts: Vec<AccountReport>,
+    /// The token broker, when `[broker]` is configured.
+    pub broker: Option<BrokerReport>,
+}
+
+/// The broker as configured, with each client's use as the agent last stored it.
+#[derive(Debug, Serialize)]
+pub struct BrokerReport {
+    pub listen: String,
+    pub clients: Vec<BrokerClientReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BrokerClientReport {
+    pub name: String,
+    pub accounts: Vec<String>,
+    /// `token`, `api`.
+    pub endpoints: Vec<&'static str>,
+    pub read_only: bool,
+    pub last_used_at: Option<String>,
+    pub last_account: Option<String>,
+    pub requests: i64,
+    pub refused: i64,
+    #[serde(skip)]
+    pub(crate) last_used: Option<DateTime<Utc>>,
+}
+
+impl BrokerClientReport {
+    /// Takes a newer last use (the running agent's, not yet stored).
+    pub fn used(&mut self, at: i64, account: Option<&str>) {
+        let t = self::at(Some(at));
+        if t > self.last_used {
+            self.last_used = t;
+            self.last_used_at = rfc3339(t);
+            self.last_account = account.map(str::to_owned);
+        }
+    }
 }
 
 /// An agent's row, judged at the report's time.
@@ -159,6 +195,10 @@ pub async fn build_from(
     config: &Config,
     now: DateTime<Utc>,
 ) -> Result<Report, StoreError> {
+    let clients = match (store, &config.broker) {
+        (Some(s), Some(_)) => s.broker_clients().await?,
+        _ => Vec::new(),
+    };
     let (schema_version, mut tokens, mut runs, agents) = match store {
         Some(s) => {
             let tokens: BTreeMap<String, TokenStateRow> = s
@@ -221,6 +261,31 @@ pub async fn build_from(
             now,
         ));
     }
+    let broker = config.broker.as_ref().map(|b| BrokerReport {
+        listen: b.listen.to_string(),
+        clients: b
+            .clients
+            .iter()
+            .map(|c| {
+                let row = clients.iter().find(|r| r.name == c.name);
+                let last_used = at(row.and_then(|r| r.last_used_at));
+                BrokerClientReport {
+                    name: c.name.clone(),
+                    accounts: c.accounts.iter().map(|a| a.to_string()).collect(),
+                    endpoints: [("token", c.token), ("api", c.api)]
+                        .into_iter()
+                        .filter_map(|(e, on)| on.then_some(e))
+                        .collect(),
+                    read_only: c.read_only,
+                    last_used_at: rfc3339(last_used),
+                    last_account: row.and_then(|r| r.last_account.clone()),
+                    requests: row.map_or(0, |r| r.requests),
+                    refused: row.map_or(0, |r| r.refused),
+                    last_used,
+                }
+            })
+            .collect(),
+    });
     Ok(Report {
         database: config.agent.database.display().to_string(),
         database_exists: exists,
@@ -229,6 +294,7 @@ pub async fn build_from(
         now,
         agents,
         accounts,
+        broker,
     })
 }
 
@@ -582,6 +648,38 @@ impl fmt::Display for Report {
             for e in errors {
                 writeln!(f, "{e}")?;
             }
+        }
+        if let Some(b) = &self.broker {
+            writeln!(f, "\nbroker: {}", b.listen)?;
+            let header = [
+                "CLIENT",
+                "ACCOUNTS",
+                "ENDPOINTS",
+                "LAST USE",
+                "REQUESTS",
+                "REFUSED",
+            ];
+            let mut rows = vec![header.map(str::to_owned).to_vec()];
+            for c in &b.clients {
+                let last = match (&c.last_used, &c.last_account) {
+                    (Some(t), Some(a)) => format!("{} ({a})", when(Some(*t), self.now)),
+                    (Some(t), None) => when(Some(*t), self.now),
+                    (None, _) => "never".to_owned(),
+                };
+                rows.push(vec![
+                    c.name.clone(),
+                    c.accounts.join(", "),
+                    format!(
+                        "{}{}",
+                        c.endpoints.join(", "),
+                        if c.read_only { " (read-only)" } else { "" }
+                    ),
+                    last,
+                    c.requests.to_string(),
+                    c.refused.to_string(),
+                ]);
+            }
+            table(f, &rows)?;
         }
         Ok(())
     }

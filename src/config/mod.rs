@@ -53,6 +53,8 @@ pub struct Config {
     pub accounts: Vec<Account>,
     /// The `[[views]]`, read and checked (a reload does not change them).
     pub views: crate::views::ViewSet,
+    /// `[broker]`, when configured (a reload changes its clients, not where it listens).
+    pub broker: Option<BrokerSettings>,
 }
 
 impl Config {
@@ -175,6 +177,8 @@ pub struct Account {
     /// The preset's error codes that mean a person must act (not configurable: vendor facts).
     pub needs_person_codes: &'static [&'static str],
     pub jobs: Vec<Job>,
+    /// Files the access token is written to on every new token.
+    pub token_files: Vec<TokenFile>,
 }
 
 impl Account {
@@ -216,6 +220,7 @@ impl Account {
             headers,
             needs_person_codes,
             jobs: _,
+            token_files,
         } = self;
         self.same_identity(other)
             && *name == other.name
@@ -230,6 +235,7 @@ impl Account {
             && *api_base == other.api_base
             && *headers == other.headers
             && *needs_person_codes == other.needs_person_codes
+            && *token_files == other.token_files
     }
 }
 
@@ -543,7 +549,7 @@ pub fn load_text(
     let resolved = resolve::root(layered.cache, &mut ctx);
     let (mut problems, mut warnings) = (ctx.problems, ctx.warnings);
     match resolved {
-        Some((agent, accounts, views)) if problems.is_empty() => {
+        Some((agent, accounts, views, broker)) if problems.is_empty() => {
             warnings.sort_by(|a, b| a.key.cmp(&b.key));
             let config = Config {
                 path: path.to_owned(),
@@ -551,6 +557,7 @@ pub fn load_text(
                 agent,
                 accounts,
                 views,
+                broker,
             };
             Ok(Loaded { config, warnings })
         }
@@ -637,6 +644,118 @@ pub fn login_command(path: &Path) -> String {
     } else {
         format!("ehrsync --config {text} login")
     }
+}
+
+/// The broker's default socket: `$RUNTIME_DIRECTORY/broker.sock` under systemd's
+/// `RuntimeDirectory=`, else `/run/ehrsync/broker.sock`; on Windows, loopback TCP port 9871.
+pub fn default_broker_listen(env: &Env) -> BrokerListen {
+    if cfg!(windows) {
+        return BrokerListen::Tcp(SocketAddr::from(([127, 0, 0, 1], 9871)));
+    }
+    if let Some(dirs) = env.get("RUNTIME_DIRECTORY")
+        && let Some(first) = dirs.split(':').find(|d| !d.is_empty())
+    {
+        return BrokerListen::Unix(Path::new(first).join("broker.sock"));
+    }
+    BrokerListen::Unix(PathBuf::from("/run/ehrsync/broker.sock"))
+}
+
+/// `[broker]`: the token broker for the practice's other programs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerSettings {
+    pub listen: BrokerListen,
+    /// The socket file's mode (Unix sockets only). Default 0660.
+    pub socket_mode: u32,
+    /// The socket file's group, by name and id, when set.
+    pub socket_group: Option<(String, u32)>,
+    /// How long one proxied call may take, its body included.
+    pub proxy_timeout: Duration,
+    /// Sorted by name.
+    pub clients: Vec<BrokerClient>,
+}
+
+impl BrokerSettings {
+    /// The socket's group id, when one is configured.
+    pub fn socket_gid(&self) -> Option<u32> {
+        self.socket_group.as_ref().map(|(_, gid)| *gid)
+    }
+}
+
+/// Where the broker listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerListen {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl fmt::Display for BrokerListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BrokerListen::Unix(p) => write!(f, "unix:{}", p.display()),
+            BrokerListen::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// A program allowed to use the broker: `[broker.clients.NAME]`.
+#[derive(Clone, PartialEq)]
+pub struct BrokerClient {
+    pub name: String,
+    pub key: Secret,
+    /// SHA-256 of the key: what presented keys are compared with.
+    pub key_sha256: [u8; 32],
+    /// The accounts it may use.
+    pub accounts: Vec<AccountName>,
+    /// May it fetch tokens (`GET …/token`)?
+    pub token: bool,
+    /// May it call the API through the proxy (`…/api/…`)?
+    pub api: bool,
+    /// Only GET and HEAD through the proxy.
+    pub read_only: bool,
+}
+
+impl fmt::Debug for BrokerClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerClient")
+            .field("name", &self.name)
+            .field("key", &self.key)
+            .field("accounts", &self.accounts)
+            .field("token", &self.token)
+            .field("api", &self.api)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The SHA-256 of a broker client key, as configured keys are kept and presented ones compared.
+pub fn key_digest(key: &str) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// A file the account's access token is written to: `[[accounts.NAME.token_files]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenFile {
+    pub path: PathBuf,
+    /// Unix mode of the file. Default 0600.
+    pub mode: u32,
+    /// The file's group id (Unix), from `group`.
+    pub gid: Option<u32>,
+    pub format: TokenFileFormat,
+    /// Program and arguments run after each new token is written (no shell).
+    pub on_rotate: Option<Vec<String>>,
+    pub on_rotate_timeout: Duration,
+}
+
+/// What a token file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenFileFormat {
+    /// The access token alone, no newline.
+    Token,
+    /// `{"account","access_token","token_type","expires_at"}`.
+    Json,
 }
 
 /// Where the database lives when `agent.database` is not set.

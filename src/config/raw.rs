@@ -100,6 +100,61 @@ pub struct RawAccount {
     /// `[[accounts.NAME.jobs]]`, parsed one by one so each job's problems are reported.
     #[serde(default)]
     pub jobs: Vec<config::Value>,
+    /// `[[accounts.NAME.token_files]]`: files the access token is written to.
+    #[serde(default)]
+    pub token_files: Vec<config::Value>,
+}
+
+/// `[[accounts.NAME.token_files]]`: a file a program reads the account's access token from.
+#[derive(Deserialize)]
+pub struct RawTokenFile {
+    /// Where the token is written (relative to the config file's directory).
+    pub path: Option<PathBuf>,
+    /// The file's mode, octal (Unix). Default `"0600"`; at most `"0640"`-like group read, never
+    /// readable by others.
+    pub mode: Option<String>,
+    /// The file's group (Unix), by name: members may read it when `mode` allows.
+    pub group: Option<String>,
+    /// `token` (the bare access token, the default) or `json` (with its expiry).
+    pub format: Option<String>,
+    /// A program and its arguments, run after each new token is written (no shell):
+    /// `["/usr/local/bin/reload-reports", "--quiet"]`.
+    pub on_rotate: Option<Vec<String>>,
+    /// How long `on_rotate` may run before it is killed. Default `"30s"`.
+    pub on_rotate_timeout: Option<HumanDuration>,
+}
+
+/// `[broker]`: the token broker for the practice's other programs.
+#[derive(Deserialize)]
+pub struct RawBroker {
+    /// `unix:/path/broker.sock` or `127.0.0.1:PORT`. Default `unix:$RUNTIME_DIRECTORY/broker.sock`
+    /// (`/run/ehrsync/broker.sock`); `127.0.0.1:9871` on Windows.
+    pub listen: Option<String>,
+    /// The socket's mode, octal. Default `"0660"`.
+    pub socket_mode: Option<String>,
+    /// The socket's group: only its members (and the agent's user) may connect.
+    pub socket_group: Option<String>,
+    /// Allow a TCP `listen` address that is not loopback. Default false; logged as a warning.
+    pub allow_non_loopback: Option<bool>,
+    /// How long one proxied API call may take, its body included. Default `"2m"`.
+    pub proxy_timeout: Option<HumanDuration>,
+    /// `[broker.clients.NAME]`, parsed one by one so each client's problems are reported.
+    #[serde(default)]
+    pub clients: BTreeMap<String, config::Value>,
+}
+
+/// `[broker.clients.NAME]`: a program allowed to use the broker.
+#[derive(Deserialize)]
+pub struct RawBrokerClient {
+    /// The client's key (a secret), presented as `Authorization: Bearer KEY`; at least 16
+    /// characters (`openssl rand -hex 32`).
+    pub key: Option<SecretSpec>,
+    /// The accounts it may use.
+    pub accounts: Option<Vec<String>>,
+    /// What it may call: `token`, `api`. Default both.
+    pub endpoints: Option<Vec<String>>,
+    /// Only GET and HEAD through the API proxy. Default false.
+    pub read_only: Option<bool>,
 }
 
 /// `[[accounts.NAME.jobs]]`: one scheduled pull.

@@ -10,7 +10,10 @@ use std::time::Duration;
 use url::{Host, Url};
 
 use super::problems::{Overrides, Problem, join, list, parse_section, suggest};
-use super::raw::{HumanDuration, RawAccount, RawAgent, RawJob, RawJobKind, RawView};
+use super::raw::{
+    HumanDuration, RawAccount, RawAgent, RawBroker, RawBrokerClient, RawJob, RawJobKind,
+    RawTokenFile, RawView,
+};
 use super::secret::{self, Secret, SecretSpec};
 use super::{
     Account, AccountName, Agent, DEFAULT_METRICS_LISTEN, DEFAULT_SHUTDOWN_GRACE, Env, Header,
@@ -134,13 +137,18 @@ impl<'a> Ctx<'a> {
     }
 }
 
-const TOP_LEVEL_KEYS: [&str; 3] = ["agent", "accounts", "views"];
+const TOP_LEVEL_KEYS: [&str; 4] = ["agent", "accounts", "views", "broker"];
 
 /// Resolves the whole tree; `None` (with problems recorded) when it cannot be used.
 pub fn root(
     tree: config::Value,
     ctx: &mut Ctx,
-) -> Option<(Agent, Vec<Account>, crate::views::ViewSet)> {
+) -> Option<(
+    Agent,
+    Vec<Account>,
+    crate::views::ViewSet,
+    Option<super::BrokerSettings>,
+)> {
     let table = match tree.into_table() {
         Ok(t) => t,
         Err(_) => {
@@ -151,6 +159,7 @@ pub fn root(
     let mut agent = None;
     let mut accounts = Vec::new();
     let mut views = crate::views::ViewSet::default();
+    let mut broker = None;
     for (key, value) in table {
         match key.as_str() {
             "agent" => {
@@ -160,6 +169,7 @@ pub fn root(
             }
             "accounts" => accounts = resolve_accounts(value, ctx),
             "views" => views = resolve_views(value, ctx),
+            "broker" => broker = Some(value),
             other => {
                 let hint = match suggest(other, &TOP_LEVEL_KEYS) {
                     Some(s) => format!("unknown section; did you mean `{s}`?"),
@@ -189,7 +199,338 @@ pub fn root(
             "no accounts are configured; the agent has nothing to do",
         );
     }
-    Some((agent, accounts, views))
+    let broker = broker.and_then(|value| resolve_broker(value, &accounts, ctx));
+    Some((agent, accounts, views, broker))
+}
+
+/// `[broker]` and its clients; `accounts` are the resolved accounts the clients may name.
+fn resolve_broker(
+    value: config::Value,
+    accounts: &[Account],
+    ctx: &mut Ctx,
+) -> Option<super::BrokerSettings> {
+    let raw: RawBroker = ctx.parse("broker", value)?;
+    let listen = match raw.listen.as_deref() {
+        None => super::default_broker_listen(ctx.env),
+        Some(text) => match text.strip_prefix("unix:") {
+            Some(path) if !path.is_empty() => {
+                super::BrokerListen::Unix(ctx.path(PathBuf::from(path)))
+            }
+            Some(_) => {
+                ctx.problem(
+                    "broker.listen",
+                    "`unix:` needs a socket path, e.g. \"unix:/run/ehrsync/broker.sock\"",
+                );
+                return None;
+            }
+            None => match text.parse::<SocketAddr>() {
+                Ok(addr) => super::BrokerListen::Tcp(addr),
+                Err(_) => {
+                    ctx.problem(
+                        "broker.listen",
+                        format!("`{text}` is neither `unix:PATH` nor an IP address and port; write e.g. \"unix:/run/ehrsync/broker.sock\" or \"127.0.0.1:9871\""),
+                    );
+                    return None;
+                }
+            },
+        },
+    };
+    if cfg!(windows) && matches!(listen, super::BrokerListen::Unix(_)) {
+        ctx.problem("broker.listen", "Unix sockets are not used on Windows; write a loopback address such as \"127.0.0.1:9871\"");
+    }
+    if let super::BrokerListen::Tcp(addr) = &listen
+        && !addr.ip().is_loopback()
+    {
+        if raw.allow_non_loopback == Some(true) {
+            ctx.warn(
+                "broker.listen",
+                "is reachable from other hosts (allow_non_loopback): client keys travel in clear text over plain HTTP; limit it with a firewall",
+            );
+        } else {
+            ctx.problem(
+                "broker.listen",
+                format!("`{addr}` is not a loopback address: other hosts could reach the broker; use 127.0.0.1 or a Unix socket, or set allow_non_loopback = true"),
+            );
+        }
+    }
+    let socket_mode = match raw.socket_mode.as_deref() {
+        None => 0o660,
+        Some(text) => match parse_mode(text) {
+            Ok(m) => m,
+            Err(e) => {
+                ctx.problem("broker.socket_mode", e);
+                0o660
+            }
+        },
+    };
+    if socket_mode & 0o002 != 0 {
+        ctx.warn(
+            "broker.socket_mode",
+            "lets every local user connect (a client key is still needed); prefer 0660 with socket_group",
+        );
+    }
+    let socket_group = raw
+        .socket_group
+        .and_then(|name| group_id("broker.socket_group", &name, ctx).map(|gid| (name, gid)));
+    if socket_group.is_some() && matches!(listen, super::BrokerListen::Tcp(_)) {
+        ctx.warn(
+            "broker.socket_group",
+            "applies to a Unix socket only; a TCP listener has no group",
+        );
+    }
+    let proxy_timeout = ctx
+        .duration("broker.proxy_timeout", raw.proxy_timeout)
+        .unwrap_or(DEFAULT_PROXY_TIMEOUT);
+    if proxy_timeout < Duration::from_secs(1) || proxy_timeout > Duration::from_secs(3600) {
+        ctx.problem("broker.proxy_timeout", "must be between 1s and 1h");
+    }
+    let mut clients: Vec<super::BrokerClient> = Vec::new();
+    for (name, value) in raw.clients {
+        let key = format!("broker.clients.{name}");
+        if let Err(e) = AccountName::parse(&name) {
+            ctx.problem(
+                &key,
+                format!("{e} (client names follow the account name rules)"),
+            );
+            continue;
+        }
+        let Some(raw) = ctx.parse::<RawBrokerClient>(&key, value) else {
+            continue;
+        };
+        if let Some(client) = resolve_client(&key, name, raw, accounts, ctx) {
+            if let Some(other) = clients
+                .iter()
+                .find(|c| c.key_sha256 == client.key_sha256 && !c.key.expose().is_empty())
+            {
+                ctx.problem(
+                    &join(&key, "key"),
+                    format!(
+                        "is the same key as client `{}`'s; each client needs its own key",
+                        other.name
+                    ),
+                );
+                continue;
+            }
+            clients.push(client);
+        }
+    }
+    if clients.is_empty() && ctx.problems.is_empty() {
+        ctx.warn(
+            "broker.clients",
+            "no clients are configured; nobody can use the broker",
+        );
+    }
+    Some(super::BrokerSettings {
+        listen,
+        socket_mode,
+        socket_group,
+        proxy_timeout,
+        clients,
+    })
+}
+
+/// How long one proxied call may take unless `broker.proxy_timeout` says otherwise.
+const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(120);
+/// The shortest client key accepted.
+const MIN_CLIENT_KEY: usize = 16;
+
+fn resolve_client(
+    key: &str,
+    name: String,
+    raw: RawBrokerClient,
+    accounts: &[Account],
+    ctx: &mut Ctx,
+) -> Option<super::BrokerClient> {
+    let before = ctx.problems.len();
+    let secret = match raw.key {
+        None => {
+            ctx.problem(&join(key, "key"), "missing; give the client a key (a secret: { file = \"…\" }, { env = \"…\" } or { credential = \"…\" }), e.g. from `openssl rand -hex 32`");
+            None
+        }
+        Some(spec) => ctx.secret(&join(key, "key"), spec),
+    };
+    if let Some(s) = &secret
+        && !s.expose().is_empty()
+        && s.expose().trim().chars().count() < MIN_CLIENT_KEY
+    {
+        ctx.problem(
+            &join(key, "key"),
+            format!("is shorter than {MIN_CLIENT_KEY} characters; use e.g. `openssl rand -hex 32`"),
+        );
+    }
+    let mut allowed = Vec::new();
+    match raw.accounts {
+        None => ctx.problem(
+            &join(key, "accounts"),
+            "missing; list the accounts this client may use, e.g. [\"nextech-main\"]",
+        ),
+        Some(names) => {
+            for n in names {
+                match accounts.iter().find(|a| a.name.as_str() == n) {
+                    Some(a) => allowed.push(a.name.clone()),
+                    None => {
+                        let known: Vec<&str> = accounts.iter().map(|a| a.name.as_str()).collect();
+                        let hint = match suggest(&n, &known) {
+                            Some(s) => format!(
+                                "names `{n}`, which is not a configured account; did you mean `{s}`?"
+                            ),
+                            None => format!("names `{n}`, which is not a configured account"),
+                        };
+                        ctx.problem(&join(key, "accounts"), hint);
+                    }
+                }
+            }
+        }
+    }
+    let (mut token, mut api) = (true, true);
+    if let Some(endpoints) = raw.endpoints {
+        (token, api) = (false, false);
+        for e in endpoints {
+            match e.as_str() {
+                "token" => token = true,
+                "api" => api = true,
+                other => ctx.problem(
+                    &join(key, "endpoints"),
+                    format!("`{other}` is not an endpoint; use \"token\" and/or \"api\""),
+                ),
+            }
+        }
+        if !token && !api {
+            ctx.problem(
+                &join(key, "endpoints"),
+                "is empty; the client could do nothing (remove the client instead)",
+            );
+        }
+    }
+    if ctx.problems.len() > before {
+        return None;
+    }
+    let secret = secret?;
+    let key_sha256 = super::key_digest(secret.expose().trim());
+    Some(super::BrokerClient {
+        name,
+        key: secret,
+        key_sha256,
+        accounts: allowed,
+        token,
+        api,
+        read_only: raw.read_only.unwrap_or(false),
+    })
+}
+
+/// An octal file mode (`"0660"`, `"660"`), at most 0777.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("`{text}` is not an octal mode such as \"0660\""))
+}
+
+/// The id of the local group `name`, or a problem at `key`.
+fn group_id(key: &str, name: &str, ctx: &mut Ctx) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        match nix::unistd::Group::from_name(name) {
+            Ok(Some(g)) => Some(g.gid.as_raw()),
+            Ok(None) => {
+                ctx.problem(key, format!("there is no group `{name}` on this system"));
+                None
+            }
+            Err(e) => {
+                ctx.problem(key, format!("cannot look up the group `{name}`: {e}"));
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        ctx.problem(key, format!("groups (`{name}`) are a Unix setting; on Windows, set the file's access with its folder's permissions"));
+        None
+    }
+}
+
+/// `[[accounts.NAME.token_files]]`.
+fn resolve_token_files(key: &str, raw: Vec<config::Value>, ctx: &mut Ctx) -> Vec<super::TokenFile> {
+    let mut files: Vec<super::TokenFile> = Vec::new();
+    for (i, value) in raw.into_iter().enumerate() {
+        let key = format!("{key}.token_files[{i}]");
+        let Some(raw) = ctx.parse::<RawTokenFile>(&key, value) else {
+            continue;
+        };
+        let before = ctx.problems.len();
+        let path = match raw.path {
+            Some(p) if !p.as_os_str().is_empty() => Some(ctx.path(p)),
+            _ => {
+                ctx.problem(
+                    &join(&key, "path"),
+                    "missing; name the file the token is written to",
+                );
+                None
+            }
+        };
+        let mode = match raw.mode.as_deref() {
+            None => 0o600,
+            Some(text) => parse_mode(text).unwrap_or_else(|e| {
+                ctx.problem(&join(&key, "mode"), e);
+                0o600
+            }),
+        };
+        if mode & 0o007 != 0 {
+            ctx.problem(&join(&key, "mode"), "lets every local user read the token; give at most owner and group access (e.g. \"0640\" with group)");
+        }
+        if mode & 0o200 == 0 {
+            ctx.problem(
+                &join(&key, "mode"),
+                "must let the agent (the owner) write the file, e.g. \"0600\"",
+            );
+        }
+        let gid = raw
+            .group
+            .and_then(|g| group_id(&join(&key, "group"), &g, ctx));
+        let format = match raw.format.as_deref() {
+            None | Some("token") => super::TokenFileFormat::Token,
+            Some("json") => super::TokenFileFormat::Json,
+            Some(other) => {
+                ctx.problem(
+                    &join(&key, "format"),
+                    format!("`{other}` is not a format; use \"token\" or \"json\""),
+                );
+                super::TokenFileFormat::Token
+            }
+        };
+        let on_rotate = raw.on_rotate;
+        if on_rotate
+            .as_ref()
+            .is_some_and(|c| c.first().is_none_or(|p| p.is_empty()))
+        {
+            ctx.problem(
+                &join(&key, "on_rotate"),
+                "needs a program: [\"/path/to/program\", \"arg\", …]",
+            );
+        }
+        let on_rotate_timeout = ctx
+            .duration(&join(&key, "on_rotate_timeout"), raw.on_rotate_timeout)
+            .unwrap_or(Duration::from_secs(30));
+        if let Some(p) = &path
+            && files.iter().any(|f| f.path == *p)
+        {
+            ctx.problem(&join(&key, "path"), "is listed twice");
+        }
+        if ctx.problems.len() > before {
+            continue;
+        }
+        if let Some(path) = path {
+            files.push(super::TokenFile {
+                path,
+                mode,
+                gid,
+                format,
+                on_rotate,
+                on_rotate_timeout,
+            });
+        }
+    }
+    files
 }
 
 /// `[[views]]`: each file read and its ViewDefinition checked now, so a broken one is a config
@@ -888,6 +1229,7 @@ fn resolve_account(
     );
 
     let jobs = resolve_jobs(key, raw.jobs, ctx);
+    let token_files = resolve_token_files(key, raw.token_files, ctx);
     let follow_on = ctx.has_problem(&k("api_base"))
         || (uses_var(api_template, "domain") && ctx.has_problem(&k("domain")));
     if !jobs.is_empty() && api_base.is_none() && !follow_on {
@@ -931,6 +1273,7 @@ fn resolve_account(
         headers,
         needs_person_codes: preset.needs_person_codes,
         jobs,
+        token_files,
     })
 }
 

@@ -8,6 +8,7 @@
 //! than touched. Read-only opens (for `status`) never create, migrate or modify anything.
 
 mod agents;
+mod broker;
 mod changes;
 mod export;
 mod lease;
@@ -15,6 +16,7 @@ mod sync;
 mod views;
 
 pub use agents::AgentRow;
+pub use broker::BrokerClientRow;
 pub use changes::{ChangeFilter, ChangeRow};
 pub use export::{ExportError, ExportEvent, ExportQuery, ExportValue};
 pub use lease::{Holder, Lease, LeaseKey, LeaseRow, process_started, this_host};

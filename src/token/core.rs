@@ -213,6 +213,9 @@ pub enum Event {
     Failure(Failure),
     /// An API call made with the token of `generation` was answered 401.
     Unauthorized { generation: u64 },
+    /// A reader needs a token valid longer than the one of `generation` has left (the
+    /// broker's `min_valid`): refresh now, once per token.
+    RefreshEarly { generation: u64 },
 }
 
 /// How a finished request counts in `ehrsync_token_requests_total`.
@@ -319,6 +322,9 @@ pub struct Core {
     failures: u32,
     /// The token generation a 401 already forced a refresh for.
     forced_generation: Option<u64>,
+    /// The token generation a reader's `min_valid` already refreshed early (generations only
+    /// grow, so this needs no reset).
+    early_generation: Option<u64>,
     generation: u64,
     last_error: Option<String>,
     /// The refresh token held was presented by a request whose answer was never read (its
@@ -339,6 +345,7 @@ impl Core {
             next_refresh_at: None,
             failures: 0,
             forced_generation: None,
+            early_generation: None,
             generation: 0,
             last_error: None,
             interrupted_refresh: false,
@@ -452,6 +459,7 @@ impl Core {
             }
             Event::Failure(failure) => self.on_failure(now, failure, &mut out),
             Event::Unauthorized { generation } => self.on_unauthorized(now, generation, &mut out),
+            Event::RefreshEarly { generation } => self.on_refresh_early(now, generation, &mut out),
         }
         self.finish(now, out)
     }
@@ -751,6 +759,22 @@ impl Core {
             return;
         }
         self.forced_generation = Some(generation);
+        self.send_next(now, out);
+    }
+
+    /// Like [`Core::on_unauthorized`], but the token still works: one early refresh per
+    /// generation, and none while a request is in flight, failures are being retried, or the
+    /// account needs a person (readers wait for what that brings).
+    fn on_refresh_early(&mut self, now: Timestamp, generation: u64, out: &mut Output) {
+        let current = self
+            .tokens
+            .as_ref()
+            .is_some_and(|t| t.generation == generation);
+        let busy = !matches!(self.phase, Phase::Idle) || self.failures > 0;
+        if !current || busy || self.early_generation == Some(generation) {
+            return;
+        }
+        self.early_generation = Some(generation);
         self.send_next(now, out);
     }
 

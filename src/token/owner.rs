@@ -94,6 +94,8 @@ pub struct CurrentToken {
     pub access_token: SecretString,
     /// Report this with [`TokenHandle::unauthorized`] when the API answers 401.
     pub generation: u64,
+    /// When the token was obtained (its request was sent): with `expires_at`, its lifetime.
+    pub issued_at: Timestamp,
     pub expires_at: Timestamp,
 }
 
@@ -126,13 +128,32 @@ pub enum Unavailable {
     Stopped,
 }
 
+/// Why no token valid long enough can be handed out ([`TokenHandle::token_valid_for`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wanted {
+    Unavailable(Unavailable),
+    /// The account's tokens live less than was asked for: no refresh can help.
+    LongerThanLifetime {
+        lifetime: Duration,
+    },
+}
+
+/// What a reader asks of the owner.
+#[derive(Debug, Clone, Copy)]
+enum Ask {
+    /// The API answered 401 to the token of this generation.
+    Unauthorized(u64),
+    /// A reader needs a token valid longer than this generation's has left.
+    RefreshEarly(u64),
+}
+
 /// A reader's handle on one account's tokens. Cheap to clone.
 #[derive(Clone)]
 pub struct TokenHandle {
     account: String,
     clock: SharedClock,
     snapshot: watch::Receiver<Snapshot>,
-    unauthorized: mpsc::UnboundedSender<u64>,
+    asks: mpsc::UnboundedSender<Ask>,
 }
 
 impl TokenHandle {
@@ -142,6 +163,44 @@ impl TokenHandle {
 
     pub fn snapshot(&self) -> Snapshot {
         self.snapshot.borrow().clone()
+    }
+
+    /// The owner's published state, to follow every change (token files do).
+    pub fn watch(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.clone()
+    }
+
+    /// A token valid for at least `min_valid` more: the current one when it is, else the next
+    /// after asking the owner to refresh early — once per token, however many readers ask, so
+    /// readers never cause more than one extra request per token. A `min_valid` longer than
+    /// the tokens' whole lifetime cannot be met and is refused at once. Waits for as long as
+    /// the owner needs, so callers bound it with a timeout.
+    pub async fn token_valid_for(&self, min_valid: Duration) -> Result<CurrentToken, Wanted> {
+        let mut rx = self.snapshot.clone();
+        loop {
+            {
+                let s = rx.borrow_and_update();
+                let now = self.clock.now();
+                if let Some(t) = s.token.as_ref().filter(|t| now < t.expires_at) {
+                    if t.expires_at.since(now) >= min_valid {
+                        return Ok(t.clone());
+                    }
+                    let lifetime = t.expires_at.since(t.issued_at);
+                    if lifetime < min_valid {
+                        return Err(Wanted::LongerThanLifetime { lifetime });
+                    }
+                    // The owner has stopped if this fails; `changed` below says so.
+                    let _ = self.asks.send(Ask::RefreshEarly(t.generation));
+                } else if s.state == State::NeedsLogin {
+                    return Err(Wanted::Unavailable(Unavailable::NeedsLogin(
+                        s.last_error.clone().unwrap_or_default(),
+                    )));
+                }
+            }
+            rx.changed()
+                .await
+                .map_err(|_| Wanted::Unavailable(Unavailable::Stopped))?;
+        }
     }
 
     /// A valid access token: at once when one is held, else after the owner obtains one.
@@ -192,7 +251,7 @@ impl TokenHandle {
     /// once per token; reports about an older token are ignored.
     pub fn unauthorized(&self, generation: u64) {
         // The owner has stopped if this fails; there is nobody left to tell.
-        let _ = self.unauthorized.send(generation);
+        let _ = self.asks.send(Ask::Unauthorized(generation));
     }
 }
 
@@ -218,7 +277,7 @@ pub async fn spawn(
         account: name,
         clock: shared.clock.clone(),
         snapshot: snap_rx,
-        unauthorized: cmd_tx,
+        asks: cmd_tx,
     };
     let owner = Owner {
         account,
@@ -227,7 +286,7 @@ pub async fn spawn(
         target: None,
         rediscover: false,
         published: snap_tx,
-        unauthorized: cmd_rx,
+        asks: cmd_rx,
         lease: None,
         unopenable_warned: None,
         fingerprint,
@@ -275,6 +334,7 @@ fn snapshot(core: &Core, now: Timestamp) -> Snapshot {
         token: tokens.map(|t| CurrentToken {
             access_token: t.access_token.clone(),
             generation: t.generation,
+            issued_at: t.issued_at,
             expires_at: t.expires_at,
         }),
         next_refresh_at: core.next_refresh_at(),
@@ -294,7 +354,7 @@ struct Owner {
     /// The last request to a discovered endpoint failed as if it had moved: discover again.
     rediscover: bool,
     published: watch::Sender<Snapshot>,
-    unauthorized: mpsc::UnboundedReceiver<u64>,
+    asks: mpsc::UnboundedReceiver<Ask>,
     /// The account's token lease while this owner holds it (from taking it until the answer
     /// to its request is stored).
     lease: Option<Lease>,
@@ -378,9 +438,12 @@ impl Owner {
                         },
                     };
                 }
-                generation = self.unauthorized.recv() => match generation {
-                    Some(generation) => {
+                ask = self.asks.recv() => match ask {
+                    Some(Ask::Unauthorized(generation)) => {
                         out = self.core.step(self.shared.clock.now(), Event::Unauthorized { generation });
+                    }
+                    Some(Ask::RefreshEarly(generation)) => {
+                        out = self.core.step(self.shared.clock.now(), Event::RefreshEarly { generation });
                     }
                     // Every handle is gone: nobody needs this account's tokens any more.
                     None => return,
