@@ -16,8 +16,12 @@ use crate::config::{Account, TokenFile, TokenFileFormat};
 use crate::metrics::Metrics;
 use crate::token::owner::{CurrentToken, TokenHandle};
 
+/// How soon a token file that could not be written is tried again (same token).
+const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Keeps `account`'s token files current until `stop` turns true. Runs as a task the agent
-/// owns beside the account's token owner.
+/// owns beside the account's token owner. A file that cannot be written (its directory is
+/// missing, the disk is full) is tried again every few seconds until it is.
 pub async fn keep(
     account: Arc<Account>,
     handle: TokenHandle,
@@ -26,12 +30,19 @@ pub async fn keep(
 ) {
     let name = account.name.to_string();
     let mut snapshots = handle.watch();
-    let mut written: Option<u64> = None;
+    // The token generation each file holds.
+    let mut written: Vec<Option<u64>> = vec![None; account.token_files.len()];
+    // The generation whose failure each file last warned about (once per token, not per try).
+    let mut warned: Vec<Option<u64>> = vec![None; account.token_files.len()];
     loop {
         let token = snapshots.borrow_and_update().token.clone();
-        if let Some(token) = token.filter(|t| Some(t.generation) != written) {
-            written = Some(token.generation);
-            for file in &account.token_files {
+        let mut behind = false;
+        if let Some(token) = token {
+            let files = account.token_files.iter().zip(written.iter_mut());
+            for ((file, held), warned) in files.zip(warned.iter_mut()) {
+                if *held == Some(token.generation) {
+                    continue;
+                }
                 let contents = contents(file.format, &name, &token);
                 let f = file.clone();
                 let result = tokio::task::spawn_blocking(move || write_atomically(&f, &contents))
@@ -39,6 +50,7 @@ pub async fn keep(
                     .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
                 match result {
                     Ok(()) => {
+                        *held = Some(token.generation);
                         metrics
                             .token_files
                             .with_label_values(&[name.as_str(), "written"])
@@ -49,18 +61,30 @@ pub async fn keep(
                         }
                     }
                     Err(e) => {
+                        behind = true;
                         metrics
                             .token_files
                             .with_label_values(&[name.as_str(), "write_failed"])
                             .inc();
-                        tracing::warn!(account = %name, path = %file.path.display(), error = %e,
-                            "cannot write the token file; the program reading it keeps the previous token");
+                        if *warned != Some(token.generation) {
+                            *warned = Some(token.generation);
+                            tracing::warn!(account = %name, path = %file.path.display(), error = %e,
+                                "cannot write the token file; trying again every 5 s (the program reading it keeps the previous token)");
+                        }
                     }
                 }
             }
         }
+        let retry = async {
+            if behind {
+                tokio::time::sleep(RETRY).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { return },
+            _ = retry => {}
             _ = stop.wait_for(|s| *s) => return,
         }
     }
@@ -143,9 +167,9 @@ pub fn write_atomically(file: &TokenFile, contents: &[u8]) -> std::io::Result<()
     written
 }
 
-/// Runs `command` (program and arguments, no shell) with `EHRSYNC_ACCOUNT` and
-/// `EHRSYNC_TOKEN_FILE` set, its output discarded (it could echo the token), killed at
-/// `file.on_rotate_timeout`.
+/// Runs `command` (program and arguments, no shell) in the file's directory with
+/// `EHRSYNC_ACCOUNT` and `EHRSYNC_TOKEN_FILE` set, its output discarded (it could echo the
+/// token), killed at `file.on_rotate_timeout`.
 async fn run_on_rotate(account: &str, file: &TokenFile, command: &[String], metrics: &Metrics) {
     let Some((program, args)) = command.split_first() else {
         return;
@@ -154,6 +178,12 @@ async fn run_on_rotate(account: &str, file: &TokenFile, command: &[String], metr
         .args(args)
         .env("EHRSYNC_ACCOUNT", account)
         .env("EHRSYNC_TOKEN_FILE", &file.path)
+        .current_dir(
+            file.path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        )
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -161,9 +161,7 @@ async fn from_broker(config_path: &Path, args: &Args, key: &str) -> Result<Strin
             }
         }
     };
-    let builder = reqwest::Client::builder()
-        .timeout(crate::broker::TOKEN_WAIT + Duration::from_secs(5))
-        .redirect(reqwest::redirect::Policy::none());
+    let builder = crate::http::client_builder(crate::broker::TOKEN_WAIT + Duration::from_secs(5));
     let (builder, base) = match &listen {
         BrokerListen::Tcp(addr) => (builder, format!("http://{addr}")),
         #[cfg(unix)]

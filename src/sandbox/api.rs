@@ -40,6 +40,13 @@ pub enum ApiFault {
     MissingEntries,
     /// A `next` link pointing at another host.
     ForeignNextLink,
+    /// `302 Found` with this `Location` instead of the search page.
+    Redirect(String),
+    /// The search page served in `chunks` parts, `pause` apart: a slow, streamed answer.
+    Trickle {
+        chunks: usize,
+        pause: std::time::Duration,
+    },
 }
 
 /// The patients the sandbox serves.
@@ -844,6 +851,31 @@ pub(super) async fn fhir_search(
         body.push(']');
     }
     body.push('}');
+    match fault {
+        Some(ApiFault::Redirect(location)) => {
+            return (StatusCode::FOUND, [(header::LOCATION, location)], "").into_response();
+        }
+        Some(ApiFault::Trickle { chunks, pause }) => {
+            let size = body.len().div_ceil(chunks.max(1)).max(1);
+            let parts: Vec<Vec<u8>> = body.as_bytes().chunks(size).map(<[u8]>::to_vec).collect();
+            use futures_util::StreamExt as _;
+            let stream = futures_util::stream::iter(parts.into_iter().enumerate()).then(
+                move |(k, part)| async move {
+                    if k > 0 {
+                        tokio::time::sleep(pause).await;
+                    }
+                    Ok::<_, std::io::Error>(part)
+                },
+            );
+            return (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/fhir+json; charset=utf-8")],
+                axum::body::Body::from_stream(stream),
+            )
+                .into_response();
+        }
+        _ => {}
+    }
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/fhir+json; charset=utf-8")],

@@ -41,8 +41,9 @@ fn spawn_run(path: &std::path::Path, log: &std::path::Path, extra_env: &[(&str, 
     Command::new(super::binary())
         .env_clear()
         .envs(sandbox::credentials_env())
-        .envs(extra_env.iter().copied())
         .env("EHRSYNC_LOG", "debug")
+        // After the default: a test may ask for another level.
+        .envs(extra_env.iter().copied())
         .args(["run", "--config", path.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(log)
