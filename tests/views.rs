@@ -175,10 +175,10 @@ async fn begin(store: &Store, account: &str) -> (ehrsync::store::Lease, i64) {
     (lease, run.run_id)
 }
 
-/// Ends a run [`begin`] started.
-async fn end(store: &Store, account: &str, lease: ehrsync::store::Lease, run_id: i64) {
+/// Ends a run [`begin`] started, at Unix second `at`.
+async fn end(store: &Store, account: &str, lease: ehrsync::store::Lease, run_id: i64, at: i64) {
     store
-        .finish_run(&lease, run_id, account, "p", "success", 2, None, None)
+        .finish_run(&lease, run_id, account, "p", "success", at, None, None)
         .await
         .unwrap();
     store.release(&lease).await.unwrap();
@@ -205,7 +205,7 @@ async fn write_page(store: &Store, views: &ViewSet, account: &str, records: &[Va
         .commit_page(&lease, run_id, account, "Patient", rows, 1, views)
         .await
         .unwrap();
-    end(store, account, lease, run_id).await;
+    end(store, account, lease, run_id, 2).await;
 }
 
 /// A completed sweep of `account` that saw only `kept`.
@@ -219,7 +219,7 @@ async fn sweep(store: &Store, views: &ViewSet, account: &str, kept: Vec<String>)
         .reconcile(&lease, run_id, account, "Patient", None, 3, views)
         .await
         .unwrap();
-    end(store, account, lease, run_id).await;
+    end(store, account, lease, run_id, 3).await;
     done
 }
 

@@ -1,7 +1,7 @@
 //! Where the broker listens: a Unix socket (mode and group set before it is announced), or a
 //! TCP address that must be loopback unless `allow_non_loopback` says otherwise.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -123,7 +123,7 @@ pub async fn listen(
 /// so no process can connect before the permissions hold.
 #[cfg(unix)]
 fn bind_unix(
-    path: &Path,
+    path: &std::path::Path,
     settings: &BrokerSettings,
 ) -> Result<tokio::net::UnixListener, ListenError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -152,7 +152,7 @@ fn bind_unix(
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+        .unwrap_or(std::path::Path::new("."));
     let staging = tempfile_dir(parent).map_err(socket_err)?;
     let staged = staging.join("broker.sock");
     let result = (|| {
@@ -185,7 +185,7 @@ fn bind_unix(
 
 /// A new directory only this user can enter, inside `parent`.
 #[cfg(unix)]
-fn tempfile_dir(parent: &Path) -> std::io::Result<PathBuf> {
+fn tempfile_dir(parent: &std::path::Path) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     for attempt in 0..16u32 {
         let nonce = getrandom::u64().unwrap_or(u64::from(attempt));
