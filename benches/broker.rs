@@ -178,7 +178,12 @@ mod bench {
                 .collect::<Vec<_>>()
                 .join(", "),
             shortest.map_or_else(|| "-".to_owned(), |ms| format!("{:.1} s", ms as f64 / 1e3)),
-            lifetime.as_secs_f64() * 0.75
+            {
+                // The owner's plan: 75 % of the lifetime, but at least min_lead (60 s, at most
+                // half the lifetime) before expiry.
+                let lead = (lifetime / 2).min(Duration::from_secs(60));
+                lifetime.mul_f64(0.75).min(lifetime - lead).as_secs_f64()
+            }
         );
 
         // Added latency: per client, the same number of calls alternating proxied and direct.

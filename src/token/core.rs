@@ -575,15 +575,19 @@ impl Core {
     }
 
     /// Sends the request the situation calls for, or parks the account when none can help.
-    fn send_next(&mut self, now: Timestamp, out: &mut Output) {
-        // "Expired or about to": within half the lead of its expiry it may die in flight. (Half,
-        // so that the refresh `plan` schedules a full lead before its death still uses it.)
+    /// Whether the refresh token held can still be used at `now`: "expired or about to" is
+    /// within half the lead of its expiry, where it may die in flight. (Half, so that the
+    /// refresh `plan` schedules a full lead before its death still uses it.)
+    fn refresh_usable(&self, now: Timestamp) -> bool {
         let margin = self.policy.min_lead / 2;
-        let usable_refresh = self
-            .tokens
+        self.tokens
             .as_ref()
             .and_then(|t| t.refresh.as_ref())
-            .is_some_and(|r| r.expires_at.is_none_or(|exp| now + margin < exp));
+            .is_some_and(|r| r.expires_at.is_none_or(|exp| now + margin < exp))
+    }
+
+    fn send_next(&mut self, now: Timestamp, out: &mut Output) {
+        let usable_refresh = self.refresh_usable(now);
         let request = if usable_refresh {
             Request::Refresh
         } else if !self.policy.grant.needs_person() {
@@ -771,7 +775,10 @@ impl Core {
             .as_ref()
             .is_some_and(|t| t.generation == generation);
         let busy = !matches!(self.phase, Phase::Idle) || self.failures > 0;
-        if !current || busy || self.early_generation == Some(generation) {
+        // Without a usable refresh token, a person's grant could only end in `needs_login`:
+        // a reader's wish for a longer token must never park an account whose token works.
+        let obtainable = self.refresh_usable(now) || !self.policy.grant.needs_person();
+        if !current || busy || !obtainable || self.early_generation == Some(generation) {
             return;
         }
         self.early_generation = Some(generation);

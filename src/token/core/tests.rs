@@ -753,6 +753,65 @@ fn a_401_forces_at_most_one_refresh_per_token() {
 }
 
 #[test]
+fn a_readers_min_valid_refreshes_early_once_per_token() {
+    let mut core = logged_in_nextech();
+    let t = T0 + Duration::from_secs(600);
+    assert_eq!(
+        core.step(t, Event::RefreshEarly { generation: 1 }).request,
+        Some(Request::Refresh)
+    );
+    // Many readers, one request: nothing more while it is in flight.
+    assert_eq!(
+        core.step(t, Event::RefreshEarly { generation: 1 }).request,
+        None
+    );
+    core.step(t, transient());
+    // Failures are the owner's to retry on its schedule; readers add nothing.
+    assert_eq!(
+        core.step(t + SEC, Event::RefreshEarly { generation: 1 })
+            .request,
+        None
+    );
+    let mut core = logged_in_nextech();
+    core.step(t, Event::RefreshEarly { generation: 1 });
+    core.step(
+        t,
+        success(
+            r#"{"access_token":"a2","refresh_token":"r2","expires_in":3600}"#,
+            t,
+        ),
+    );
+    assert_eq!(core.state(t), State::Valid);
+    // The old generation asks no more; the new one gets its own single early refresh.
+    assert_eq!(
+        core.step(t, Event::RefreshEarly { generation: 1 }).request,
+        None
+    );
+    assert_eq!(
+        core.step(t, Event::RefreshEarly { generation: 2 }).request,
+        Some(Request::Refresh)
+    );
+}
+
+#[test]
+fn min_valid_never_parks_a_person_grant_without_a_refresh_token() {
+    // A person logged in; the provider gave no refresh token. The access token still works.
+    let saved = Saved {
+        tokens: Some(tokens(T0, DAY)),
+        generation: 1,
+        next_refresh_at: None,
+        needs_login: false,
+        last_error: None,
+    };
+    let mut core = Core::restore(policy(Grant::AuthorizationCode), 3, saved);
+    core.step(T0, Event::Start);
+    let t = T0 + Duration::from_secs(60);
+    let out = core.step(t, Event::RefreshEarly { generation: 1 });
+    assert_eq!(out.request, None);
+    assert_eq!(core.state(t), State::Valid, "not needs_login");
+}
+
+#[test]
 fn a_person_grant_refreshes_before_its_refresh_token_dies_then_needs_login() {
     // Net Health: authorization_code by a person, then refresh tokens with a 2 h lifetime here.
     let p = Policy {
