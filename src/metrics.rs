@@ -35,7 +35,8 @@ pub struct Metrics {
     pub config_last_reload_success: Gauge,
     /// Broker requests by client, account, endpoint (`token`, `api`, `health`) and outcome.
     pub broker_requests: IntCounterVec,
-    /// Token files written (outcome: written, failed) and `on_rotate` commands run (ok, failed).
+    /// Token files written (outcome `written`, `write_failed`) and `on_rotate` commands run
+    /// (`command_ok`, `command_failed`), by account.
     pub token_files: IntCounterVec,
 }
 
@@ -171,7 +172,7 @@ impl Metrics {
             broker_requests: IntCounterVec::new(
                 Opts::new(
                     "ehrsync_broker_requests_total",
-                    "Requests to the token broker by client, account, endpoint (token, api, health) and outcome (granted, proxied, unauthorized, forbidden, bad_request, unavailable, upstream_error, too_large). Unknown clients and accounts are labelled \"\".",
+                    "Requests to the token broker by client, account, endpoint (token, api, health) and outcome (granted, proxied, ok, unauthorized, forbidden, bad_request, unavailable, upstream_error, too_large). Unknown clients and accounts are labelled \"\".",
                 ),
                 &["client", "account", "endpoint", "outcome"],
             )?,

@@ -107,7 +107,18 @@ fn json(text: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn clients_get_only_their_accounts_tokens() {
-    let sandbox = common::sandbox().await;
+    // 30-second Nextech tokens: the owner refreshes 15 s before expiry; min_valid can ask
+    // for an early one once a token is 3 s old.
+    let sandbox = Sandbox::start(
+        std::sync::Arc::new(ehrsync::clock::SystemClock),
+        ehrsync::sandbox::Lifetimes {
+            nextech_access: Duration::from_secs(30),
+            ..ehrsync::sandbox::Lifetimes::documented()
+        },
+        0,
+    )
+    .await
+    .unwrap();
     let agent = start(&sandbox, "", "", "trace");
     wait_for_socket(&agent).await;
     let sock = socket(&agent);
@@ -131,7 +142,7 @@ async fn clients_get_only_their_accounts_tokens() {
     );
     assert_eq!(token["token_type"], "Bearer");
     assert_eq!(token["headers"]["nx-practice-id"], "1001");
-    assert!(token["expires_in"].as_u64().unwrap() > 3000, "{body}");
+    assert!(token["expires_in"].as_u64().unwrap() > 20, "{body}");
 
     // Refused: no key, a wrong key, an account not allowed, one that does not exist, and an
     // endpoint the client may not use. Forbidden answers say nothing of what exists.
@@ -161,7 +172,18 @@ async fn clients_get_only_their_accounts_tokens() {
         .await
         .0,
         422,
-        "longer than Nextech's 1 h tokens live"
+        "longer than the tokens live"
+    );
+    assert_eq!(
+        get(
+            &sock,
+            "/v1/accounts/nx/token?min_valid=30s",
+            Some(REPORTS_KEY)
+        )
+        .await
+        .0,
+        422,
+        "the token is too young to be refreshed early"
     );
     assert_eq!(
         get(
@@ -174,15 +196,15 @@ async fn clients_get_only_their_accounts_tokens() {
         400
     );
 
-    // min_valid just under the lifetime: one early refresh, however many clients ask.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // min_valid near the lifetime: one early refresh, however many clients ask.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let refreshes = sandbox.total_requests(Vendor::Nextech);
     let asks = (0..8).map(|_| {
         let sock = sock.clone();
         tokio::spawn(async move {
             get(
                 &sock,
-                "/v1/accounts/nx/token?min_valid=3599s",
+                "/v1/accounts/nx/token?min_valid=27s",
                 Some(REPORTS_KEY),
             )
             .await
@@ -193,7 +215,7 @@ async fn clients_get_only_their_accounts_tokens() {
         let (status, body) = ask.await.unwrap();
         assert_eq!(status, 200, "{body}");
         let t = json(&body);
-        assert!(t["expires_in"].as_u64().unwrap() >= 3598, "{body}");
+        assert!(t["expires_in"].as_u64().unwrap() >= 27, "{body}");
         fresh.push(t["access_token"].as_str().unwrap().to_owned());
     }
     assert_eq!(
@@ -205,15 +227,37 @@ async fn clients_get_only_their_accounts_tokens() {
     assert_eq!(fresh.len(), 1, "all eight got the new token");
     assert_ne!(fresh[0], access);
 
+    // A client whose token the API refused reports it and gets the next one (one refresh).
+    let refused = json(
+        &get(&sock, "/v1/accounts/nx/token", Some(REPORTS_KEY))
+            .await
+            .1,
+    );
+    let before = sandbox.total_requests(Vendor::Nextech);
+    let path = format!(
+        "/v1/accounts/nx/token?unauthorized={}",
+        refused["generation"].as_u64().unwrap()
+    );
+    let (status, body) = get(&sock, &path, Some(REPORTS_KEY)).await;
+    assert_eq!(status, 200, "{body}");
+    let next = json(&body);
+    assert_ne!(next["access_token"], refused["access_token"]);
+    assert!(next["generation"].as_u64() > refused["generation"].as_u64());
+    // The same report again, about a token already replaced: no second refresh.
+    let (status, again) = get(&sock, &path, Some(REPORTS_KEY)).await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&again)["access_token"], next["access_token"]);
+    assert_eq!(sandbox.total_requests(Vendor::Nextech), before + 1);
+
     let metrics = agent
         .metrics_until("broker counts", |m| {
-            m.contains("ehrsync_broker_requests_total{account=\"nx\",client=\"reports\",endpoint=\"token\",outcome=\"granted\"} 9")
+            m.contains("ehrsync_broker_requests_total{account=\"nx\",client=\"reports\",endpoint=\"token\",outcome=\"granted\"} 12")
         })
         .await;
     for line in [
         "ehrsync_broker_requests_total{account=\"\",client=\"\",endpoint=\"token\",outcome=\"unauthorized\"} 2",
         "ehrsync_broker_requests_total{account=\"\",client=\"reports\",endpoint=\"token\",outcome=\"forbidden\"} 2",
-        "ehrsync_broker_requests_total{account=\"nx\",client=\"reports\",endpoint=\"token\",outcome=\"bad_request\"} 2",
+        "ehrsync_broker_requests_total{account=\"nx\",client=\"reports\",endpoint=\"token\",outcome=\"bad_request\"} 3",
     ] {
         assert!(metrics.contains(line), "missing {line} in:\n{metrics}");
     }
@@ -493,6 +537,8 @@ async fn token_files_follow_rotations_and_go_with_their_account() {
     assert_eq!(status, 200);
     let second = wait_for_file(&path, |t| t != first && sandbox.access_token_valid(t)).await;
     assert_ne!(first, second);
+    let json_path = agent.dir.path().join("tokens/nx.json");
+    wait_for_file(&json_path, |t| t.contains(&second)).await;
     let leftovers: Vec<_> = std::fs::read_dir(agent.dir.path().join("tokens"))
         .unwrap()
         .filter_map(Result::ok)
@@ -541,6 +587,17 @@ async fn token_files_follow_rotations_and_go_with_their_account() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!agent.dir.path().join("tokens/nx.json").exists());
+    // The reload replaced the clients: `reports` is gone.
+    assert_eq!(
+        get(&socket(&agent), "/v1/health", Some(REPORTS_KEY))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        get(&socket(&agent), "/v1/health", Some(NICHE_KEY)).await.0,
+        200
+    );
 }
 
 /// Waits until the file at `path` holds text that satisfies `ok`, returning it.

@@ -204,10 +204,10 @@ pub async fn run(
             let broker = crate::broker::Broker::new(
                 clients_rx,
                 served_rx,
-                crate::http::build(crate::http::client_builder(settings.proxy_timeout))?,
+                settings.proxy_timeout,
                 metrics.clone(),
                 clock.clone(),
-            );
+            )?;
             match crate::broker::server::listen(settings, broker.router()).await {
                 Ok(listening) => {
                     tracing::info!(listen = %listening.address, clients = settings.clients.len(),
@@ -262,7 +262,7 @@ pub async fn run(
     let grace = agent.settings.shutdown_grace;
     tracing::info!(grace = %humantime::format_duration(grace), "stopping");
     notify::stopping("stopping: runs in progress finish their page");
-    agent.shutdown().await;
+    // The broker first: its clients get no answers from accounts that are stopping.
     if let Some((broker, listening)) = broker {
         listening.stop(CLOSE_TIMEOUT).await;
         if let Some(task) = usage_flush {
@@ -270,6 +270,7 @@ pub async fn run(
         }
         crate::broker::store_usage(&broker, &store).await;
     }
+    agent.shutdown().await;
     let cleanup = std::mem::take(&mut agent.cleanup);
     if tokio::time::timeout(CLOSE_TIMEOUT, cleanup.join_all())
         .await

@@ -79,6 +79,9 @@ struct Inner {
     clients: watch::Receiver<Arc<Vec<BrokerClient>>>,
     accounts: watch::Receiver<ServedAccounts>,
     http: reqwest::Client,
+    /// How long a proxied call may take: reading the client's body, then the API's answer
+    /// (the `http` client's own deadline).
+    proxy_timeout: Duration,
     metrics: Metrics,
     clock: SharedClock,
     usage: Mutex<BTreeMap<String, Usage>>,
@@ -105,24 +108,28 @@ impl Endpoint {
 }
 
 impl Broker {
+    /// A broker for `clients` and the `accounts` that run; its API calls go through a client
+    /// built with `proxy_timeout` as its deadline.
     pub fn new(
         clients: watch::Receiver<Arc<Vec<BrokerClient>>>,
         accounts: watch::Receiver<ServedAccounts>,
-        http: reqwest::Client,
+        proxy_timeout: Duration,
         metrics: Metrics,
         clock: SharedClock,
-    ) -> Broker {
-        Broker {
+    ) -> Result<Broker, crate::http::ClientSetupError> {
+        let http = crate::http::build(crate::http::client_builder(proxy_timeout))?;
+        Ok(Broker {
             inner: Arc::new(Inner {
                 clients,
                 accounts,
                 http,
+                proxy_timeout,
                 metrics,
                 clock,
                 usage: Mutex::new(BTreeMap::new()),
                 stored: tokio::sync::Mutex::new(BTreeMap::new()),
             }),
-        }
+        })
     }
 
     /// The broker's routes. Everything below `/v1/accounts/{account}/api` goes to the proxy
@@ -197,7 +204,10 @@ impl Broker {
         if let Ok(mut usage) = self.inner.usage.lock() {
             let u = usage.entry(client.to_owned()).or_default();
             u.last_used_at = Some(self.inner.clock.now().unix_seconds());
-            u.last_account = (!account.is_empty()).then(|| account.to_owned());
+            // A request without an account (health) keeps the last one, as the stored row does.
+            if !account.is_empty() {
+                u.last_account = Some(account.to_owned());
+            }
             u.requests += 1;
             if outcome.refused() {
                 u.refused += 1;
@@ -410,10 +420,12 @@ struct TokenAnswer<'a> {
     expires_at: String,
     /// Whole seconds left when answered.
     expires_in: u64,
+    /// Which token this is: report it with `?unauthorized=` when the API refuses it.
+    generation: u64,
     headers: BTreeMap<String, String>,
 }
 
-/// `GET /v1/accounts/{account}/token[?min_valid=60s]`.
+/// `GET /v1/accounts/{account}/token[?min_valid=60s][&unauthorized=GENERATION]`.
 async fn token(
     State(b): State<Broker>,
     AxPath(name): AxPath<String>,
@@ -427,8 +439,8 @@ async fn token(
         return b.forbidden(&client, Endpoint::Token);
     };
     let account = served.account.name.as_str();
-    let min_valid = match min_valid(query.as_deref()) {
-        Ok(d) => d,
+    let asked = match token_query(query.as_deref()) {
+        Ok(q) => q,
         Err(message) => {
             b.record(
                 Some(&client.name),
@@ -439,7 +451,25 @@ async fn token(
             return error(StatusCode::BAD_REQUEST, &message);
         }
     };
-    let wanted = tokio::time::timeout(TOKEN_WAIT, served.handle.token_valid_for(min_valid)).await;
+    let handle = &served.handle;
+    let wanted = tokio::time::timeout(TOKEN_WAIT, async {
+        // The API refused the token the client holds: the owner's 401 rule (one refresh per
+        // token), then a token of another generation. A report about an older token than the
+        // current one needs nothing: the client gets the current.
+        if let Some(refused) = asked.unauthorized
+            && handle.snapshot().token.map(|t| t.generation) == Some(refused)
+        {
+            tracing::info!(client = %client.name, account, generation = refused,
+                "a broker client reports the API refused the account's token");
+            handle.unauthorized(refused);
+            handle
+                .token_after(refused)
+                .await
+                .map_err(Wanted::Unavailable)?;
+        }
+        handle.token_valid_for(asked.min_valid).await
+    })
+    .await;
     let (outcome, response) = match wanted {
         Ok(Ok(t)) => {
             let now = b.inner.clock.now();
@@ -449,6 +479,7 @@ async fn token(
                 token_type: "Bearer",
                 expires_at: t.expires_at.to_string(),
                 expires_in: t.expires_at.since(now).as_secs(),
+                generation: t.generation,
                 headers: public_headers(&served.account),
             };
             let mut r = axum::Json(answer).into_response();
@@ -471,7 +502,7 @@ async fn token(
             error(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 &format!(
-                    "min_valid is longer than the account's access tokens live ({}); ask for less",
+                    "min_valid cannot be met: the account's access tokens live {}, and one is refreshed early only once it is a tenth of that old; ask for less",
                     humantime::format_duration(lifetime)
                 ),
             ),
@@ -497,9 +528,20 @@ pub(crate) fn retry_later(message: &str, seconds: u32) -> Response {
     r
 }
 
-/// The `min_valid` query parameter (`60s`, `5m`; default none), at most [`MAX_MIN_VALID`].
-fn min_valid(query: Option<&str>) -> Result<Duration, String> {
-    let mut found = Duration::ZERO;
+/// What a token request asks for.
+#[derive(Debug, PartialEq, Eq)]
+struct TokenQuery {
+    /// `min_valid` (`60s`, `5m`; default none), at most [`MAX_MIN_VALID`].
+    min_valid: Duration,
+    /// `unauthorized`: the generation of a token the API refused.
+    unauthorized: Option<u64>,
+}
+
+fn token_query(query: Option<&str>) -> Result<TokenQuery, String> {
+    let mut found = TokenQuery {
+        min_valid: Duration::ZERO,
+        unauthorized: None,
+    };
     for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match key.as_ref() {
             "min_valid" => {
@@ -508,11 +550,18 @@ fn min_valid(query: Option<&str>) -> Result<Duration, String> {
                 if d > MAX_MIN_VALID {
                     return Err("min_valid may be at most 24h".to_owned());
                 }
-                found = d;
+                found.min_valid = d;
+            }
+            "unauthorized" => {
+                let generation = value.parse().map_err(|_| {
+                    "unauthorized must be the `generation` of the token the API refused".to_owned()
+                })?;
+                found.unauthorized = Some(generation);
             }
             _ => {
                 return Err(
-                    "unknown query parameter; the token endpoint takes only min_valid".to_owned(),
+                    "unknown query parameter; the token endpoint takes min_valid and unauthorized"
+                        .to_owned(),
                 );
             }
         }
@@ -525,19 +574,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn min_valid_reads_durations_and_refuses_the_rest() {
-        assert_eq!(min_valid(None), Ok(Duration::ZERO));
+    fn token_queries_read_durations_and_generations_and_refuse_the_rest() {
+        let min = |q| token_query(Some(q)).map(|t| t.min_valid);
+        assert_eq!(token_query(None).map(|t| t.min_valid), Ok(Duration::ZERO));
+        assert_eq!(min("min_valid=60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(min("min_valid=5m"), Ok(Duration::from_secs(300)));
+        assert!(min("min_valid=soon").is_err());
+        assert!(min("min_valid=2d").is_err());
+        assert!(min("other=1").is_err());
         assert_eq!(
-            min_valid(Some("min_valid=60s")),
-            Ok(Duration::from_secs(60))
+            token_query(Some("unauthorized=7&min_valid=1m")),
+            Ok(TokenQuery {
+                min_valid: Duration::from_secs(60),
+                unauthorized: Some(7)
+            })
         );
-        assert_eq!(
-            min_valid(Some("min_valid=5m")),
-            Ok(Duration::from_secs(300))
-        );
-        assert!(min_valid(Some("min_valid=soon")).is_err());
-        assert!(min_valid(Some("min_valid=2d")).is_err());
-        assert!(min_valid(Some("other=1")).is_err());
+        assert!(token_query(Some("unauthorized=x")).is_err());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use url::Url;
 
 use super::{Broker, BrokerClient, Endpoint, Outcome, Served, TOKEN_WAIT, error, retry_later};
 use crate::config::HeaderValue as ConfigHeaderValue;
-use crate::token::owner::bearer;
+use crate::token::owner::{Unavailable, bearer};
 
 /// The largest request body the proxy accepts (it is kept for the retry after a 401).
 pub const MAX_REQUEST_BODY: usize = 8 * 1024 * 1024;
@@ -105,13 +105,14 @@ pub(super) async fn dispatch(State(b): State<Broker>, request: Request) -> Respo
         }
     };
     let (parts, body) = request.into_parts();
-    let body = match axum::body::to_bytes(body, MAX_REQUEST_BODY).await {
-        Ok(b) => b,
-        Err(_) => {
+    let read = axum::body::to_bytes(body, MAX_REQUEST_BODY);
+    let body = match tokio::time::timeout(b.inner.proxy_timeout, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) | Err(_) => {
             b.record(Some(&client.name), &name, Endpoint::Api, Outcome::TooLarge);
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "the request body is larger than 8 MiB (or could not be read)",
+                "the request body is larger than 8 MiB, or was not sent within the broker's proxy_timeout",
             );
         }
     };
@@ -188,9 +189,13 @@ impl Call<'_> {
         let mut token = match tokio::time::timeout(TOKEN_WAIT, handle.token()).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
+                let wait = match e {
+                    Unavailable::NeedsLogin(_) => 60,
+                    Unavailable::Stopped => 5,
+                };
                 return (
                     Outcome::Unavailable,
-                    retry_later(&format!("no token for the account: {e}"), 60),
+                    retry_later(&format!("no token for the account: {e}"), wait),
                 );
             }
             Err(_) => {

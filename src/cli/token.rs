@@ -117,7 +117,7 @@ async fn from_store(config_path: &Path, env: &config::Env, args: &Args) -> Resul
         Ok(Err(Wanted::LongerThanLifetime { lifetime })) => Err((
             super::EXIT_FAILURE,
             format!(
-                "--min-valid is longer than the account's access tokens live ({})",
+                "--min-valid cannot be met: the account's access tokens live {}, and one is refreshed early only once it is a tenth of that old",
                 humantime::format_duration(lifetime)
             ),
         )),

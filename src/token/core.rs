@@ -236,6 +236,14 @@ impl Outcome {
     }
 }
 
+/// How old a token must be before a reader's `min_valid` may have it refreshed early: a tenth
+/// of its lifetime, at most a minute. A younger token is nearly as good as a new one, so a
+/// `min_valid` it cannot meet is refused instead (else every new token would be refreshed at
+/// once, in a loop).
+pub fn early_refresh_min_age(lifetime: Duration) -> Duration {
+    (lifetime / 10).min(Duration::from_secs(60))
+}
+
 /// What the shell must do after a step.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Output {
@@ -767,13 +775,14 @@ impl Core {
     }
 
     /// Like [`Core::on_unauthorized`], but the token still works: one early refresh per
-    /// generation, and none while a request is in flight, failures are being retried, or the
-    /// account needs a person (readers wait for what that brings).
+    /// generation, none for a token younger than [`early_refresh_min_age`] (a refresh would
+    /// not give more), and none while a request is in flight, failures are being retried, or
+    /// the account needs a person (readers wait for what that brings).
     fn on_refresh_early(&mut self, now: Timestamp, generation: u64, out: &mut Output) {
-        let current = self
-            .tokens
-            .as_ref()
-            .is_some_and(|t| t.generation == generation);
+        let current = self.tokens.as_ref().is_some_and(|t| {
+            let lifetime = t.expires_at.since(t.issued_at);
+            t.generation == generation && now.since(t.issued_at) >= early_refresh_min_age(lifetime)
+        });
         let busy = !matches!(self.phase, Phase::Idle) || self.failures > 0;
         // Without a usable refresh token, a person's grant could only end in `needs_login`:
         // a reader's wish for a longer token must never park an account whose token works.

@@ -132,7 +132,8 @@ pub enum Unavailable {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wanted {
     Unavailable(Unavailable),
-    /// The account's tokens live less than was asked for: no refresh can help.
+    /// The current token is too young to be refreshed early and has less left than was asked
+    /// for, or the account's tokens live less than that at all: no refresh can help now.
     LongerThanLifetime {
         lifetime: Duration,
     },
@@ -173,7 +174,8 @@ impl TokenHandle {
     /// A token valid for at least `min_valid` more: the current one when it is, else the next
     /// after asking the owner to refresh early — once per token, however many readers ask, so
     /// readers never cause more than one extra request per token. A `min_valid` longer than
-    /// the tokens' whole lifetime cannot be met and is refused at once. Waits for as long as
+    /// the tokens' whole lifetime, or more than a token too young to be refreshed early has
+    /// left ([`super::core::early_refresh_min_age`]), cannot be met and is refused at once. Waits for as long as
     /// the owner needs, so callers bound it with a timeout.
     pub async fn token_valid_for(&self, min_valid: Duration) -> Result<CurrentToken, Wanted> {
         let mut rx = self.snapshot.clone();
@@ -186,7 +188,9 @@ impl TokenHandle {
                         return Ok(t.clone());
                     }
                     let lifetime = t.expires_at.since(t.issued_at);
-                    if lifetime < min_valid {
+                    let young =
+                        now.since(t.issued_at) < super::core::early_refresh_min_age(lifetime);
+                    if lifetime < min_valid || young {
                         return Err(Wanted::LongerThanLifetime { lifetime });
                     }
                     // The owner has stopped if this fails; `changed` below says so.

@@ -755,6 +755,15 @@ fn a_401_forces_at_most_one_refresh_per_token() {
 #[test]
 fn a_readers_min_valid_refreshes_early_once_per_token() {
     let mut core = logged_in_nextech();
+    // Younger than a tenth of its lifetime, at most a minute: a refresh would not give more.
+    assert_eq!(
+        core.step(
+            T0 + Duration::from_secs(30),
+            Event::RefreshEarly { generation: 1 }
+        )
+        .request,
+        None
+    );
     let t = T0 + Duration::from_secs(600);
     assert_eq!(
         core.step(t, Event::RefreshEarly { generation: 1 }).request,
@@ -789,6 +798,13 @@ fn a_readers_min_valid_refreshes_early_once_per_token() {
     );
     assert_eq!(
         core.step(t, Event::RefreshEarly { generation: 2 }).request,
+        None,
+        "the new token is too young"
+    );
+    let later = t + Duration::from_secs(60);
+    assert_eq!(
+        core.step(later, Event::RefreshEarly { generation: 2 })
+            .request,
         Some(Request::Refresh)
     );
 }
