@@ -159,7 +159,12 @@ impl Broker {
         if !scheme.eq_ignore_ascii_case("bearer") {
             return None;
         }
-        let digest = crate::config::key_digest(key.trim());
+        let key = key.trim();
+        // No configured key is this short: refuse before comparing (an empty key is never one).
+        if key.chars().count() < crate::config::MIN_CLIENT_KEY {
+            return None;
+        }
+        let digest = crate::config::key_digest(key);
         let clients = self.inner.clients.borrow().clone();
         let mut found = None;
         for client in clients.iter() {

@@ -29,7 +29,7 @@ pub const MAX_RESPONSE_BODY: u64 = 256 * 1024 * 1024;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), and those the
 /// proxy replaces or must not pass on.
-const DROPPED_REQUEST: [&str; 14] = [
+const DROPPED_REQUEST: [&str; 15] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -44,6 +44,8 @@ const DROPPED_REQUEST: [&str; 14] = [
     "content-length",
     "cookie",
     "forwarded",
+    // The body is read whole before the call: nothing for the API to continue.
+    "expect",
 ];
 const DROPPED_RESPONSE: [&str; 10] = [
     "connection",

@@ -727,6 +727,9 @@ impl fmt::Debug for BrokerClient {
     }
 }
 
+/// The shortest broker client key accepted (configured or presented).
+pub const MIN_CLIENT_KEY: usize = 16;
+
 /// The SHA-256 of a broker client key, as configured keys are kept and presented ones compared.
 pub fn key_digest(key: &str) -> [u8; 32] {
     let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());

@@ -331,8 +331,6 @@ fn resolve_broker(
 
 /// How long one proxied call may take unless `broker.proxy_timeout` says otherwise.
 const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(120);
-/// The shortest client key accepted.
-const MIN_CLIENT_KEY: usize = 16;
 
 fn resolve_client(
     key: &str,
@@ -351,11 +349,14 @@ fn resolve_client(
     };
     if let Some(s) = &secret
         && !s.expose().is_empty()
-        && s.expose().trim().chars().count() < MIN_CLIENT_KEY
+        && s.expose().trim().chars().count() < super::MIN_CLIENT_KEY
     {
         ctx.problem(
             &join(key, "key"),
-            format!("is shorter than {MIN_CLIENT_KEY} characters; use e.g. `openssl rand -hex 32`"),
+            format!(
+                "is shorter than {} characters; use e.g. `openssl rand -hex 32`",
+                super::MIN_CLIENT_KEY
+            ),
         );
     }
     let mut allowed = Vec::new();
