@@ -37,6 +37,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 /// The schema, embedded from `migrations/` at build time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
+/// The same schema for PostgreSQL, from `migrations/postgres/` (it starts at version 7, the
+/// SQLite schema's state then); `tests/schema_parity.rs` keeps the two in step.
+pub static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
 /// How long a statement waits for another process's write lock before failing with "busy".
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
