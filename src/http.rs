@@ -266,7 +266,7 @@ pub fn public_url(url: &Url) -> String {
 
 /// `": cause: deeper cause…"`: the sources of `e`, for errors whose own text says too little.
 /// Empty when there are none.
-fn causes(e: &dyn std::error::Error) -> String {
+pub fn causes(e: &dyn std::error::Error) -> String {
     let mut text = String::new();
     let mut source = e.source();
     while let Some(s) = source {

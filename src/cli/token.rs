@@ -195,7 +195,10 @@ async fn from_broker(config_path: &Path, args: &Args, key: &str) -> Result<Strin
         .map_err(|e| {
             (
                 super::EXIT_FAILURE,
-                format!("cannot reach the broker at {listen}: {}", error_chain(&e)),
+                format!(
+                    "cannot reach the broker at {listen}: {e}{}",
+                    crate::http::causes(&e)
+                ),
             )
         })?;
     let status = answer.status();
@@ -226,16 +229,4 @@ async fn from_broker(config_path: &Path, args: &Args, key: &str) -> Result<Strin
                 "the broker's answer has no access_token".to_owned(),
             )
         })
-}
-
-/// An error with its causes, one after the other.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
