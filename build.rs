@@ -22,12 +22,20 @@ fn main() {
     let commit = match from_env {
         Some(commit) => commit,
         None => {
-            // Rebuilt when HEAD moves: HEAD itself (a checkout) and the branch it points at (a commit).
-            // `--git-path` resolves each inside a worktree's or the clone's git directory.
-            let mut watch = vec!["HEAD".to_owned(), "packed-refs".to_owned()];
+            // Rebuilt when HEAD moves: HEAD itself (a checkout), its reflog (appended by every
+            // commit and checkout, even when the branch's ref is packed) and the branch it points
+            // at. `--git-path` resolves each inside a worktree's or the clone's git directory.
+            // Only files that exist are watched: Cargo counts a missing one as changed on every
+            // build, which rebuilt the crate each time in a clone without `packed-refs`.
+            let mut watch = vec![
+                "HEAD".to_owned(),
+                "logs/HEAD".to_owned(),
+                "packed-refs".to_owned(),
+            ];
             watch.extend(git(&["symbolic-ref", "-q", "HEAD"]));
             for name in watch {
-                if let Some(path) = git(&["rev-parse", "--git-path", &name]).map(PathBuf::from) {
+                let path = git(&["rev-parse", "--git-path", &name]).map(PathBuf::from);
+                if let Some(path) = path.filter(|p| p.exists()) {
                     println!("cargo:rerun-if-changed={}", path.display());
                 }
             }
