@@ -7,6 +7,7 @@ use std::fs;
 use std::io::Write as _;
 use std::path::Path;
 
+use ehrsync::views::partial;
 use ehrsync::views::view::{ViewDefinition, ViewError};
 use serde_json::{Map, Value};
 
@@ -71,11 +72,36 @@ fn sql_on_fhir_suite() {
 }
 
 /// Runs one case: `Err` says how the implementation disagrees with it.
+///
+/// Where the view names the members it reads, each resource is evaluated twice, as a whole
+/// and as the pull builds it (only those members, `views::partial`): the two must agree, and
+/// the partial one is what is checked against the case.
 fn run_case(case: &Value, resources: &[Value]) -> Result<(), String> {
     let outcome = ViewDefinition::parse(&case["view"]).and_then(|view| {
+        let members = view.resource_members();
         let mut rows = Vec::new();
         for resource in resources {
-            rows.extend(view.evaluate(resource)?.into_iter().map(|row| {
+            let whole = view.evaluate(resource);
+            let rows_of = match &members {
+                None => whole?,
+                Some(members) => {
+                    let text = resource.to_string();
+                    let wanted = partial::Wanted {
+                        fields: &[],
+                        members: &[members],
+                    };
+                    let part = partial::parse(&text, &wanted).expect("a suite resource is JSON");
+                    let from_part = view.evaluate(&part);
+                    assert_eq!(
+                        from_part.as_ref().map_err(ToString::to_string),
+                        whole.as_ref().map_err(ToString::to_string),
+                        "{}: the members {members:?} give other rows than the whole resource",
+                        case["title"]
+                    );
+                    from_part?
+                }
+            };
+            rows.extend(rows_of.into_iter().map(|row| {
                 let names = view.columns().iter().map(|c| c.name.clone());
                 Value::Object(names.zip(row).collect::<Map<_, _>>())
             }));

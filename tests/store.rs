@@ -275,6 +275,105 @@ async fn the_patients_table_is_the_same_whether_migrated_or_pulled() {
     assert_eq!(patients(&store).await, expected);
 }
 
+async fn has_name_index(store: &Store) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master \
+         WHERE type = 'index' AND name = 'patient_rows_by_name')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
+/// A first pull builds the name index of `patients` once, at its end, instead of inserting into
+/// it record by record; a crash in between leaves it to the next open; lookups use it.
+#[tokio::test]
+async fn a_first_pull_builds_the_name_index_at_its_end_or_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ehrsync.db");
+    let store = Store::open(&path).await.unwrap();
+    assert!(has_name_index(&store).await, "migrated with the index");
+    let holder = ehrsync::store::Holder::this_process();
+    let key = ehrsync::store::LeaseKey::job("a", "patients");
+    let lease = store
+        .acquire(&key, &holder, 1, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let data =
+        r#"{"resourceType":"Patient","id":"p1","name":[{"family":"Smith","given":["Ann"]}]}"#;
+    let page = |id: &str| {
+        let mut row = PageRow::new(id.into(), None, None, data.into());
+        row.derived = ViewSet::default().derive("Patient", data);
+        vec![row]
+    };
+    let run = store
+        .begin_run(&lease, "a", "patients", true, 1)
+        .await
+        .unwrap();
+    assert!(
+        !has_name_index(&store).await,
+        "a first pull runs without it"
+    );
+    store
+        .commit_page(
+            &lease,
+            run.run_id,
+            "a",
+            "Patient",
+            page("p1"),
+            2,
+            &ViewSet::default(),
+        )
+        .await
+        .unwrap();
+    store
+        .finish_run(
+            &lease, run.run_id, "a", "patients", "success", 3, None, None,
+        )
+        .await
+        .unwrap();
+    assert!(has_name_index(&store).await, "built when the run ends");
+    let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+        "EXPLAIN QUERY PLAN SELECT id FROM patients WHERE family = 'smith' AND given = 'ann'",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert!(
+        plan.iter().any(|p| p.3.contains("patient_rows_by_name")),
+        "{plan:?}"
+    );
+
+    // A crash mid-pull: the index stays missing until the store is opened again.
+    let run = store
+        .begin_run(&lease, "a", "patients", true, 4)
+        .await
+        .unwrap();
+    store
+        .commit_page(
+            &lease,
+            run.run_id,
+            "a",
+            "Patient",
+            page("p2"),
+            5,
+            &ViewSet::default(),
+        )
+        .await
+        .unwrap();
+    assert!(!has_name_index(&store).await);
+    store.close().await;
+    let store = Store::open(&path).await.unwrap();
+    assert!(has_name_index(&store).await, "built at open after a crash");
+    let found: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM patients WHERE family = 'SMITH' COLLATE NOCASE")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(found, 2);
+}
+
 const TWO_ACCOUNTS: &str = r#"
 [agent]
 database = "db/ehrsync.db"

@@ -323,6 +323,8 @@ impl Store {
             .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string());
         let mut store = Store::connect(path, options.clone()).await?;
         store.migrate().await?;
+        // A run that dropped the name index and never ended (a crash) left it missing.
+        sync::ensure_name_index(&store.pool).await;
         store.lease_pool =
             connect_pool(path, 1, options.synchronous(SqliteSynchronous::Normal)).await?;
         Ok(store)

@@ -39,6 +39,7 @@
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
+use std::collections::BTreeSet;
 use std::slice;
 
 use serde_json::{Number, Value};
@@ -365,6 +366,14 @@ impl Expression {
         self.root == Expr::RowIndex
     }
 
+    /// Adds to `names` the members of the focus that evaluating the expression can read (a
+    /// member `value` also stands for its choice forms, `valueString` and the rest). False when
+    /// it may read more than named members: the focus itself as a value (`$this`, a function
+    /// applied to the focus, a type name such as `Patient.name`), so the whole focus is needed.
+    pub fn focus_members(&self, names: &mut BTreeSet<String>) -> bool {
+        members(&self.root, names)
+    }
+
     /// Evaluates the expression with `focus` as `$this`.
     pub fn evaluate<'a>(
         &'a self,
@@ -372,6 +381,59 @@ impl Expression {
         ctx: &Context<'a>,
     ) -> Result<Vec<Item<'a>>, EvalError> {
         eval(&self.root, focus, ctx)
+    }
+}
+
+/// [`Expression::focus_members`] of `expr`: only what is evaluated against the focus counts
+/// (the criteria of `where()` and `exists()` are evaluated against the input's items).
+fn members(expr: &Expr, names: &mut BTreeSet<String>) -> bool {
+    match expr {
+        Expr::This => false,
+        Expr::Literal(_) | Expr::Constant(..) | Expr::RowIndex => true,
+        Expr::Member(base, name) => match &**base {
+            // An element name starts in lower case; `Patient` names the focus's own type.
+            Expr::This if name.starts_with(|c: char| c.is_ascii_lowercase()) => {
+                names.insert(name.clone());
+                true
+            }
+            Expr::This => false,
+            base => members(base, names),
+        },
+        Expr::Call(base, func) => {
+            let input = match (&**base, func) {
+                (Expr::This, Func::ResourceKey) => {
+                    names.insert("id".to_owned());
+                    names.insert("resourceType".to_owned());
+                    true
+                }
+                (Expr::This, _) => false,
+                (base, _) => members(base, names),
+            };
+            input
+                && match func {
+                    Func::Extension(arg)
+                    | Func::Join(Some(arg))
+                    | Func::Boundary {
+                        precision: Some(arg),
+                        ..
+                    } => members(arg, names),
+                    Func::Where(_)
+                    | Func::Exists(_)
+                    | Func::Empty
+                    | Func::First
+                    | Func::Not
+                    | Func::OfType(_)
+                    | Func::Join(None)
+                    | Func::ResourceKey
+                    | Func::ReferenceKey(_)
+                    | Func::Boundary {
+                        precision: None, ..
+                    } => true,
+                }
+        }
+        Expr::Index(base, index) => members(base, names) && members(index, names),
+        Expr::Neg(operand) => members(operand, names),
+        Expr::Binary(_, lhs, rhs) => members(lhs, names) && members(rhs, names),
     }
 }
 
@@ -1681,6 +1743,44 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// The members `text` reads of its focus, `None` for the whole focus.
+    fn read(text: &str) -> Option<Vec<String>> {
+        let expr = Expression::parse(text, &constants()).expect("parses");
+        let mut names = BTreeSet::new();
+        expr.focus_members(&mut names)
+            .then(|| names.into_iter().collect())
+    }
+
+    #[test]
+    fn the_members_an_expression_reads_of_its_focus() {
+        let names = |n: &[&str]| Some(n.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            read("name.where(use = 'official').family.first()"),
+            names(&["name"])
+        );
+        assert_eq!(read("getResourceKey()"), names(&["id", "resourceType"]));
+        assert_eq!(read("value.ofType(Quantity).value"), names(&["value"]));
+        assert_eq!(read("name.given.join(sep)"), names(&["name", "sep"]));
+        assert_eq!(
+            read("a[b] = -c and d.exists(e)"),
+            names(&["a", "b", "c", "d"])
+        );
+        assert_eq!(read("birthDate.lowBoundary(p)"), names(&["birthDate", "p"]));
+        assert_eq!(read("%rowIndex + 1"), names(&[]));
+        assert_eq!(
+            read("link.other.getReferenceKey(Patient)"),
+            names(&["link"])
+        );
+        // The focus itself: everything may be read.
+        assert_eq!(read("$this"), None);
+        assert_eq!(read("exists()"), None);
+        assert_eq!(read("ofType(Patient).name"), None);
+        assert_eq!(read("Patient.name"), None);
+        assert_eq!(read("name.exists() and $this"), None);
+        // `$this.gender` is the focus's member, as `gender` is.
+        assert_eq!(read("$this.gender"), names(&["gender"]));
+    }
 
     fn constants() -> Vec<Constant> {
         let c = |name: &str, suffix: &str, value: Value| {

@@ -8,9 +8,11 @@
 //! ViewDefinitions are evaluated by [`view`], over the FHIRPath subset of [`fhirpath`].
 
 pub mod fhirpath;
+pub mod partial;
 pub mod patients;
 pub mod view;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -161,19 +163,41 @@ impl Materialised {
 
 /// The configured views, shared by every pull of a process.
 #[derive(Debug, Clone, Default)]
-pub struct ViewSet(Arc<Vec<Materialised>>);
+pub struct ViewSet(Arc<Inner>);
+
+#[derive(Debug, Default)]
+struct Inner {
+    views: Vec<Materialised>,
+    /// Per resource type with views: the top-level members they read together, or `None` when
+    /// one of them may read the whole record.
+    members: Vec<(String, Option<BTreeSet<String>>)>,
+}
 
 impl ViewSet {
     pub fn new(views: Vec<Materialised>) -> ViewSet {
-        ViewSet(Arc::new(views))
+        let mut members: Vec<(String, Option<BTreeSet<String>>)> = Vec::new();
+        for view in &views {
+            let read = view.definition.resource_members();
+            match members.iter_mut().find(|(t, _)| *t == view.resource_type) {
+                Some((_, all)) => match (all.as_mut(), read) {
+                    (Some(all), Some(read)) => all.extend(read),
+                    _ => *all = None,
+                },
+                None => members.push((view.resource_type.clone(), read)),
+            }
+        }
+        ViewSet(Arc::new(Inner { views, members }))
     }
 
     pub fn all(&self) -> &[Materialised] {
-        &self.0
+        &self.0.views
     }
 
     pub fn get(&self, name: &str) -> Option<&Materialised> {
-        self.0.iter().find(|v| v.name.eq_ignore_ascii_case(name))
+        self.0
+            .views
+            .iter()
+            .find(|v| v.name.eq_ignore_ascii_case(name))
     }
 
     /// The views of `resource_type`, in the order [`Derived::views`] holds their rows.
@@ -182,6 +206,7 @@ impl ViewSet {
         resource_type: &'a str,
     ) -> impl Iterator<Item = &'a Materialised> {
         self.0
+            .views
             .iter()
             .filter(move |v| v.resource_type == resource_type)
     }
@@ -189,6 +214,7 @@ impl ViewSet {
     /// Each view's name and definition fingerprint (to tell whether a new config changed them).
     pub fn fingerprints(&self) -> Vec<(&str, &str)> {
         self.0
+            .views
             .iter()
             .map(|v| (v.name.as_str(), v.fingerprint.as_str()))
             .collect()
@@ -209,7 +235,24 @@ impl ViewSet {
                 ..Derived::default()
             };
         }
-        let Ok(json) = serde_json::from_str::<serde_json::Value>(data) else {
+        // Only what the views and the patients table read is built (see `partial`).
+        let members = self
+            .0
+            .members
+            .iter()
+            .find(|(t, _)| t == resource_type)
+            .and_then(|(_, m)| m.as_ref());
+        let json = match members {
+            Some(members) => partial::parse(
+                data,
+                &partial::Wanted {
+                    fields: patients::fields(resource_type),
+                    members: &[members],
+                },
+            ),
+            None => serde_json::from_str::<serde_json::Value>(data).ok(),
+        };
+        let Some(json) = json else {
             return Derived::default();
         };
         let mut derived = Derived {

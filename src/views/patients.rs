@@ -84,6 +84,23 @@ fn text_of(v: Value) -> Option<String> {
     }
 }
 
+/// The top-level members of a `resource_type` record that [`row`] reads.
+pub fn fields(resource_type: &str) -> &'static [&'static str] {
+    if resource_type == FHIR_PATIENT {
+        &["name", "birthDate", "gender"]
+    } else if resource_type == crate::sync::list::RESOURCE_TYPE {
+        &[
+            "firstName",
+            "middleName",
+            "lastName",
+            "dateOfBirth",
+            "gender",
+        ]
+    } else {
+        &[]
+    }
+}
+
 /// The row of `record`, a `resource_type` record; `None` for other types.
 pub fn row(resource_type: &str, record: &Value) -> Option<PatientRow> {
     if resource_type == FHIR_PATIENT {

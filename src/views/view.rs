@@ -18,6 +18,7 @@
 //! traversed. Error messages name the definition's parts and expressions, never resource content.
 
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::slice;
 
 use serde_json::{Map, Value};
@@ -247,6 +248,16 @@ impl ViewDefinition {
     /// The output columns, in row order.
     pub fn columns(&self) -> &[Column] {
         &self.columns
+    }
+
+    /// The top-level members of a resource that evaluating this view can read (with
+    /// `resourceType`), or `None` when it may read the whole resource. A member also stands for
+    /// its choice forms (see [`Expression::focus_members`]).
+    pub fn resource_members(&self) -> Option<BTreeSet<String>> {
+        let mut names = BTreeSet::from(["resourceType".to_owned()]);
+        let known = self.wheres.iter().all(|w| w.expr.focus_members(&mut names))
+            && select_members(&self.root, &mut names);
+        known.then_some(names)
     }
 
     /// The rows `resource` contributes, each with values in [`columns`](Self::columns) order:
@@ -685,6 +696,28 @@ impl<'v> Obj<'v> {
                     .collect(),
             )),
             Some(_) => Err(invalid(&self.child(key), "must be a non-empty array")),
+        }
+    }
+}
+
+/// Adds the members of the resource `select` reads, evaluated on the resource itself: an
+/// iteration's own paths, or, without one, its columns and nested selects (what an iteration
+/// selects is evaluated on its items). False when it may read the whole resource.
+fn select_members(select: &Select, names: &mut BTreeSet<String>) -> bool {
+    match &select.iteration {
+        Iteration::ForEach(path) | Iteration::ForEachOrNull(path) => path.expr.focus_members(names),
+        // `repeat` evaluates its paths on the resource, then on what they reach.
+        Iteration::Repeat(paths) => paths.iter().all(|p| p.expr.focus_members(names)),
+        Iteration::None => {
+            select
+                .columns
+                .iter()
+                .all(|c| c.expr.expr.focus_members(names))
+                && select
+                    .selects
+                    .iter()
+                    .chain(&select.union_all)
+                    .all(|s| select_members(s, names))
         }
     }
 }
