@@ -130,15 +130,7 @@ mod bench {
                         let mut latencies = Vec::new();
                         while Instant::now() < until {
                             token(&broker, &counts, &sandbox).await;
-                            let t = Instant::now();
-                            let ok = page(
-                                broker
-                                    .get("http://broker/v1/accounts/nx/api/Patient?_count=10")
-                                    .bearer_auth(KEY),
-                            )
-                            .await;
-                            latencies.push(t.elapsed().as_secs_f64() * 1e3);
-                            count_page(&counts, ok);
+                            latencies.push(timed_page(&counts, proxied_page(&broker)).await);
                         }
                         latencies
                     })
@@ -204,25 +196,12 @@ mod bench {
                             let Some(token) = token(&broker, &counts, &sandbox).await else {
                                 continue;
                             };
-                            let t = Instant::now();
-                            let ok = page(
-                                broker
-                                    .get("http://broker/v1/accounts/nx/api/Patient?_count=10")
-                                    .bearer_auth(KEY),
-                            )
-                            .await;
-                            b.push(t.elapsed().as_secs_f64() * 1e3);
-                            count_page(&counts, ok);
-                            let t = Instant::now();
-                            let ok = page(
-                                direct
-                                    .get(format!("{api}/Patient?_count=10"))
-                                    .bearer_auth(token)
-                                    .header("nx-practice-id", "1001"),
-                            )
-                            .await;
-                            d.push(t.elapsed().as_secs_f64() * 1e3);
-                            count_page(&counts, ok);
+                            b.push(timed_page(&counts, proxied_page(&broker)).await);
+                            let straight = direct
+                                .get(format!("{api}/Patient?_count=10"))
+                                .bearer_auth(token)
+                                .header("nx-practice-id", "1001");
+                            d.push(timed_page(&counts, straight).await);
                         }
                         (b, d)
                     })
@@ -292,22 +271,30 @@ mod bench {
         Some(access)
     }
 
-    /// Sends a page request: whether it came back 200 with a Bundle.
-    async fn page(request: reqwest::RequestBuilder) -> bool {
-        match request.send().await {
+    /// Sends a page request and counts it, as a page when it came back 200 with a Bundle, else
+    /// as failed; returns how long it took, in milliseconds.
+    async fn timed_page(counts: &Counts, request: reqwest::RequestBuilder) -> f64 {
+        let started = Instant::now();
+        let ok = match request.send().await {
             Ok(a) if a.status().is_success() => a
                 .bytes()
                 .await
                 .is_ok_and(|b| b.windows(8).any(|w| w == b"\"Bundle\"")),
             _ => false,
-        }
-    }
-
-    fn count_page(counts: &Counts, ok: bool) {
+        };
+        let ms = started.elapsed().as_secs_f64() * 1e3;
         if ok {
             counts.pages.fetch_add(1, Ordering::Relaxed);
         } else {
             counts.failed.fetch_add(1, Ordering::Relaxed);
         }
+        ms
+    }
+
+    /// A page of ten patients through the broker's proxy.
+    fn proxied_page(broker: &reqwest::Client) -> reqwest::RequestBuilder {
+        broker
+            .get("http://broker/v1/accounts/nx/api/Patient?_count=10")
+            .bearer_auth(KEY)
     }
 }

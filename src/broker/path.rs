@@ -57,19 +57,30 @@ pub fn target(base: &Url, path: &str, query: Option<&str>) -> Result<Url, PathEr
     }
     let url = Url::parse(&text).map_err(|_| PathError::LeavesBase)?;
     // The second check: the parsed URL must keep api_base's origin and sit below its path.
-    let mut base_path = base.path().to_owned();
-    if !base_path.ends_with('/') {
-        base_path.push('/');
+    if within_base(base, &url).is_none() || url.fragment().is_some() {
+        return Err(PathError::LeavesBase);
     }
+    Ok(url)
+}
+
+/// The path of `url` below `base`'s (`https://host/fhir/` + `Patient/1` → `Patient/1`), when
+/// `url` has `base`'s origin, no user information, and sits below its path; else `None`. Both
+/// a client's target and a redirect's `Location` pass it.
+pub fn within_base<'u>(base: &Url, url: &'u Url) -> Option<&'u str> {
     let same_origin = url.scheme() == base.scheme()
         && url.host() == base.host()
         && url.port_or_known_default() == base.port_or_known_default()
         && url.username().is_empty()
         && url.password().is_none();
-    if !same_origin || !url.path().starts_with(&base_path) || url.fragment().is_some() {
-        return Err(PathError::LeavesBase);
-    }
-    Ok(url)
+    let base_path = base.path();
+    let rest = url.path().strip_prefix(base_path)?;
+    // Below the base's path: after its `/`, or after the `/` that follows it.
+    let rest = if base_path.ends_with('/') {
+        rest
+    } else {
+        rest.strip_prefix('/')?
+    };
+    same_origin.then_some(rest)
 }
 
 /// The raw path's rules: RFC 3986 path characters only; no dot or empty segment; no encoded
@@ -155,6 +166,31 @@ mod tests {
 
     fn ok(path: &str, query: Option<&str>) -> String {
         target(&base(), path, query).unwrap().to_string()
+    }
+
+    #[test]
+    fn within_base_needs_the_origin_and_a_path_below_the_base() {
+        let base = base();
+        let rest = |u: &str| within_base(&base, &Url::parse(u).unwrap()).map(str::to_owned);
+        assert_eq!(
+            rest("https://api.example.org/fhir/r4/Patient/1?x=1").as_deref(),
+            Some("Patient/1")
+        );
+        assert_eq!(
+            rest("https://api.example.org:443/fhir/r4/").as_deref(),
+            Some("")
+        );
+        for outside in [
+            "https://api.example.org/fhir/r4",
+            "https://api.example.org/fhir/r4x/Patient",
+            "https://api.example.org/fhir/Patient",
+            "http://api.example.org/fhir/r4/Patient",
+            "https://api.example.org:8443/fhir/r4/Patient",
+            "https://evil.example.org/fhir/r4/Patient",
+            "https://user:pw@api.example.org/fhir/r4/Patient",
+        ] {
+            assert_eq!(rest(outside), None, "{outside}");
+        }
     }
 
     #[test]

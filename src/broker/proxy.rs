@@ -279,17 +279,10 @@ impl Call<'_> {
             .get(header::LOCATION)
             .and_then(|l| l.to_str().ok())
             .and_then(|l| url.join(l).ok());
-        let mut base_path = self.base.path().to_owned();
-        if !base_path.ends_with('/') {
-            base_path.push('/');
-        }
         let within = location.as_ref().and_then(|l| {
-            let same_origin = l.scheme() == self.base.scheme()
-                && l.host() == self.base.host()
-                && l.port_or_known_default() == self.base.port_or_known_default();
-            let rest = l.path().strip_prefix(base_path.as_str())?;
+            let rest = super::path::within_base(self.base, l)?;
             // The rewritten path must pass the same checks as a client's.
-            (same_origin && super::path::check_path(rest).is_ok()).then(|| {
+            super::path::check_path(rest).is_ok().then(|| {
                 let mut to = format!("/v1/accounts/{}/api/{rest}", self.served.account.name);
                 if let Some(q) = l.query() {
                     to.push('?');

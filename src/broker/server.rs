@@ -78,14 +78,8 @@ pub async fn listen(
                     addr: *addr,
                     source,
                 })?;
-            let task = tokio::spawn(async move {
-                let serve = axum::serve(listener, router).with_graceful_shutdown(shutdown);
-                if let Err(e) = serve.await {
-                    tracing::error!(error = %e, "the broker's listener stopped");
-                }
-            });
             Ok(Listening {
-                task,
+                task: serve(listener, router, shutdown),
                 stop,
                 socket: None,
                 address: addr.to_string(),
@@ -95,14 +89,8 @@ pub async fn listen(
             #[cfg(unix)]
             {
                 let listener = bind_unix(path, settings)?;
-                let task = tokio::spawn(async move {
-                    let serve = axum::serve(listener, router).with_graceful_shutdown(shutdown);
-                    if let Err(e) = serve.await {
-                        tracing::error!(error = %e, "the broker's listener stopped");
-                    }
-                });
                 Ok(Listening {
-                    task,
+                    task: serve(listener, router, shutdown),
                     stop,
                     socket: Some(path.clone()),
                     address: format!("unix:{}", path.display()),
@@ -115,6 +103,24 @@ pub async fn listen(
             }
         }
     }
+}
+
+/// Serves `router` on `listener` in a task of its own until `shutdown` completes.
+fn serve<L>(
+    listener: L,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, router).with_graceful_shutdown(shutdown);
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "the broker's listener stopped");
+        }
+    })
 }
 
 /// Binds the socket at `path`: a stale socket (nothing answers on it) is removed first, a live
