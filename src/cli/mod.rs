@@ -7,6 +7,7 @@ mod demo;
 mod doctor;
 mod export;
 mod login;
+mod migrate_store;
 mod output;
 pub(crate) mod status;
 mod sync;
@@ -190,6 +191,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy the SQLite database, whole (tokens still sealed, runs, records, change log), into
+    /// an empty PostgreSQL database, then check the copy (row counts, and about 100 rows a
+    /// table compared column by column). Stop every agent first. The password comes from
+    /// PGPASSWORD or ~/.pgpass, never the URL.
+    MigrateStore {
+        /// `postgres://USER@HOST[:PORT]/DATABASE[?sslmode=verify-full]`.
+        #[arg(long)]
+        to: String,
+    },
     /// Install, remove or run ehrsync as a Windows service (Windows only; on Linux, use the
     /// systemd unit systemd/ehrsync.service).
     Service {
@@ -279,6 +289,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             };
             export::run(&cli.config, args).await
         }
+        Command::MigrateStore { to } => migrate_store::run(&cli.config, &to).await,
         Command::Views { action } => match action {
             ViewsAction::List => views::list(&cli.config).await,
             ViewsAction::Rebuild { name } => views::rebuild(&cli.config, name).await,

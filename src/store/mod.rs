@@ -12,6 +12,7 @@ mod broker;
 mod changes;
 mod export;
 mod lease;
+pub mod migrate;
 mod sync;
 mod views;
 
