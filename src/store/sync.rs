@@ -317,7 +317,13 @@ impl Store {
         );
         self.shield(|s| async move {
             let total = rows.len();
-            let rows = last_of_each_id(rows);
+            let mut rows = last_of_each_id(rows);
+            // The derived rows, owned apart from the records, so their values move into the
+            // statements instead of being copied.
+            let mut derived: Vec<Derived> = rows
+                .iter_mut()
+                .map(|r| std::mem::take(&mut r.derived))
+                .collect();
             // IMMEDIATE: the transaction reads before it writes, and a deferred one could not
             // upgrade to a writer once another process wrote meanwhile (SQLITE_BUSY at once,
             // without the busy timeout's wait).
@@ -327,7 +333,10 @@ impl Store {
             // hash, for records stored before hashes were kept).
             let mut writes: Vec<(&PageRow, Option<ChangeKind>)> = Vec::new();
             let mut unchanged: Vec<&str> = Vec::new();
+            // Per record, in `rows` order, the change it makes.
+            let mut kinds: Vec<Option<ChangeKind>> = Vec::with_capacity(rows.len());
             for row in &rows {
+                let before = writes.len();
                 match existing.get(row.id.as_str()) {
                     None => writes.push((row, Some(ChangeKind::Created))),
                     Some(e) if e.deleted => writes.push((row, Some(ChangeKind::Created))),
@@ -345,6 +354,7 @@ impl Store {
                         }
                     }
                 }
+                kinds.push(writes.get(before).and_then(|(_, kind)| *kind));
             }
             for chunk in writes.chunks(ROWS_PER_STATEMENT) {
                 let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
@@ -400,7 +410,13 @@ impl Store {
                 });
                 q.build().execute(&mut *tx).await?;
             }
-            write_derived(&mut tx, &views, &account, &resource_type, &changed).await?;
+            let derived_of: Vec<(&PageRow, ChangeKind, Derived)> = rows
+                .iter()
+                .zip(&kinds)
+                .zip(derived.iter_mut())
+                .filter_map(|((row, kind), d)| kind.map(|k| (row, k, std::mem::take(d))))
+                .collect();
+            write_derived(&mut tx, &views, &account, &resource_type, derived_of).await?;
             let records = i64::try_from(total).unwrap_or(i64::MAX);
             let run_records: Option<i64> = sqlx::query_scalar(
                 "UPDATE sync_runs SET pages = pages + ?, records = records + ? WHERE id = ? \
@@ -770,35 +786,34 @@ fn last_of_each_id(rows: Vec<PageRow>) -> Vec<PageRow> {
     kept
 }
 
-/// Replaces the derived rows (`patient_rows`, the view tables) of the `changed` records. A
-/// created record has none yet (a deleted one lost them with its deletion): only updated
-/// ones have rows to remove first.
+/// Replaces the derived rows (`patient_rows`, the view tables) of the `changed` records (id,
+/// change, what it derives; the values move into the statements). A created record has none
+/// yet (a deleted one lost them with its deletion): only updated ones have rows to remove first.
 async fn write_derived(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     views: &ViewSet,
     account: &str,
     resource_type: &str,
-    changed: &[(&PageRow, ChangeKind)],
+    mut changed: Vec<(&PageRow, ChangeKind, Derived)>,
 ) -> Result<(), StoreError> {
     if changed.is_empty() {
         return Ok(());
     }
     let updated: Vec<&str> = changed
         .iter()
-        .filter(|(_, k)| *k == ChangeKind::Updated)
-        .map(|(r, _)| r.id.as_str())
+        .filter(|(_, k, _)| *k == ChangeKind::Updated)
+        .map(|(row, _, _)| row.id.as_str())
         .collect();
-    let changed: Vec<&PageRow> = changed.iter().map(|(row, _)| *row).collect();
     if is_patient_type(resource_type) {
         for ids in updated.chunks(ROWS_PER_STATEMENT) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("DELETE FROM patient_rows");
             push_key_filter(&mut q, account, resource_type, "id", ids);
             q.build().execute(&mut **tx).await?;
         }
-        for chunk in changed.chunks(ROWS_PER_STATEMENT) {
-            let rows: Vec<(&PageRow, &crate::views::patients::PatientRow)> = chunk
-                .iter()
-                .filter_map(|r| r.derived.patient.as_ref().map(|p| (*r, p)))
+        for chunk in changed.chunks_mut(ROWS_PER_STATEMENT) {
+            let rows: Vec<(&PageRow, crate::views::patients::PatientRow)> = chunk
+                .iter_mut()
+                .filter_map(|(row, _, d)| d.patient.take().map(|p| (*row, p)))
                 .collect();
             if rows.is_empty() {
                 continue;
@@ -811,10 +826,10 @@ async fn write_derived(
                 b.push_bind(account)
                     .push_bind(resource_type)
                     .push_bind(&row.id)
-                    .push_bind(&p.family)
-                    .push_bind(&p.given)
-                    .push_bind(&p.birth_date)
-                    .push_bind(&p.gender)
+                    .push_bind(p.family)
+                    .push_bind(p.given)
+                    .push_bind(p.birth_date)
+                    .push_bind(p.gender)
                     .push_bind(&row.last_updated);
             });
             q.build().execute(&mut **tx).await?;
@@ -834,12 +849,16 @@ async fn write_derived(
             list.push_unseparated(")");
             q.build().execute(&mut **tx).await?;
         }
-        let rows: Vec<(&str, &Vec<SqlValue>)> = changed
-            .iter()
-            .filter_map(|r| r.derived.views.get(i).map(|v| (r.id.as_str(), v)))
-            .flat_map(|(id, rows)| rows.iter().map(move |v| (id, v)))
+        let rows: Vec<(&str, Vec<SqlValue>)> = changed
+            .iter_mut()
+            .filter_map(|(row, _, d)| {
+                d.views
+                    .get_mut(i)
+                    .map(|v| (row.id.as_str(), std::mem::take(v)))
+            })
+            .flat_map(|(id, rows)| rows.into_iter().map(move |v| (id, v)))
             .collect();
-        insert_view_rows(tx, view, account, &rows, width).await?;
+        insert_view_rows(tx, view, account, rows, width).await?;
     }
     Ok(())
 }
@@ -850,7 +869,7 @@ pub(super) async fn insert_view_rows(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     view: &crate::views::Materialised,
     account: &str,
-    rows: &[(&str, &Vec<SqlValue>)],
+    rows: Vec<(&str, Vec<SqlValue>)>,
     width: usize,
 ) -> Result<(), StoreError> {
     let per_statement = (30_000 / width.max(1)).clamp(1, ROWS_PER_STATEMENT);
@@ -864,16 +883,18 @@ pub(super) async fn insert_view_rows(
         quote(&view.table),
         columns.join(", ")
     );
-    for chunk in rows.chunks(per_statement) {
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(head.clone());
-        q.push_values(chunk, |mut b, (id, values)| {
-            b.push_bind(account).push_bind(*id);
-            for k in 0..view.columns.len() {
-                match values.get(k).unwrap_or(&SqlValue::Null) {
+        q.push_values(rows.by_ref().take(per_statement), |mut b, (id, values)| {
+            b.push_bind(account).push_bind(id);
+            let values = values.into_iter().chain(std::iter::repeat(SqlValue::Null));
+            for value in values.take(view.columns.len()) {
+                match value {
                     SqlValue::Null => b.push_bind(None::<String>),
-                    SqlValue::Integer(i) => b.push_bind(*i),
-                    SqlValue::Real(f) => b.push_bind(*f),
-                    SqlValue::Text(t) => b.push_bind(t.clone()),
+                    SqlValue::Integer(i) => b.push_bind(i),
+                    SqlValue::Real(f) => b.push_bind(f),
+                    SqlValue::Text(t) => b.push_bind(t),
                 };
             }
         });

@@ -116,13 +116,18 @@ impl Store {
                     }
                 }
                 evaluated.sort_by(|a, b| a.0.cmp(&b.0));
-                for group in evaluated.chunk_by(|a, b| a.0 == b.0) {
-                    let account = &group[0].0;
-                    let flat: Vec<(&str, &Vec<crate::views::SqlValue>)> = group
-                        .iter()
-                        .flat_map(|(_, id, r)| r.iter().map(move |v| (id.as_str(), v)))
+                for group in evaluated.chunk_by_mut(|a, b| a.0 == b.0) {
+                    let account = group[0].0.clone();
+                    let taken: Vec<_> = group
+                        .iter_mut()
+                        .map(|(_, _, r)| std::mem::take(r))
                         .collect();
-                    insert_view_rows(&mut tx, view, account, &flat, view.columns.len() + 2).await?;
+                    let flat: Vec<(&str, Vec<crate::views::SqlValue>)> = group
+                        .iter()
+                        .zip(taken)
+                        .flat_map(|((_, id, _), r)| r.into_iter().map(move |v| (id.as_str(), v)))
+                        .collect();
+                    insert_view_rows(&mut tx, view, &account, flat, view.columns.len() + 2).await?;
                 }
             }
             sqlx::query(
