@@ -15,20 +15,6 @@ use ehrsync::sandbox::{self, Lifetimes, Sandbox};
 use ehrsync::vendor::Vendor;
 use sqlx::{AssertSqlSafe, Connection};
 
-fn postgres_url() -> Option<url::Url> {
-    match std::env::var("EHRSYNC_TEST_POSTGRES") {
-        Ok(url) if !url.is_empty() => Some(url::Url::parse(&url).expect("a URL")),
-        _ => {
-            assert!(
-                std::env::var_os("EHRSYNC_REQUIRE_POSTGRES").is_none(),
-                "EHRSYNC_REQUIRE_POSTGRES is set but EHRSYNC_TEST_POSTGRES names no server"
-            );
-            eprintln!("skipped: EHRSYNC_TEST_POSTGRES is not set");
-            None
-        }
-    }
-}
-
 /// A fresh, empty database on the test server; its URL.
 async fn fresh_database(server: &url::Url, name: &str) -> url::Url {
     let mut admin = sqlx::PgConnection::connect(server.as_str()).await.unwrap();
@@ -46,28 +32,24 @@ async fn fresh_database(server: &url::Url, name: &str) -> url::Url {
     url
 }
 
-/// Every row of `table` on each side, as text, sorted (the same query on both backends).
-async fn rows_sqlite(pool: &sqlx::SqlitePool, sql: &str) -> Vec<(String, String)> {
-    let mut rows: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(sql.to_owned()))
-        .fetch_all(pool)
-        .await
-        .unwrap();
-    rows.sort();
-    rows
-}
-
-async fn rows_postgres(pool: &sqlx::PgPool, sql: &str) -> Vec<(String, String)> {
-    let mut rows: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(sql.to_owned()))
-        .fetch_all(pool)
-        .await
-        .unwrap();
-    rows.sort();
-    rows
+/// Every row of `sql` (two text columns), sorted: the same query on either backend's pool.
+macro_rules! sorted_rows {
+    ($pool:expr, $sql:expr $(,)?) => {{
+        let mut rows: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe($sql.to_owned()))
+            .fetch_all($pool)
+            .await
+            .unwrap();
+        rows.sort();
+        rows
+    }};
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_populated_sqlite_database_moves_to_postgres_whole() {
-    let Some(server) = postgres_url() else { return };
+    let Some(server) = common::test_postgres() else {
+        return;
+    };
+    let server = url::Url::parse(&server).expect("EHRSYNC_TEST_POSTGRES is a URL");
     let target = fresh_database(&server, &format!("migrate_{}", std::process::id())).await;
 
     let sandbox = Sandbox::start(Arc::new(SystemClock), Lifetimes::documented(), 0)
@@ -183,46 +165,38 @@ async fn a_populated_sqlite_database_moves_to_postgres_whole() {
     .unwrap();
     let pg = sqlx::PgPool::connect(target.as_str()).await.unwrap();
     // Tokens: the sealed bytes, as hex, and every other column that says where they stand.
-    let tokens_lite = rows_sqlite(
+    let tokens_lite = sorted_rows!(
         &sqlite,
         "SELECT account, lower(hex(access_token)) || lower(hex(refresh_token)) || '/' || state \
          || '/' || generation || '/' || access_token_expires_at || '/' || coalesce(credentials, '') \
          FROM token_state",
-    )
-    .await;
-    let tokens_pg = rows_postgres(
+    );
+    let tokens_pg = sorted_rows!(
         &pg,
         "SELECT account, coalesce(encode(access_token, 'hex'), '') \
          || coalesce(encode(refresh_token, 'hex'), '') || '/' || state \
          || '/' || generation || '/' || access_token_expires_at || '/' || coalesce(credentials, '') \
          FROM token_state",
-    )
-    .await;
+    );
     assert_eq!(tokens_lite.len(), 2, "both accounts hold tokens");
     assert_eq!(tokens_lite, tokens_pg);
     // Records, whole.
     let records = "SELECT account || '/' || resource_type || '/' || id, \
                    coalesce(version_id, '') || '/' || data FROM resources";
-    let records_lite = rows_sqlite(&sqlite, records).await;
+    let records_lite = sorted_rows!(&sqlite, records);
     assert_eq!(records_lite.len(), 2 * 1_234);
-    assert_eq!(records_lite, rows_postgres(&pg, records).await);
+    assert_eq!(records_lite, sorted_rows!(&pg, records));
     // Runs, the change log and the patients table.
     let runs = "SELECT CAST(id AS TEXT), account || '/' || job || '/' || outcome || '/' || records \
                 FROM sync_runs";
-    assert_eq!(
-        rows_sqlite(&sqlite, runs).await,
-        rows_postgres(&pg, runs).await
-    );
+    assert_eq!(sorted_rows!(&sqlite, runs), sorted_rows!(&pg, runs));
     let changes = "SELECT CAST(seq AS TEXT), id || '/' || kind FROM changes";
-    let changes_lite = rows_sqlite(&sqlite, changes).await;
+    let changes_lite = sorted_rows!(&sqlite, changes);
     assert_eq!(changes_lite.len(), 2 * 1_234 + 2);
-    assert_eq!(changes_lite, rows_postgres(&pg, changes).await);
+    assert_eq!(changes_lite, sorted_rows!(&pg, changes));
     let patients = "SELECT account || '/' || id, coalesce(family, '') || '/' || coalesce(given, '') \
                     FROM patients";
-    assert_eq!(
-        rows_sqlite(&sqlite, patients).await,
-        rows_postgres(&pg, patients).await
-    );
+    assert_eq!(sorted_rows!(&sqlite, patients), sorted_rows!(&pg, patients));
     // New runs and changes continue after the copied ids.
     let next: i64 = sqlx::query_scalar(
         "INSERT INTO sync_runs (account, job, started_at, outcome) \

@@ -4,26 +4,14 @@
 //! secondary indexes. Runs where `EHRSYNC_TEST_POSTGRES` names a server (`.ci/test` starts one);
 //! without it the test is skipped, unless `EHRSYNC_REQUIRE_POSTGRES` is set (as in CI).
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use sqlx::{AssertSqlSafe, Connection, Row};
 
 /// Table or view → its columns: (name, type, not null).
 type Columns = BTreeMap<String, Vec<(String, String, bool)>>;
-
-fn postgres_url() -> Option<String> {
-    match std::env::var("EHRSYNC_TEST_POSTGRES") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var_os("EHRSYNC_REQUIRE_POSTGRES").is_none(),
-                "EHRSYNC_REQUIRE_POSTGRES is set but EHRSYNC_TEST_POSTGRES names no server"
-            );
-            eprintln!("skipped: EHRSYNC_TEST_POSTGRES is not set");
-            None
-        }
-    }
-}
 
 fn sqlite_type(declared: &str) -> String {
     match declared.to_ascii_uppercase().as_str() {
@@ -105,7 +93,7 @@ async fn postgres_schema(pg: &mut sqlx::PgConnection, schema: &str) -> (Columns,
 
 #[tokio::test]
 async fn sqlite_and_postgres_schemas_match() {
-    let Some(url) = postgres_url() else {
+    let Some(url) = common::test_postgres() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -32,6 +32,7 @@ use sqlx::SqlitePool;
 // Audited: the only SQL built at run time here is made of `&'static str` fragments chosen by
 // `LeaseKey` (table and key columns); every value is a bound parameter.
 use sqlx::AssertSqlSafe;
+use sqlx::ConnectOptions as _;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
@@ -321,7 +322,11 @@ impl Store {
             .foreign_keys(true)
             .pragma("cache_size", format!("-{PAGE_CACHE_KIB}"))
             .pragma("temp_store", "memory")
-            .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string());
+            .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())
+            // sqlx warns of statements over 1 s by default, which a first pull's index build
+            // (about 1.2 s a million patients) and the writes waiting for it reach as a matter
+            // of course; one as slow as the busy timeout is worth a warning.
+            .log_slow_statements(log::LevelFilter::Warn, BUSY_TIMEOUT);
         let mut store = Store::connect(path, options.clone()).await?;
         store.migrate().await?;
         // A run that dropped the name index and never ended (a crash) left it missing.

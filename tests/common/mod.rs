@@ -203,3 +203,20 @@ pub fn lock_database(db: PathBuf, hold: std::time::Duration) -> std::thread::Joi
     locked_rx.recv().expect("the lock is taken");
     holder
 }
+
+/// The PostgreSQL server the tests may use (`EHRSYNC_TEST_POSTGRES`, a URL; `.ci/test` starts
+/// one). `None` skips the test, unless `EHRSYNC_REQUIRE_POSTGRES` is set (as in CI): then a
+/// missing server fails it.
+pub fn test_postgres() -> Option<String> {
+    match std::env::var("EHRSYNC_TEST_POSTGRES") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var_os("EHRSYNC_REQUIRE_POSTGRES").is_none(),
+                "EHRSYNC_REQUIRE_POSTGRES is set but EHRSYNC_TEST_POSTGRES names no server"
+            );
+            eprintln!("skipped: EHRSYNC_TEST_POSTGRES is not set");
+            None
+        }
+    }
+}
