@@ -98,7 +98,6 @@ const INTERRUPT_RUNNING: &str = "UPDATE sync_runs SET outcome = 'interrupted', \
      finished_at = coalesce(finished_at, ?), error = coalesce(error, ?) \
      WHERE account = ? AND job = ? AND outcome = 'running'";
 
-/// The error given to a run found `running` when the next run of its job starts.
 /// The name index of `patient_rows`, as migration 0006 creates it. Names arrive in random order,
 /// so once the index outgrows SQLite's page cache almost every record of a page dirties one of
 /// its pages (written to the WAL, then again by the checkpoint): a first pull of 1,000,000
@@ -154,6 +153,7 @@ pub(super) async fn ensure_name_index(pool: &sqlx::SqlitePool) {
     }
 }
 
+/// The error given to a run found `running` when the next run of its job starts.
 const STALE_RUN: &str =
     "no outcome was recorded: its process stopped, or could not write to the database";
 
