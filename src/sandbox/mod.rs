@@ -207,6 +207,10 @@ struct Books {
     answer_delay: Option<Duration>,
     /// Token answers whose client hung up before they were handed over.
     unread: u32,
+    /// Token requests being served, by token URL path (one path per vendor account or tenant).
+    in_flight: HashMap<String, u32>,
+    /// Token requests that arrived while another for the same path was being served.
+    overlapping: u32,
     /// Token answers with a 4xx status, by vendor and grant.
     rejected: HashMap<(Vendor, String), u32>,
     /// How far every answer's `Date` header is off the real time, and whether ahead of it
@@ -517,6 +521,12 @@ impl Sandbox {
         self.inner.books().answer_delay = delay;
     }
 
+    /// Token requests that arrived while another for the same account (the same token URL:
+    /// a vendor's, or a tenant's) was still being served: two processes asking at once.
+    pub fn overlapping_token_requests(&self) -> u32 {
+        self.inner.books().overlapping
+    }
+
     /// Token answers the sandbox had ready whose client hung up before reading them (a
     /// rotated refresh token in one of them is lost to the client).
     pub fn unread_answers(&self) -> u32 {
@@ -569,6 +579,7 @@ async fn token_answers(
         Some("nethealth") => Vendor::NetHealth,
         _ => Vendor::Generic,
     };
+    let _serving = InFlight::enter(&inner, path.clone());
     let (parts, body) = request.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
         return (StatusCode::PAYLOAD_TOO_LARGE, "").into_response();
@@ -616,6 +627,33 @@ async fn skewed_date(
         }
     }
     response
+}
+
+/// A token request being served, from its arrival until its answer is handed over (or its
+/// client hangs up): counts one arriving while another for the same path is served.
+struct InFlight<'a> {
+    inner: &'a Inner,
+    path: String,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(inner: &'a Inner, path: String) -> Self {
+        let mut books = inner.books();
+        let n = books.in_flight.entry(path.clone()).or_default();
+        *n += 1;
+        if *n > 1 {
+            books.overlapping += 1;
+        }
+        InFlight { inner, path }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.inner.books().in_flight.get_mut(&self.path) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// Counts an answer as unread when dropped armed (its client hung up while it waited).
