@@ -135,6 +135,33 @@ async fn a_populated_sqlite_database_moves_to_postgres_whole() {
         .execute(&writer)
         .await
         .unwrap();
+    // An agent between token requests holds no lease, but its heartbeat is fresh.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    sqlx::query(
+        "INSERT INTO agents (id, host, host_key, pid, pid_started, version, started_at, \
+         heartbeat_at) VALUES ('agent-elsewhere', 'other', 'other-host', 1, 1, 'x', ?1, ?1)",
+    )
+    .bind(now)
+    .execute(&writer)
+    .await
+    .unwrap();
+    let running = ehrsync(
+        &["migrate-store", "--config", config, "--to", target.as_str()],
+        &env,
+    );
+    assert_eq!(running.code, Some(1), "{}", running.stderr);
+    assert!(
+        running.stderr.contains("1 agents running"),
+        "{}",
+        running.stderr
+    );
+    sqlx::query("DELETE FROM agents WHERE id = 'agent-elsewhere'")
+        .execute(&writer)
+        .await
+        .unwrap();
     writer.close().await;
 
     let moved = ehrsync(

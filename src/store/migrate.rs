@@ -44,9 +44,9 @@ pub enum MigrateError {
     )]
     NotEmpty { table: String, rows: i64 },
     #[error(
-        "an agent is using the SQLite database ({leases} leases are held); stop every ehrsync process on it first"
+        "the SQLite database is in use ({agents} agents running, {leases} leases held); stop every ehrsync process on it first"
     )]
-    InUse { leases: i64 },
+    InUse { agents: usize, leases: i64 },
     #[error(
         "the SQLite database is at schema version {sqlite}, PostgreSQL's schema at {postgres}; use the same ehrsync version for both"
     )]
@@ -91,8 +91,8 @@ struct Table {
 }
 
 /// Copies `source` into `target` (see the module's documentation) after applying PostgreSQL's
-/// schema to it. Refuses when the target already holds data or an agent holds a lease on the
-/// source (leases that expire after `now`, Unix seconds).
+/// schema to it. Refuses when the target already holds data, or the source is in use: an
+/// agent's heartbeat is fresh or a lease is held at `now` (Unix seconds).
 pub async fn copy_to_postgres(
     source: &Store,
     target: &PgPool,
@@ -132,8 +132,18 @@ pub async fn copy_to_postgres(
     .bind(now)
     .fetch_one(&mut *read)
     .await?;
-    if leases > 0 {
-        return Err(MigrateError::InUse { leases });
+    // An agent between token requests holds no lease, but would refresh (and rotate) tokens
+    // after the copy: a live heartbeat counts too.
+    let agents: Vec<super::AgentRow> = sqlx::query_as(
+        "SELECT id, host, host_key, pid, pid_started, version, started_at, heartbeat_at \
+         FROM agents",
+    )
+    .fetch_all(&mut *read)
+    .await?;
+    let stale = i64::try_from(crate::agent::HEARTBEAT_STALE.as_secs()).unwrap_or(45);
+    let agents = agents.iter().filter(|a| a.alive(now, stale)).count();
+    if leases > 0 || agents > 0 {
+        return Err(MigrateError::InUse { agents, leases });
     }
     let mut write = target.begin().await?;
     let mut copied = Vec::new();
