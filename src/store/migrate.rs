@@ -123,6 +123,10 @@ pub async fn copy_to_postgres(
         }
     }
 
+    // An agent between token requests holds no lease, but would refresh (and rotate) tokens
+    // after the copy: a live heartbeat counts too.
+    let agents = source.agents().await?;
+
     // One read transaction: every table from the same snapshot.
     let mut read = source.pool().begin().await?;
     let leases: i64 = sqlx::query_scalar(
@@ -131,14 +135,6 @@ pub async fn copy_to_postgres(
     )
     .bind(now)
     .fetch_one(&mut *read)
-    .await?;
-    // An agent between token requests holds no lease, but would refresh (and rotate) tokens
-    // after the copy: a live heartbeat counts too.
-    let agents: Vec<super::AgentRow> = sqlx::query_as(
-        "SELECT id, host, host_key, pid, pid_started, version, started_at, heartbeat_at \
-         FROM agents",
-    )
-    .fetch_all(&mut *read)
     .await?;
     let stale = i64::try_from(crate::agent::HEARTBEAT_STALE.as_secs()).unwrap_or(45);
     let agents = agents.iter().filter(|a| a.alive(now, stale)).count();
@@ -160,7 +156,7 @@ pub async fn copy_to_postgres(
         let select = format!("SELECT {} FROM {}", names.join(", "), quote(&table.name));
         let per_statement = (MAX_PARAMETERS / table.columns.len().max(1)).clamp(1, 1000);
         let mut rows = sqlx::query(AssertSqlSafe(select)).fetch(&mut *read);
-        let mut batch: Vec<Vec<Value>> = Vec::with_capacity(per_statement);
+        let mut batch: Vec<Vec<Value>> = Vec::new();
         let (mut n, mut sampled) = (0u64, 0u64);
         while let Some(row) = rows.try_next().await? {
             let values = table
@@ -176,13 +172,12 @@ pub async fn copy_to_postgres(
             n += 1;
             batch.push(values);
             if batch.len() == per_statement {
-                insert(&mut write, table, &names, &batch).await?;
-                batch.clear();
+                insert(&mut write, table, &names, std::mem::take(&mut batch)).await?;
             }
         }
         drop(rows);
         if !batch.is_empty() {
-            insert(&mut write, table, &names, &batch).await?;
+            insert(&mut write, table, &names, batch).await?;
         }
         copied.push(TableCopied {
             table: table.name.clone(),
@@ -252,12 +247,12 @@ fn read_value(row: &sqlx::sqlite::SqliteRow, i: usize, kind: Kind) -> Result<Val
     })
 }
 
-fn bind(q: &mut QueryBuilder<Postgres>, v: &Value) {
+fn bind(q: &mut QueryBuilder<Postgres>, v: Value) {
     match v {
-        Value::Int(x) => q.push_bind(*x),
-        Value::Real(x) => q.push_bind(*x),
-        Value::Text(x) => q.push_bind(x.clone()),
-        Value::Bytes(x) => q.push_bind(x.clone()),
+        Value::Int(x) => q.push_bind(x),
+        Value::Real(x) => q.push_bind(x),
+        Value::Text(x) => q.push_bind(x),
+        Value::Bytes(x) => q.push_bind(x),
     };
 }
 
@@ -265,16 +260,16 @@ async fn insert(
     write: &mut sqlx::Transaction<'_, Postgres>,
     table: &Table,
     names: &[String],
-    batch: &[Vec<Value>],
+    batch: Vec<Vec<Value>>,
 ) -> Result<(), sqlx::Error> {
     let mut q: QueryBuilder<Postgres> = QueryBuilder::new(format!(
         "INSERT INTO {} ({}) VALUES ",
         quote(&table.name),
         names.join(", ")
     ));
-    for (r, row) in batch.iter().enumerate() {
+    for (r, row) in batch.into_iter().enumerate() {
         q.push(if r == 0 { "(" } else { ", (" });
-        for (i, v) in row.iter().enumerate() {
+        for (i, v) in row.into_iter().enumerate() {
             if i > 0 {
                 q.push(", ");
             }
@@ -318,7 +313,7 @@ async fn verify(
                 q.push(" AND ");
             }
             q.push(format!("{} IS NOT DISTINCT FROM ", quote(column)));
-            bind(&mut q, v);
+            bind(&mut q, v.clone());
         }
         let found: i64 = q.build_query_scalar().fetch_one(target).await?;
         if found == 0 {

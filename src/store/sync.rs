@@ -329,17 +329,15 @@ impl Store {
             // without the busy timeout's wait).
             let mut tx = s.pool.begin_with("BEGIN IMMEDIATE").await?;
             let existing = stored_versions(&mut tx, &account, &resource_type, &rows).await?;
-            // Each record with the change it makes (None: unchanged, but written to record its
-            // hash, for records stored before hashes were kept).
-            let mut writes: Vec<(&PageRow, Option<ChangeKind>)> = Vec::new();
+            // Each record to write (its index in `rows`) with the change it makes (None:
+            // unchanged, but written to record its hash, for records stored before hashes were
+            // kept).
+            let mut writes: Vec<(usize, Option<ChangeKind>)> = Vec::new();
             let mut unchanged: Vec<&str> = Vec::new();
-            // Per record, in `rows` order, the change it makes.
-            let mut kinds: Vec<Option<ChangeKind>> = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let before = writes.len();
+            for (i, row) in rows.iter().enumerate() {
                 match existing.get(row.id.as_str()) {
-                    None => writes.push((row, Some(ChangeKind::Created))),
-                    Some(e) if e.deleted => writes.push((row, Some(ChangeKind::Created))),
+                    None => writes.push((i, Some(ChangeKind::Created))),
+                    Some(e) if e.deleted => writes.push((i, Some(ChangeKind::Created))),
                     Some(e) => {
                         let same = e.version_id == row.version_id
                             && match (&e.hash, &e.data) {
@@ -349,19 +347,19 @@ impl Store {
                             };
                         match (same, e.hash.is_some()) {
                             (true, true) => unchanged.push(&row.id),
-                            (true, false) => writes.push((row, None)),
-                            (false, _) => writes.push((row, Some(ChangeKind::Updated))),
+                            (true, false) => writes.push((i, None)),
+                            (false, _) => writes.push((i, Some(ChangeKind::Updated))),
                         }
                     }
                 }
-                kinds.push(writes.get(before).and_then(|(_, kind)| *kind));
             }
             for chunk in writes.chunks(ROWS_PER_STATEMENT) {
                 let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                     "INSERT INTO resources (account, resource_type, id, version_id, last_updated, \
                      data, synced_at, content_hash, seen_run, deleted_at) ",
                 );
-                q.push_values(chunk, |mut b, (row, _)| {
+                q.push_values(chunk, |mut b, &(i, _)| {
+                    let row = &rows[i];
                     b.push_bind(&account)
                         .push_bind(&resource_type)
                         .push_bind(&row.id)
@@ -389,16 +387,17 @@ impl Store {
                 push_key_filter(&mut q, &account, &resource_type, "id", chunk);
                 q.build().execute(&mut *tx).await?;
             }
-            let changed: Vec<(&PageRow, ChangeKind)> = writes
+            let changed: Vec<(usize, ChangeKind)> = writes
                 .iter()
-                .filter_map(|(row, kind)| kind.map(|k| (*row, k)))
+                .filter_map(|&(i, kind)| kind.map(|k| (i, k)))
                 .collect();
             for chunk in changed.chunks(ROWS_PER_STATEMENT) {
                 let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                     "INSERT INTO changes (account, resource_type, id, kind, version_id, \
                      last_updated, run_id, at) ",
                 );
-                q.push_values(chunk, |mut b, (row, kind)| {
+                q.push_values(chunk, |mut b, &(i, kind)| {
+                    let row = &rows[i];
                     b.push_bind(&account)
                         .push_bind(&resource_type)
                         .push_bind(&row.id)
@@ -410,11 +409,9 @@ impl Store {
                 });
                 q.build().execute(&mut *tx).await?;
             }
-            let derived_of: Vec<(&PageRow, ChangeKind, Derived)> = rows
+            let derived_of: Vec<(&PageRow, ChangeKind, Derived)> = changed
                 .iter()
-                .zip(&kinds)
-                .zip(derived.iter_mut())
-                .filter_map(|((row, kind), d)| kind.map(|k| (row, k, std::mem::take(d))))
+                .map(|&(i, k)| (&rows[i], k, std::mem::take(&mut derived[i])))
                 .collect();
             write_derived(&mut tx, &views, &account, &resource_type, derived_of).await?;
             let records = i64::try_from(total).unwrap_or(i64::MAX);
