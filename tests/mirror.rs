@@ -123,7 +123,7 @@ async fn deletions_changes_and_additions_are_mirrored_and_logged_exactly() {
         let n = h
             .row("SELECT count(*) AS n FROM patients WHERE id = ?", id)
             .await;
-        assert_eq!(sqlx::Row::get::<i64, _>(&n, "n"), 0);
+        assert_eq!(n.int("n"), 0);
     }
     let m = &h.shared.metrics;
     assert_eq!(m.sync_changes(ACCOUNT, "patients", "created"), 5005);

@@ -100,7 +100,7 @@ async fn sqlite_and_postgres_schemas_match() {
     let store = ehrsync::store::Store::open(&dir.path().join("ehrsync.db"))
         .await
         .unwrap();
-    let (lite_columns, lite_indexes) = sqlite_schema(store.pool()).await;
+    let (lite_columns, lite_indexes) = sqlite_schema(store.sqlite_pool().unwrap()).await;
     store.close().await;
 
     let mut pg = sqlx::PgConnection::connect(&url).await.unwrap();

@@ -116,7 +116,7 @@ fn each_source_kind_is_read_correctly() {
     // Relative database paths are anchored at the config's directory too.
     assert_eq!(
         loaded.config.agent.database,
-        s.config.parent().unwrap().join("state/ehrsync.db")
+        ehrsync::config::Database::File(s.config.parent().unwrap().join("state/ehrsync.db"))
     );
 }
 

@@ -140,7 +140,7 @@ async fn add_run(store: &Store, records: i64) {
          VALUES ('niko', 'patients', 1, 2, 'success', 1, ?)",
     )
     .bind(records)
-    .execute(store.pool())
+    .execute(store.sqlite_pool().unwrap())
     .await
     .unwrap();
 }

@@ -13,7 +13,7 @@ use ehrsync::views::ViewSet;
 
 async fn migration_rows(store: &Store) -> Vec<(i64, Vec<u8>)> {
     sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations ORDER BY version")
-        .fetch_all(store.pool())
+        .fetch_all(store.sqlite_pool().unwrap())
         .await
         .unwrap()
 }
@@ -32,7 +32,7 @@ async fn migrations_are_idempotent() {
     sqlx::query(
         "INSERT INTO sync_state (account, job, watermark, updated_at) VALUES ('a', 'j', 'w', 1)",
     )
-    .execute(first.pool())
+    .execute(first.sqlite_pool().unwrap())
     .await
     .unwrap();
     first.close().await;
@@ -45,7 +45,7 @@ async fn migrations_are_idempotent() {
             "re-opening must apply nothing new"
         );
         let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_state")
-            .fetch_one(again.pool())
+            .fetch_one(again.sqlite_pool().unwrap())
             .await
             .unwrap();
         assert_eq!(kept, 1, "re-opening must not touch data");
@@ -58,17 +58,17 @@ async fn the_database_uses_wal_and_a_busy_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("e.db")).await.unwrap();
     let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-        .fetch_one(store.pool())
+        .fetch_one(store.sqlite_pool().unwrap())
         .await
         .unwrap();
     assert_eq!(mode, "wal");
     let timeout: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
-        .fetch_one(store.pool())
+        .fetch_one(store.sqlite_pool().unwrap())
         .await
         .unwrap();
     assert_eq!(timeout, store::BUSY_TIMEOUT.as_millis() as i64);
     let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
-        .fetch_one(store.pool())
+        .fetch_one(store.sqlite_pool().unwrap())
         .await
         .unwrap();
     assert_eq!(sync, 2, "synchronous = FULL");
@@ -89,7 +89,7 @@ async fn files_are_private() {
     let store = Store::open(&path).await.unwrap();
     // Force a write so the WAL exists.
     sqlx::query("INSERT INTO sync_state (account, job, updated_at) VALUES ('a', 'j', 1)")
-        .execute(store.pool())
+        .execute(store.sqlite_pool().unwrap())
         .await
         .unwrap();
     assert_eq!(mode(&path), 0o600, "database file");
@@ -118,7 +118,7 @@ async fn make_newer(path: &Path) {
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
          VALUES (9999, 'from the future', 1, x'00', 0)",
     )
-    .execute(store.pool())
+    .execute(store.sqlite_pool().unwrap())
     .await
     .unwrap();
     store.close().await;
@@ -185,7 +185,7 @@ async fn patients(store: &Store) -> Vec<PatientRow> {
     sqlx::query_as(
         "SELECT account, id, family, given, birth_date, gender FROM patients ORDER BY id",
     )
-    .fetch_all(store.pool())
+    .fetch_all(store.sqlite_pool().unwrap())
     .await
     .unwrap()
 }
@@ -280,7 +280,7 @@ async fn has_name_index(store: &Store) -> bool {
         "SELECT EXISTS (SELECT 1 FROM sqlite_master \
          WHERE type = 'index' AND name = 'patient_rows_by_name')",
     )
-    .fetch_one(store.pool())
+    .fetch_one(store.sqlite_pool().unwrap())
     .await
     .unwrap()
 }
@@ -337,7 +337,7 @@ async fn a_first_pull_builds_the_name_index_at_its_end_or_the_next_open() {
     let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
         "EXPLAIN QUERY PLAN SELECT id FROM patients WHERE family = 'smith' AND given = 'ann'",
     )
-    .fetch_all(store.pool())
+    .fetch_all(store.sqlite_pool().unwrap())
     .await
     .unwrap();
     assert!(
@@ -368,7 +368,7 @@ async fn a_first_pull_builds_the_name_index_at_its_end_or_the_next_open() {
     assert!(has_name_index(&store).await, "built at open after a crash");
     let found: i64 =
         sqlx::query_scalar("SELECT count(*) FROM patients WHERE family = 'SMITH' COLLATE NOCASE")
-            .fetch_one(store.pool())
+            .fetch_one(store.sqlite_pool().unwrap())
             .await
             .unwrap();
     assert_eq!(found, 2);
@@ -482,7 +482,7 @@ async fn status_shows_stored_token_state_and_runs() {
     .bind(now + 900 + 30)
     .bind(now)
     .bind(now)
-    .execute(store.pool())
+    .execute(store.sqlite_pool().unwrap())
     .await
     .unwrap();
     sqlx::query(
@@ -491,7 +491,7 @@ async fn status_shows_stored_token_state_and_runs() {
     )
     .bind(now - 60)
     .bind(now - 50)
-    .execute(store.pool())
+    .execute(store.sqlite_pool().unwrap())
     .await
     .unwrap();
     store.close().await;
@@ -544,7 +544,7 @@ async fn the_change_log_is_pruned_by_age() {
              VALUES ('a', 'Patient', 'p', 'created', ?)",
         )
         .bind(at)
-        .execute(store.pool())
+        .execute(store.sqlite_pool().unwrap())
         .await
         .unwrap();
     }
@@ -564,7 +564,7 @@ async fn the_change_log_is_pruned_by_age() {
     sqlx::query(
         "INSERT INTO changes (account, resource_type, id, kind, at) VALUES ('a', 'Patient', 'p', 'created', 60)",
     )
-    .execute(store.pool())
+    .execute(store.sqlite_pool().unwrap())
     .await
     .unwrap();
     assert_eq!(store.read_changes(&filter, 0, 100).await.unwrap()[0].seq, 6);

@@ -102,7 +102,7 @@ fn patient(rng: &mut fastrand::Rng, id: &str, v: u32) -> Value {
 /// Every row of every view table, and every row the views give evaluated from scratch over
 /// the live records: both as sorted text, to compare.
 async fn actual_and_expected(store: &Store, views: &ViewSet) -> (Vec<String>, Vec<String>) {
-    let pool = store.pool();
+    let pool = store.sqlite_pool().unwrap();
     let (mut actual, mut expected) = (Vec::new(), Vec::new());
     for view in views.all() {
         let rows: Vec<sqlx::sqlite::SqliteRow> = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -354,7 +354,7 @@ async fn view_tables_survive_a_process_killed_mid_page() {
     let (actual, expected) = actual_and_expected(&store, &views).await;
     assert!(actual == expected);
     let demographics: i64 = sqlx::query_scalar("SELECT count(*) FROM view_patient_demographics")
-        .fetch_one(store.pool())
+        .fetch_one(store.sqlite_pool().unwrap())
         .await
         .unwrap();
     assert_eq!(demographics, 20_000);

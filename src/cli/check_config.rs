@@ -38,7 +38,7 @@ impl fmt::Display for Plan<'_> {
             writeln!(out, "environment overrides: {}", env_overrides.join(", "))?;
         }
         writeln!(out, "\n[agent]")?;
-        writeln!(out, "  database        {}", agent.database.display())?;
+        writeln!(out, "  database        {}", agent.database)?;
         writeln!(
             out,
             "  metrics_listen  {} (/metrics, /healthz, /readyz)",

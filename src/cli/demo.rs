@@ -133,7 +133,11 @@ async fn demo(dir: &Path, run_for: Option<Duration>, metrics_port: u16) -> Resul
     let loaded = config::load_with_env(&config_path, &env)?;
     let login_env = env.clone();
     let table_config = config::load_with_env(&config_path, &env)?.config;
-    let db = loaded.config.agent.database.clone();
+    // The demo's config names a file in `dir`.
+    let db = match loaded.config.agent.database.file() {
+        Some(path) => path.to_owned(),
+        None => dir.join(DB_FILE),
+    };
 
     output::print(format_args!(
         "ehrsync demo: the agent against the built-in vendor sandbox at http://{}\n\
@@ -413,10 +417,11 @@ async fn patient_counts(db: &Path) -> Vec<(String, i64)> {
     let Ok(Some(store)) = Store::open_read_only(db).await else {
         return Vec::new();
     };
-    let counts = sqlx::query_as("SELECT account, count(*) FROM patients GROUP BY account")
-        .fetch_all(store.pool())
-        .await
-        .unwrap_or_default();
+    let counts = crate::store::backend::on!(store.db(), pool, d =>
+        d::query_as("SELECT account, count(*) FROM patients GROUP BY account")
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default());
     store.close().await;
     counts
 }

@@ -37,7 +37,7 @@ pub async fn run(config_path: &Path, args: Args) -> ExitCode {
     let Some(store) = store else {
         eprintln!(
             "error: there is no database at {} yet: nothing has been pulled",
-            config.agent.database.display()
+            config.agent.database
         );
         return ExitCode::from(super::EXIT_FAILURE);
     };

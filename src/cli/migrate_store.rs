@@ -51,7 +51,16 @@ pub async fn run(config_path: &Path, to: &str) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let database = &config.agent.database;
+    let database = match &config.agent.database {
+        crate::config::Database::File(path) => path,
+        crate::config::Database::Postgres { .. } => {
+            eprintln!(
+                "error: agent.database is already a PostgreSQL database; migrate-store copies a \
+                 SQLite file into one"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     if !database.exists() {
         eprintln!(
             "error: there is no database at {} to copy",

@@ -287,7 +287,7 @@ pub async fn build_from(
             .collect(),
     });
     Ok(Report {
-        database: config.agent.database.display().to_string(),
+        database: config.agent.database.to_string(),
         database_exists: exists,
         schema_version,
         generated_at: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),

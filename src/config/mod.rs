@@ -65,7 +65,7 @@ impl Config {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Agent {
-    pub database: PathBuf,
+    pub database: Database,
     pub metrics_listen: SocketAddr,
     pub token_key: KeySource,
     /// How long a stop waits for runs in progress (see `agent.shutdown_grace`).
@@ -74,6 +74,46 @@ pub struct Agent {
     pub ca_file: Option<PathBuf>,
     /// How long `changes` rows are kept (`agent.changes_retention`).
     pub changes_retention: Duration,
+}
+
+/// Where the store lives (`agent.database`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Database {
+    /// A SQLite file, on this machine only.
+    File(PathBuf),
+    /// A PostgreSQL database several agents may share.
+    Postgres {
+        /// The `postgres://` URL as written, which holds no password.
+        url: String,
+        /// `agent.database_password`; without it libpq's `PGPASSWORD` and `.pgpass` apply.
+        password: Option<Secret>,
+    },
+}
+
+impl Database {
+    /// The SQLite file, if the store is one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Database::File(p) => Some(p),
+            Database::Postgres { .. } => None,
+        }
+    }
+
+    /// Whether `text` names a PostgreSQL database rather than a file.
+    pub fn is_postgres_url(text: &str) -> bool {
+        let lower = text.trim_start().to_ascii_lowercase();
+        lower.starts_with("postgres://") || lower.starts_with("postgresql://")
+    }
+}
+
+/// For people: the file's path, or the URL (which never holds the password).
+impl std::fmt::Display for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::File(p) => write!(f, "{}", p.display()),
+            Database::Postgres { url, .. } => f.write_str(url),
+        }
+    }
 }
 
 /// Where the key that encrypts stored tokens comes from. It is read (or created) when the

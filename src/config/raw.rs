@@ -16,9 +16,13 @@ use crate::vendor::{ClientAuth, Grant, Vendor};
 /// `[agent]`: process-wide settings.
 #[derive(Deserialize)]
 pub struct RawAgent {
-    /// SQLite database file. Default: `$STATE_DIRECTORY/ehrsync.db` under systemd, else
+    /// SQLite database file, or a `postgres://` URL (without its password) of a database
+    /// several agents share. Default: `$STATE_DIRECTORY/ehrsync.db` under systemd, else
     /// `/var/lib/ehrsync/ehrsync.db` (`%ProgramData%\ehrsync\ehrsync.db` on Windows).
     pub database: Option<PathBuf>,
+    /// The PostgreSQL password, as a secret: `{ file = "…" }`, `{ credential = "…" }` or
+    /// `{ env = "…" }` (never in the URL). Without it, libpq's `PGPASSWORD` or `.pgpass` apply.
+    pub database_password: Option<SecretSpec>,
     /// Address of the `/metrics`, `/healthz` and `/readyz` listener. Default `127.0.0.1:9870`.
     pub metrics_listen: Option<String>,
     /// The key that encrypts stored tokens: `{ file = "…" }` (created 0600 on first start if

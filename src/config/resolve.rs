@@ -16,9 +16,9 @@ use super::raw::{
 };
 use super::secret::{self, Secret, SecretSpec};
 use super::{
-    Account, AccountName, Agent, DEFAULT_METRICS_LISTEN, DEFAULT_SHUTDOWN_GRACE, Env, Header,
-    HeaderValue, Job, JobKind, JobName, KeySource, Lifetimes, ListPaging, MAX_SHUTDOWN_GRACE,
-    Schedule, TokenEndpoint, default_database,
+    Account, AccountName, Agent, DEFAULT_METRICS_LISTEN, DEFAULT_SHUTDOWN_GRACE, Database, Env,
+    Header, HeaderValue, Job, JobKind, JobName, KeySource, Lifetimes, ListPaging,
+    MAX_SHUTDOWN_GRACE, Schedule, TokenEndpoint, default_database,
 };
 use crate::vendor::{ClientAuth, Grant, TokenEndpointDefault, Vendor};
 
@@ -107,6 +107,8 @@ impl<'a> Ctx<'a> {
     fn secret(&mut self, key: &str, spec: SecretSpec) -> Option<Secret> {
         let wanted = match self.secrets {
             super::Secrets::All => true,
+            // Every command that opens the store needs the database's password.
+            _ if key == "agent.database_password" => true,
             super::Secrets::Account(name) => key.starts_with(&format!("accounts.{name}.")),
             super::Secrets::None => false,
         };
@@ -184,6 +186,7 @@ pub fn root(
         None => resolve_agent(
             RawAgent {
                 database: None,
+                database_password: None,
                 metrics_listen: None,
                 token_key: None,
                 shutdown_grace: None,
@@ -575,18 +578,71 @@ fn resolve_views(value: config::Value, ctx: &mut Ctx) -> crate::views::ViewSet {
     crate::views::ViewSet::new(loaded)
 }
 
+/// `agent.database` as a PostgreSQL URL: parsed as libpq reads it (`sslmode` and the rest),
+/// refused when it holds a password (which belongs in `agent.database_password`).
+fn postgres_database(url: String, password: Option<SecretSpec>, ctx: &mut Ctx) -> Option<Database> {
+    let parsed = match Url::parse(&url) {
+        Ok(u) => u,
+        Err(e) => {
+            ctx.problem(
+                "agent.database",
+                format!("is not a valid PostgreSQL URL: {e}"),
+            );
+            return None;
+        }
+    };
+    if parsed.password().is_some() {
+        // The URL is not repeated: it holds the password.
+        ctx.problem(
+            "agent.database",
+            "holds a password; remove it from the URL and give it as agent.database_password = { file = \"…\" }, { credential = \"…\" } or { env = \"…\" }",
+        );
+        return None;
+    }
+    if let Err(e) = url.parse::<sqlx::postgres::PgConnectOptions>() {
+        ctx.problem(
+            "agent.database",
+            format!("is not a PostgreSQL URL ehrsync can use: {e}"),
+        );
+        return None;
+    }
+    let password = match password {
+        Some(SecretSpec::Inline(_)) => {
+            ctx.problem(
+                "agent.database_password",
+                "must not be written in the config file; use { file = \"…\" }, { credential = \"…\" } or { env = \"…\" }",
+            );
+            return None;
+        }
+        Some(spec) => Some(ctx.secret("agent.database_password", spec)?),
+        None => None,
+    };
+    Some(Database::Postgres { url, password })
+}
+
 fn resolve_agent(raw: RawAgent, ctx: &mut Ctx) -> Option<Agent> {
+    let password_given = raw.database_password.is_some();
     let database = match raw.database {
         Some(p) if p.as_os_str().is_empty() => {
             ctx.problem(
                 "agent.database",
-                "is empty; give a file path or remove the key for the default",
+                "is empty; give a file path, a postgres:// URL, or remove the key for the default",
             );
             return None;
         }
-        Some(p) => ctx.path(p),
-        None => default_database(ctx.env),
+        Some(p) if p.to_str().is_some_and(Database::is_postgres_url) => {
+            let url = p.to_string_lossy().into_owned();
+            postgres_database(url, raw.database_password, ctx)?
+        }
+        Some(p) => Database::File(ctx.path(p)),
+        None => Database::File(default_database(ctx.env)),
     };
+    if password_given && !matches!(database, Database::Postgres { .. }) {
+        ctx.warn(
+            "agent.database_password",
+            "is set but agent.database is a SQLite file, which has no password; it is ignored",
+        );
+    }
     let listen = raw
         .metrics_listen
         .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_owned());
@@ -600,17 +656,25 @@ fn resolve_agent(raw: RawAgent, ctx: &mut Ctx) -> Option<Agent> {
             return None;
         }
     };
-    let token_key = match raw.token_key {
-        None => KeySource::File {
-            path: database.with_file_name("ehrsync.key"),
+    let token_key = match (raw.token_key, &database) {
+        (None, Database::File(path)) => KeySource::File {
+            path: path.with_file_name("ehrsync.key"),
             create: true,
         },
-        Some(SecretSpec::File(p)) => KeySource::File {
+        (None, Database::Postgres { .. }) => {
+            ctx.problem(
+                "agent.token_key",
+                "is required when agent.database is a PostgreSQL URL: every agent sharing the database needs the same key (see docs/operations.md, \"Several agents\"); write e.g. { file = \"/etc/ehrsync/ehrsync.key\" }",
+            );
+            return None;
+        }
+        (Some(SecretSpec::File(p)), _) => KeySource::File {
             path: ctx.path(p),
             create: true,
         },
-        Some(SecretSpec::Env(var)) => KeySource::Env(var),
-        Some(SecretSpec::Credential(name)) => match ctx.env.get(secret::CREDENTIALS_DIRECTORY) {
+        (Some(SecretSpec::Env(var)), _) => KeySource::Env(var),
+        (Some(SecretSpec::Credential(name)), _) => match ctx.env.get(secret::CREDENTIALS_DIRECTORY)
+        {
             Some(dir) if !name.contains(['/', '\\']) && !name.is_empty() => KeySource::File {
                 path: Path::new(&dir).join(name),
                 create: false,
@@ -623,7 +687,7 @@ fn resolve_agent(raw: RawAgent, ctx: &mut Ctx) -> Option<Agent> {
                 return None;
             }
         },
-        Some(SecretSpec::Inline(_)) => {
+        (Some(SecretSpec::Inline(_)), _) => {
             ctx.problem(
                 "agent.token_key",
                 "must not be written in the config file (it would sit beside what it protects); use { file = \"…\" }, { credential = \"…\" } or { env = \"…\" }",

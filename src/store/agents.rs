@@ -3,6 +3,7 @@
 //! it runs, removed on a clean stop. A row whose heartbeat is stale, or whose process this host
 //! can prove gone, belongs to an agent that did not stop cleanly.
 
+use super::backend::on;
 use super::{Holder, Store, StoreError, this_host};
 
 /// An agent's row.
@@ -47,7 +48,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let (holder, version) = (holder.clone(), version.to_owned());
         self.shield(|s| async move {
-            sqlx::query(
+            on!(&s.lease_db, pool, d => d::query(
                 "INSERT INTO agents (id, host, host_key, pid, pid_started, version, started_at, \
                  heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
                  ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
@@ -60,8 +61,9 @@ impl Store {
             .bind(&version)
             .bind(now)
             .bind(now)
-            .execute(&s.lease_pool)
-            .await?;
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
             Ok(())
         })
         .await
@@ -72,12 +74,14 @@ impl Store {
     pub async fn heartbeat(&self, holder: &Holder, now: i64) -> Result<bool, StoreError> {
         let id = holder.id().to_owned();
         self.shield(|s| async move {
-            let done = sqlx::query("UPDATE agents SET heartbeat_at = ? WHERE id = ?")
-                .bind(now)
-                .bind(&id)
-                .execute(&s.lease_pool)
-                .await?;
-            Ok(done.rows_affected() == 1)
+            let done = on!(&s.lease_db, pool, d =>
+                d::query("UPDATE agents SET heartbeat_at = ? WHERE id = ?")
+                    .bind(now)
+                    .bind(&id)
+                    .execute(pool)
+                    .await?
+                    .rows_affected());
+            Ok(done == 1)
         })
         .await
     }
@@ -86,10 +90,11 @@ impl Store {
     pub async fn unregister_agent(&self, holder: &Holder) -> Result<(), StoreError> {
         let id = holder.id().to_owned();
         self.shield(|s| async move {
-            sqlx::query("DELETE FROM agents WHERE id = ?")
+            on!(&s.lease_db, pool, d => d::query("DELETE FROM agents WHERE id = ?")
                 .bind(&id)
-                .execute(&s.lease_pool)
-                .await?;
+                .execute(pool)
+                .await
+                .map(|_| ()))?;
             Ok(())
         })
         .await
@@ -98,12 +103,12 @@ impl Store {
     /// Every agent row, the most recent heartbeat first.
     pub async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
         self.shield(|s| async move {
-            Ok(sqlx::query_as(
+            Ok(on!(&s.db, pool, d => d::query_as(
                 "SELECT id, host, host_key, pid, pid_started, version, started_at, heartbeat_at \
                  FROM agents ORDER BY heartbeat_at DESC, id",
             )
-            .fetch_all(&s.pool)
-            .await?)
+            .fetch_all(pool)
+            .await)?)
         })
         .await
     }

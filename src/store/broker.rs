@@ -1,5 +1,8 @@
 //! `broker_clients`: each broker client's last use and request counts, for `ehrsync status`.
 
+use sqlx::AssertSqlSafe;
+
+use super::backend::on;
 use super::{Store, StoreError};
 
 /// A client's stored use.
@@ -26,21 +29,23 @@ impl Store {
         let requests = i64::try_from(requests).unwrap_or(i64::MAX);
         let refused = i64::try_from(refused).unwrap_or(i64::MAX);
         self.shield(|s| async move {
-            sqlx::query(
-                "INSERT INTO broker_clients (name, last_used_at, last_account, requests, refused) \
-                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET \
-                 last_used_at = CASE WHEN excluded.last_used_at IS NULL THEN last_used_at \
-                 ELSE max(coalesce(last_used_at, 0), excluded.last_used_at) END, \
-                 last_account = coalesce(excluded.last_account, last_account), \
-                 requests = requests + excluded.requests, refused = refused + excluded.refused",
-            )
+            on!(&s.db, pool, d => d::query(AssertSqlSafe(format!(
+                "INSERT INTO broker_clients AS c (name, last_used_at, last_account, requests, \
+                 refused) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET \
+                 last_used_at = CASE WHEN excluded.last_used_at IS NULL THEN c.last_used_at \
+                 ELSE {}(coalesce(c.last_used_at, 0), excluded.last_used_at) END, \
+                 last_account = coalesce(excluded.last_account, c.last_account), \
+                 requests = c.requests + excluded.requests, refused = c.refused + excluded.refused",
+                d::GREATEST
+            )))
             .bind(&name)
             .bind(last_used_at)
             .bind(&last_account)
             .bind(requests)
             .bind(refused)
-            .execute(&s.pool)
-            .await?;
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
             Ok(())
         })
         .await
@@ -48,11 +53,11 @@ impl Store {
 
     /// Every client's stored use, by name.
     pub async fn broker_clients(&self) -> Result<Vec<BrokerClientRow>, StoreError> {
-        Ok(sqlx::query_as(
+        Ok(on!(&self.db, pool, d => d::query_as(
             "SELECT name, last_used_at, last_account, requests, refused FROM broker_clients \
              ORDER BY name",
         )
-        .fetch_all(&self.pool)
-        .await?)
+        .fetch_all(pool)
+        .await)?)
     }
 }

@@ -1,8 +1,7 @@
 //! Reading and pruning the `changes` log (written by `store::sync` with the pages and
 //! reconciles that made each change).
 
-use sqlx::{QueryBuilder, Sqlite};
-
+use super::backend::on;
 use super::{Store, StoreError};
 
 /// A row of `changes`.
@@ -42,7 +41,8 @@ impl Store {
     ) -> Result<Vec<ChangeRow>, StoreError> {
         let filter = filter.clone();
         self.shield(|s| async move {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            Ok(on!(&s.db, pool, d => {
+            let mut q = d::builder(
                 "SELECT seq, account, resource_type, id, kind, version_id, last_updated, run_id, at \
                  FROM changes WHERE seq > ",
             );
@@ -57,7 +57,8 @@ impl Store {
                 q.push(" AND at >= ").push_bind(at);
             }
             q.push(" ORDER BY seq LIMIT ").push_bind(i64::from(limit));
-            Ok(q.build_query_as().fetch_all(&s.pool).await?)
+            q.build_query_as().fetch_all(pool).await?
+            }))
         })
         .await
     }
@@ -67,15 +68,15 @@ impl Store {
     /// time order; after a clock step back, a few rows may wait for the next prune).
     pub async fn prune_changes(&self, before: i64) -> Result<u64, StoreError> {
         self.shield(|s| async move {
-            Ok(sqlx::query(
+            Ok(on!(&s.db, pool, d => d::query(
                 "DELETE FROM changes WHERE seq < coalesce(\
                  (SELECT seq FROM changes WHERE at >= ?1 ORDER BY seq LIMIT 1), \
                  (SELECT max(seq) + 1 FROM changes WHERE at < ?1), 0)",
             )
             .bind(before)
-            .execute(&s.pool)
+            .execute(pool)
             .await?
-            .rows_affected())
+            .rows_affected()))
         })
         .await
     }

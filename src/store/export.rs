@@ -1,9 +1,10 @@
-//! Streaming a table out (`ehrsync export`): rows are read one at a time from SQLite and handed
-//! to the caller's writer, so an export's memory stays flat whatever its size.
+//! Streaming a table out (`ehrsync export`): rows are read one at a time from the database and
+//! handed to the caller's writer, so an export's memory stays flat whatever its size.
 
 use futures_util::TryStreamExt as _;
 use sqlx::{AssertSqlSafe, Column as _, Row as _, TypeInfo as _, ValueRef as _};
 
+use super::backend::on;
 use super::{Store, StoreError};
 
 /// What to export.
@@ -15,7 +16,7 @@ pub enum ExportQuery {
     Resources { resource_type: String },
 }
 
-/// A value of an exported row, borrowed from SQLite's.
+/// A value of an exported row, borrowed from the database's.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ExportValue<'a> {
     Null,
@@ -74,7 +75,8 @@ impl Store {
                 }
             ),
         };
-        let mut q = sqlx::query(AssertSqlSafe(sql));
+        let n = on!(&self.db, pool, d => {
+        let mut q = d::query(AssertSqlSafe(sql));
         match query {
             ExportQuery::Table { .. } => {
                 if let Some(a) = account {
@@ -87,7 +89,7 @@ impl Store {
                     .bind(resource_type.clone());
             }
         }
-        let mut rows = q.fetch(&self.pool);
+        let mut rows = q.fetch(pool);
         let mut n = 0u64;
         let mut header_done = false;
         while let Some(r) = rows.try_next().await.map_err(StoreError::from)? {
@@ -102,9 +104,14 @@ impl Store {
                 let v = if raw.is_null() {
                     ExportValue::Null
                 } else {
+                    // SQLite's storage classes, PostgreSQL's types.
                     match raw.type_info().name() {
-                        "INTEGER" => ExportValue::Integer(r.try_get(i).map_err(StoreError::from)?),
-                        "REAL" => ExportValue::Real(r.try_get(i).map_err(StoreError::from)?),
+                        "INTEGER" | "INT8" => {
+                            ExportValue::Integer(r.try_get(i).map_err(StoreError::from)?)
+                        }
+                        "REAL" | "FLOAT8" => {
+                            ExportValue::Real(r.try_get(i).map_err(StoreError::from)?)
+                        }
                         _ => ExportValue::Text(r.try_get(i).map_err(StoreError::from)?),
                     }
                 };
@@ -113,6 +120,8 @@ impl Store {
             sink(ExportEvent::Row(&values)).map_err(ExportError::Write)?;
             n += 1;
         }
+        n
+        });
         Ok(n)
     }
 }

@@ -16,13 +16,13 @@
 
 use std::time::Duration;
 
-use sqlx::Sqlite;
 // Audited: the only SQL built at run time here is made of `&'static str` fragments chosen by
 // `LeaseKey` (table and key columns); every value is a bound parameter.
 use sqlx::AssertSqlSafe;
 use sqlx::query::Query;
-use sqlx::sqlite::SqliteArguments;
+use sqlx::{Database, Encode, Type};
 
+use super::backend::on;
 use super::{Store, StoreError};
 
 /// Who holds leases: one running process.
@@ -126,6 +126,7 @@ impl LeaseKey {
         }
     }
 
+    /// As many `?` as [`LeaseKey::columns`] names.
     fn placeholders(&self) -> &'static str {
         match self {
             LeaseKey::Token { .. } => "?",
@@ -140,20 +141,25 @@ impl LeaseKey {
         }
     }
 
-    fn bind<'q>(
-        &'q self,
-        q: Query<'q, Sqlite, SqliteArguments>,
-    ) -> Query<'q, Sqlite, SqliteArguments> {
+    fn bind<'q, DB: Database>(
+        &self,
+        q: Query<'q, DB, DB::Arguments>,
+    ) -> Query<'q, DB, DB::Arguments>
+    where
+        for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+    {
         match self {
-            LeaseKey::Token { account } => q.bind(account),
-            LeaseKey::Job { account, job } => q.bind(account).bind(job),
+            LeaseKey::Token { account } => q.bind(account.as_str()),
+            LeaseKey::Job { account, job } => q.bind(account.as_str()).bind(job.as_str()),
         }
     }
 
-    /// `EXISTS (…)`: SQL true while `lease` still holds (binds with [`LeaseKey::bind_fence`]).
-    pub(super) fn fence(&self) -> String {
+    /// `EXISTS (…)`: SQL true while `lease` still holds (binds with [`Lease::bind_fence`]).
+    /// `lock` is the backend's `LOCK_SHARED`, which on PostgreSQL keeps the lease row from
+    /// changing hands until the writing transaction ends.
+    pub(super) fn fence(&self, lock: &str) -> String {
         format!(
-            "EXISTS (SELECT 1 FROM {} WHERE {} AND holder = ? AND generation = ?)",
+            "EXISTS (SELECT 1 FROM {} WHERE {} AND holder = ? AND generation = ?{lock})",
             self.table(),
             self.matches()
         )
@@ -162,10 +168,14 @@ impl LeaseKey {
 
 impl Lease {
     /// Binds what [`LeaseKey::fence`] asks for.
-    pub(super) fn bind_fence<'q>(
-        &'q self,
-        q: Query<'q, Sqlite, SqliteArguments>,
-    ) -> Query<'q, Sqlite, SqliteArguments> {
+    pub(super) fn bind_fence<'q, DB: Database>(
+        &self,
+        q: Query<'q, DB, DB::Arguments>,
+    ) -> Query<'q, DB, DB::Arguments>
+    where
+        for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+        i64: for<'a> Encode<'a, DB> + Type<DB>,
+    {
         self.key
             .bind(q)
             .bind(self.holder.as_str())
@@ -273,8 +283,8 @@ impl Store {
                     cols = key.columns(),
                     ph = key.placeholders(),
                 );
-                let row = key
-                    .bind(sqlx::query(AssertSqlSafe(sql)))
+                let generation: Option<i64> = on!(&s.lease_db, pool, d => key
+                    .bind(d::query(AssertSqlSafe(sql)))
                     .bind(&holder.id)
                     .bind(until)
                     .bind(&holder.host)
@@ -282,9 +292,10 @@ impl Store {
                     .bind(i64::try_from(holder.pid_started).unwrap_or(0))
                     .bind(now)
                     .bind(dead.as_deref())
-                    .fetch_optional(&s.lease_pool)
-                    .await?;
-                Ok(row.map(|r| sqlx::Row::get::<i64, _>(&r, 0)))
+                    .fetch_optional(pool)
+                    .await?
+                    .map(|r| sqlx::Row::get::<i64, _>(&r, 0)));
+                Ok(generation)
             })
             .await?;
         Ok(generation.map(|generation| Lease {
@@ -305,11 +316,12 @@ impl Store {
                 lease.key.table(),
                 lease.key.matches()
             );
-            let done = lease
-                .bind_fence(sqlx::query(AssertSqlSafe(sql)).bind(until))
-                .execute(&s.lease_pool)
-                .await?;
-            Ok(done.rows_affected() == 1)
+            let done = on!(&s.lease_db, pool, d => lease
+                .bind_fence(d::query(AssertSqlSafe(sql)).bind(until))
+                .execute(pool)
+                .await?
+                .rows_affected());
+            Ok(done == 1)
         })
         .await
     }
@@ -325,10 +337,11 @@ impl Store {
                 lease.key.table(),
                 lease.key.matches()
             );
-            lease
-                .bind_fence(sqlx::query(AssertSqlSafe(sql)))
-                .execute(&s.lease_pool)
-                .await?;
+            on!(&s.lease_db, pool, d => lease
+                .bind_fence(d::query(AssertSqlSafe(sql)))
+                .execute(pool)
+                .await
+                .map(|_| ()))?;
             Ok(())
         })
         .await
@@ -343,21 +356,21 @@ impl Store {
                 key.table(),
                 key.matches()
             );
-            Ok(key
-                .bind(sqlx::query(AssertSqlSafe(sql)))
-                .fetch_optional(&s.pool)
-                .await?
-                .map(|r| {
-                    use sqlx::Row;
-                    LeaseRow {
-                        holder: r.get(0),
-                        expires_at: r.get(1),
-                        generation: r.get(2),
-                        host: r.get(3),
-                        pid: r.get(4),
-                        pid_started: r.get(5),
-                    }
-                }))
+            Ok(on!(&s.db, pool, d => key
+            .bind(d::query(AssertSqlSafe(sql)))
+            .fetch_optional(pool)
+            .await?
+            .map(|r| {
+                use sqlx::Row;
+                LeaseRow {
+                    holder: r.get(0),
+                    expires_at: r.get(1),
+                    generation: r.get(2),
+                    host: r.get(3),
+                    pid: r.get(4),
+                    pid_started: r.get(5),
+                }
+            })))
         })
         .await
     }

@@ -128,7 +128,12 @@ pub async fn copy_to_postgres(
     let agents = source.agents().await?;
 
     // One read transaction: every table from the same snapshot.
-    let mut read = source.pool().begin().await?;
+    let Some(pool) = source.sqlite_pool() else {
+        return Err(MigrateError::Verify(
+            "the source is not a SQLite database".to_owned(),
+        ));
+    };
+    let mut read = pool.begin().await?;
     let leases: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM token_leases WHERE expires_at > ?1) \
               + (SELECT count(*) FROM job_leases WHERE expires_at > ?1)",

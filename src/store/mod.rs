@@ -1,6 +1,8 @@
-//! The SQLite store: opening it safely, migrating it, and the queries the rest of the crate runs.
+//! The store: opening it safely, migrating it, and the queries the rest of the crate runs, on
+//! SQLite (a file, the default) or PostgreSQL (a database several agents share); see
+//! [`backend`] for how one body of code serves both.
 //!
-//! Invariants kept here: the database file is mode 0600 (SQLite gives its `-wal`/`-shm` files
+//! Invariants kept here for SQLite: the database file is mode 0600 (SQLite gives its `-wal`/`-shm` files
 //! the same mode) inside a directory created 0700; WAL mode with `synchronous = FULL`, so a
 //! committed write (a rotated refresh token above all) survives a power cut; a busy timeout so
 //! concurrent `ehrsync` processes wait rather than fail; migrations from `migrations/` are
@@ -8,6 +10,7 @@
 //! than touched. Read-only opens (for `status`) never create, migrate or modify anything.
 
 mod agents;
+pub mod backend;
 mod broker;
 mod changes;
 mod export;
@@ -34,7 +37,11 @@ use sqlx::SqlitePool;
 use sqlx::AssertSqlSafe;
 use sqlx::ConnectOptions as _;
 use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+pub use crate::config::Database;
+use backend::{Backend, Db, on};
 
 /// The schema, embedded from `migrations/` at build time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -48,6 +55,9 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// SQLite allows one writer; a few readers beside it are all the agent needs.
 const MAX_CONNECTIONS: u32 = 4;
+/// Connections to a PostgreSQL store, per process: writers do not wait for each other there,
+/// and each agent's accounts and jobs share these.
+const POSTGRES_CONNECTIONS: u32 = 8;
 /// A writing connection's page cache, at most (SQLite's default is 2 MiB).
 const PAGE_CACHE_KIB: u32 = 32 * 1024;
 /// WAL pages between automatic checkpoints (SQLite's default is 1,000).
@@ -70,29 +80,32 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot open the database {path}: {source}")]
-    Open { path: PathBuf, source: sqlx::Error },
+    #[error("cannot open the database {database}: {source}")]
+    Open {
+        database: String,
+        source: sqlx::Error,
+    },
     #[error(
-        "the database {path} has schema version {found}, newer than this ehrsync supports \
+        "the database {database} has schema version {found}, newer than this ehrsync supports \
          ({supported}); run the newer ehrsync that wrote it, or restore a backup from before the upgrade"
     )]
     TooNew {
-        path: PathBuf,
+        database: String,
         found: i64,
         supported: i64,
     },
     #[error(
-        "the database {path} has schema version {found}; this ehrsync needs {supported}. \
+        "the database {database} has schema version {found}; this ehrsync needs {supported}. \
          Start the agent (`ehrsync run`) once to upgrade it"
     )]
     NeedsMigration {
-        path: PathBuf,
+        database: String,
         found: i64,
         supported: i64,
     },
-    #[error("cannot migrate the database {path}: {source}")]
+    #[error("cannot migrate the database {database}: {source}")]
     Migrate {
-        path: PathBuf,
+        database: String,
         source: sqlx::migrate::MigrateError,
     },
     #[error("database error: {0}")]
@@ -145,27 +158,133 @@ where
 /// An open database.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
-    /// For token leases only: `synchronous = NORMAL`, because a lease lost in a power cut just
-    /// expires, and fsyncing every take and release of a lease made a 15-day outage test with
-    /// thousands of retries nine times slower.
-    lease_pool: SqlitePool,
-    path: PathBuf,
+    db: Db,
+    /// For leases and heartbeats. On SQLite a pool of its own with `synchronous = NORMAL`,
+    /// because a lease lost in a power cut just expires, and fsyncing every take and release
+    /// of a lease made a 15-day outage test with thousands of retries nine times slower. On
+    /// PostgreSQL the same pool.
+    lease_db: Db,
+    database: Database,
+}
+
+impl From<&Path> for Database {
+    fn from(path: &Path) -> Database {
+        Database::File(path.to_owned())
+    }
+}
+
+impl From<&PathBuf> for Database {
+    fn from(path: &PathBuf) -> Database {
+        Database::File(path.clone())
+    }
+}
+
+impl From<&Database> for Database {
+    fn from(database: &Database) -> Database {
+        database.clone()
+    }
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path` for reading and writing, and brings its
-    /// schema up to date.
-    pub async fn open(path: &Path) -> Result<Store, StoreError> {
-        let path = path.to_owned();
-        shielded(async move { Store::open_now(&path).await }).await
+    /// Opens (creating a SQLite file if needed) the database for reading and writing, and
+    /// brings its schema up to date.
+    pub async fn open(database: impl Into<Database>) -> Result<Store, StoreError> {
+        let database = database.into();
+        shielded(async move {
+            match database {
+                Database::File(path) => Store::open_now(&path).await,
+                Database::Postgres { url, password } => {
+                    let store = Store::open_postgres(&url, password.as_ref(), false).await?;
+                    store.migrate().await?;
+                    Ok(store)
+                }
+            }
+        })
+        .await
     }
 
-    /// Opens an existing database read-only, for inspection. `Ok(None)` when there is no file yet.
-    /// The schema must be exactly the one this build knows.
-    pub async fn open_read_only(path: &Path) -> Result<Option<Store>, StoreError> {
-        let path = path.to_owned();
-        shielded(async move { Store::open_read_only_now(&path).await }).await
+    /// Opens an existing database read-only, for inspection. `Ok(None)` when there is no file
+    /// yet (or, on PostgreSQL, no schema). The schema must be exactly the one this build knows.
+    pub async fn open_read_only(
+        database: impl Into<Database>,
+    ) -> Result<Option<Store>, StoreError> {
+        let database = database.into();
+        shielded(async move {
+            match database {
+                Database::File(path) => Store::open_read_only_now(&path).await,
+                Database::Postgres { url, password } => {
+                    let store = Store::open_postgres(&url, password.as_ref(), true).await?;
+                    let found = store.schema_version_now().await?;
+                    if found == 0 {
+                        store.close().await;
+                        return Ok(None);
+                    }
+                    store.check_version(found)?;
+                    Ok(Some(store))
+                }
+            }
+        })
+        .await
+    }
+
+    /// Connects to the PostgreSQL database at `url`. `read_only` sessions refuse writes
+    /// (`default_transaction_read_only`).
+    async fn open_postgres(
+        url: &str,
+        password: Option<&crate::config::Secret>,
+        read_only: bool,
+    ) -> Result<Store, StoreError> {
+        let database = Database::Postgres {
+            url: url.to_owned(),
+            password: password.cloned(),
+        };
+        let open_err = |source| StoreError::Open {
+            database: url.to_owned(),
+            source,
+        };
+        let mut options: PgConnectOptions = url.parse().map_err(open_err)?;
+        if let Some(p) = password {
+            options = options.password(p.expose());
+        }
+        options = options
+            .application_name("ehrsync")
+            .log_slow_statements(log::LevelFilter::Warn, BUSY_TIMEOUT);
+        if read_only {
+            options = options.options([("default_transaction_read_only", "on")]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(if read_only { 2 } else { POSTGRES_CONNECTIONS })
+            .acquire_timeout(BUSY_TIMEOUT.saturating_mul(2))
+            .connect_with(options)
+            .await
+            .map_err(open_err)?;
+        let db = Backend::Postgres(pool);
+        Ok(Store {
+            lease_db: db.clone(),
+            db,
+            database,
+        })
+    }
+
+    /// Refuses a schema version other than this build's.
+    fn check_version(&self, found: i64) -> Result<(), StoreError> {
+        let supported = supported_schema_version();
+        let database = self.database.to_string();
+        if found > supported {
+            return Err(StoreError::TooNew {
+                database,
+                found,
+                supported,
+            });
+        }
+        if found < supported {
+            return Err(StoreError::NeedsMigration {
+                database,
+                found,
+                supported,
+            });
+        }
+        Ok(())
     }
 
     /// The highest migration applied successfully; 0 for a database ehrsync has never migrated.
@@ -217,18 +336,20 @@ impl Store {
             let LeaseKey::Token { account } = &lease.key else {
                 return Ok(false);
             };
-            let sql = format!(
-                "UPDATE token_state SET request_holder = ?, request_generation = ?, \
-                 request_sent_at = ? WHERE account = ? AND {}",
-                lease.key.fence()
-            );
-            let q = sqlx::query(AssertSqlSafe(sql))
-                .bind(lease.holder.as_str())
-                .bind(generation)
-                .bind(sent_at)
-                .bind(account.as_str());
-            let done = lease.bind_fence(q).execute(&s.pool).await?;
-            Ok(done.rows_affected() == 1)
+            let done = on!(&s.db, pool, d => {
+                let sql = format!(
+                    "UPDATE token_state SET request_holder = ?, request_generation = ?, \
+                     request_sent_at = ? WHERE account = ? AND {}",
+                    lease.key.fence(d::LOCK_SHARED)
+                );
+                let q = d::query(AssertSqlSafe(sql))
+                    .bind(lease.holder.as_str())
+                    .bind(generation)
+                    .bind(sent_at)
+                    .bind(account.as_str());
+                lease.bind_fence(q).execute(pool).await?.rows_affected()
+            });
+            Ok(done == 1)
         })
         .await
     }
@@ -245,10 +366,11 @@ impl Store {
     pub async fn forget_tokens(&self, account: &str) -> Result<(), StoreError> {
         let account = account.to_owned();
         self.shield(|s| async move {
-            sqlx::query("DELETE FROM token_state WHERE account = ?")
+            on!(&s.db, pool, d => d::query("DELETE FROM token_state WHERE account = ?")
                 .bind(&account)
-                .execute(&s.pool)
-                .await?;
+                .execute(pool)
+                .await
+                .map(|_| ()))?;
             Ok(())
         })
         .await
@@ -258,11 +380,11 @@ impl Store {
     pub async fn load_provider(&self, issuer: &str) -> Result<Option<(String, i64)>, StoreError> {
         let issuer = issuer.to_owned();
         self.shield(|s| async move {
-            let row: Option<(String, i64)> =
-                sqlx::query_as("SELECT document, fetched_at FROM oidc_providers WHERE issuer = ?")
+            let row: Option<(String, i64)> = on!(&s.db, pool, d =>
+                d::query_as("SELECT document, fetched_at FROM oidc_providers WHERE issuer = ?")
                     .bind(&issuer)
-                    .fetch_optional(&s.pool)
-                    .await?;
+                    .fetch_optional(pool)
+                    .await)?;
             Ok(row)
         })
         .await
@@ -277,7 +399,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let (issuer, document) = (issuer.to_owned(), document.to_owned());
         self.shield(|s| async move {
-            sqlx::query(
+            on!(&s.db, pool, d => d::query(
                 "INSERT INTO oidc_providers (issuer, document, fetched_at) VALUES (?, ?, ?) \
                  ON CONFLICT (issuer) DO UPDATE SET document = excluded.document, \
                  fetched_at = excluded.fetched_at",
@@ -285,8 +407,9 @@ impl Store {
             .bind(&issuer)
             .bind(&document)
             .bind(fetched_at)
-            .execute(&s.pool)
-            .await?;
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
             Ok(())
         })
         .await
@@ -295,8 +418,8 @@ impl Store {
     pub async fn close(self) {
         // Closing only waits for connections to finish; there is nothing to report.
         let _ = shielded(async move {
-            self.lease_pool.close().await;
-            self.pool.close().await;
+            self.lease_db.close().await;
+            self.db.close().await;
             Ok(())
         })
         .await;
@@ -330,9 +453,10 @@ impl Store {
         let mut store = Store::connect(path, options.clone()).await?;
         store.migrate().await?;
         // A run that dropped the name index and never ended (a crash) left it missing.
-        sync::ensure_name_index(&store.pool).await;
-        store.lease_pool =
-            connect_pool(path, 1, options.synchronous(SqliteSynchronous::Normal)).await?;
+        sync::ensure_name_index(&store.db).await;
+        store.lease_db = Backend::Sqlite(
+            connect_pool(path, 1, options.synchronous(SqliteSynchronous::Normal)).await?,
+        );
         Ok(store)
     }
 
@@ -349,20 +473,9 @@ impl Store {
             Err(e) if Store::lacks_wal_index(&e) => Store::open_immutable(path, options, e).await?,
             Err(e) => return Err(e),
         };
-        let supported = supported_schema_version();
-        if found > supported {
-            return Err(StoreError::TooNew {
-                path: path.to_owned(),
-                found,
-                supported,
-            });
-        }
-        if found < supported {
-            return Err(StoreError::NeedsMigration {
-                path: path.to_owned(),
-                found,
-                supported,
-            });
+        if let Err(e) = store.check_version(found) {
+            store.close().await;
+            return Err(e);
         }
         Ok(Some(store))
     }
@@ -447,36 +560,50 @@ impl Store {
     }
 
     async fn connect(path: &Path, options: SqliteConnectOptions) -> Result<Store, StoreError> {
-        let pool = connect_pool(path, MAX_CONNECTIONS, options).await?;
+        let pool = Backend::Sqlite(connect_pool(path, MAX_CONNECTIONS, options).await?);
         // Read-only stores take no leases; writable ones get their own lease pool in `open_now`.
         Ok(Store {
-            lease_pool: pool.clone(),
-            pool,
-            path: path.to_owned(),
+            lease_db: pool.clone(),
+            db: pool,
+            database: Database::File(path.to_owned()),
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where this store lives.
+    pub fn database(&self) -> &Database {
+        &self.database
     }
 
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+    /// The connections, for code that must speak to one backend itself (`migrate-store`,
+    /// tests).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The SQLite pool, when the store is a SQLite file.
+    pub fn sqlite_pool(&self) -> Option<&SqlitePool> {
+        match &self.db {
+            Backend::Sqlite(p) => Some(p),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// Whether several agents may share this store (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        self.db.is_postgres()
     }
 
     async fn schema_version_now(&self) -> Result<i64, StoreError> {
-        let has_table: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        let has_table: bool = on!(&self.db, pool, d => d::query_scalar(d::HAS_MIGRATIONS)
+            .fetch_one(pool)
+            .await)?;
         if !has_table {
             return Ok(0);
         }
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success = 1")
-                .fetch_one(&self.pool)
-                .await?;
+        let version: Option<i64> = on!(&self.db, pool, d =>
+            d::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(pool)
+                .await)?;
         Ok(version.unwrap_or(0))
     }
 
@@ -485,7 +612,7 @@ impl Store {
         let found = self.schema_version_now().await?;
         if found > supported {
             return Err(StoreError::TooNew {
-                path: self.path.clone(),
+                database: self.database.to_string(),
                 found,
                 supported,
             });
@@ -496,14 +623,19 @@ impl Store {
         // one by one, so running again continues where the other stopped.
         let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
         loop {
-            match MIGRATOR.run(&self.pool).await {
+            let ran = match &self.db {
+                Backend::Sqlite(pool) => MIGRATOR.run(pool).await,
+                // PostgreSQL's migrator holds an advisory lock while it works.
+                Backend::Postgres(pool) => POSTGRES_MIGRATOR.run(pool).await,
+            };
+            match ran {
                 Ok(()) => return Ok(()),
                 Err(_) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(source) => {
                     return Err(StoreError::Migrate {
-                        path: self.path.clone(),
+                        database: self.database.to_string(),
                         source,
                     });
                 }
@@ -512,26 +644,26 @@ impl Store {
     }
 
     async fn token_states_now(&self) -> Result<Vec<TokenStateRow>, StoreError> {
-        Ok(sqlx::query_as(
+        Ok(on!(&self.db, pool, d => d::query_as(
             "SELECT account, state, access_token_expires_at, next_refresh_at, \
                     refresh_token_expires_at, last_error, updated_at \
              FROM token_state ORDER BY account",
         )
-        .fetch_all(&self.pool)
-        .await?)
+        .fetch_all(pool)
+        .await)?)
     }
 
     async fn latest_runs_now(&self) -> Result<Vec<SyncRunRow>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT r.account, r.job, r.full, r.started_at, r.finished_at, r.outcome, r.pages, \
+        Ok(on!(&self.db, pool, d => d::query_as(
+            "SELECT r.account, r.job, r.\"full\" <> 0 AS \"full\", r.started_at, r.finished_at, r.outcome, r.pages, \
                     r.records, r.error \
              FROM sync_runs AS r \
              JOIN (SELECT max(id) AS id FROM sync_runs GROUP BY account, job) AS latest \
                ON latest.id = r.id \
              ORDER BY r.account, r.job",
         )
-        .fetch_all(&self.pool)
-        .await?)
+        .fetch_all(pool)
+        .await)?)
     }
 
     async fn save_token_now(
@@ -539,14 +671,13 @@ impl Store {
         r: &TokenRecord,
         lease: Option<&Lease>,
     ) -> Result<bool, StoreError> {
-        let fence = match lease {
-            Some(l) => l.key.fence(),
-            None => "1".to_owned(),
+        let fence = |lock| match lease {
+            Some(l) => l.key.fence(lock),
+            None => "true".to_owned(),
         };
         // INSERT … SELECT, so that a first write under a lease is fenced too (the WHERE also
         // tells SQLite's parser that ON CONFLICT belongs to the INSERT).
-        let sql = format!(
-            "INSERT INTO token_state (account, state, access_token, access_token_issued_at, \
+        let sql = "INSERT INTO token_state (account, state, access_token, access_token_issued_at, \
                  access_token_expires_at, next_refresh_at, refresh_token, refresh_token_issued_at, \
                  refresh_token_expires_at, generation, last_error, updated_at, request_holder, \
                  request_generation, request_sent_at, credentials) \
@@ -563,9 +694,10 @@ impl Store {
                  request_generation = excluded.request_generation, \
                  request_sent_at = excluded.request_sent_at, \
                  credentials = coalesce(excluded.credentials, token_state.credentials) \
-             WHERE token_state.generation <= excluded.generation"
-        );
-        let q = sqlx::query(AssertSqlSafe(sql))
+             WHERE token_state.generation <= excluded.generation";
+        let done = on!(&self.db, pool, d => {
+        let sql = sql.replace("{fence}", &fence(d::LOCK_SHARED));
+        let q = d::query(AssertSqlSafe(sql))
             .bind(&r.account)
             .bind(&r.state)
             .bind(&r.access_token)
@@ -586,11 +718,13 @@ impl Store {
             Some(l) => l.bind_fence(q),
             None => q,
         };
-        Ok(q.execute(&self.pool).await?.rows_affected() == 1)
+        q.execute(pool).await?.rows_affected()
+        });
+        Ok(done == 1)
     }
 
     async fn load_token_now(&self, account: &str) -> Result<Option<TokenRecord>, StoreError> {
-        Ok(sqlx::query_as(
+        Ok(on!(&self.db, pool, d => d::query_as(
             "SELECT account, state, access_token, access_token_issued_at, access_token_expires_at, \
                     next_refresh_at, refresh_token, refresh_token_issued_at, refresh_token_expires_at, \
                     generation, last_error, updated_at, request_holder, request_generation, \
@@ -598,8 +732,8 @@ impl Store {
              FROM token_state WHERE account = ?",
         )
         .bind(account)
-        .fetch_optional(&self.pool)
-        .await?)
+        .fetch_optional(pool)
+        .await)?)
     }
 }
 
@@ -626,7 +760,7 @@ async fn connect_pool(
             }
             Err(source) => {
                 return Err(StoreError::Open {
-                    path: path.to_owned(),
+                    database: path.display().to_string(),
                     source,
                 });
             }

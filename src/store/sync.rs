@@ -7,11 +7,12 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::{QueryBuilder, Sqlite};
+use sqlx::{Database, Encode, QueryBuilder, Type};
 // Audited: the only SQL built at run time here is made of `&'static str` fragments chosen by
 // `LeaseKey` (table and key columns); every value is a bound parameter.
 use sqlx::AssertSqlSafe;
 
+use super::backend::{Backend, Db, Tx, on};
 use super::{Lease, Store, StoreError};
 use crate::views::patients::is_patient_type;
 use crate::views::{Derived, SqlValue, ViewSet, quote};
@@ -122,7 +123,11 @@ const NAME_INDEX_BUILD_AT: i64 = 1_000_000;
 /// data does, so that building it over 1,000,000 rows does not raise the process's memory. A
 /// failure (the database busy past its timeout, the disk full) is logged, not returned: the
 /// index only speeds lookups up, and the next run's end or the next start builds it.
-pub(super) async fn ensure_name_index(pool: &sqlx::SqlitePool) {
+pub(super) async fn ensure_name_index(db: &Db) {
+    // PostgreSQL keeps its index throughout: its pages are written in place.
+    let Backend::Sqlite(pool) = db else {
+        return;
+    };
     async fn build(pool: &sqlx::SqlitePool) -> Result<(), sqlx::Error> {
         let mut conn = pool.acquire().await?;
         let missing: bool = sqlx::query_scalar(
@@ -188,18 +193,18 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let reason = reason.to_owned();
         self.shield(|s| async move {
-            let interrupted = sqlx::query(
+            let interrupted = on!(&s.db, pool, d => d::query(
                 "UPDATE sync_runs SET outcome = 'interrupted', finished_at = ?, \
                  error = coalesce(error, ?) WHERE id = ? AND outcome = 'running'",
             )
             .bind(at)
             .bind(&reason)
             .bind(run_id)
-            .execute(&s.pool)
+            .execute(pool)
             .await?
-            .rows_affected()
+            .rows_affected())
                 == 1;
-            ensure_name_index(&s.pool).await;
+            ensure_name_index(&s.db).await;
             Ok(interrupted)
         })
         .await
@@ -218,42 +223,44 @@ impl Store {
     ) -> Result<RunStart, StoreError> {
         let (account, job, lease) = (account.to_owned(), job.to_owned(), lease.clone());
         self.shield(|s| async move {
-            let mut tx = s.pool.begin().await?;
-            let interrupted = sqlx::query(INTERRUPT_RUNNING)
+            let mut tx = s.db.begin().await?;
+            let interrupted = on!(&mut tx, c, d => d::query(INTERRUPT_RUNNING)
                 .bind(started_at)
                 .bind(STALE_RUN)
                 .bind(&account)
                 .bind(&job)
-                .execute(&mut *tx)
+                .execute(&mut **c)
                 .await?
-                .rows_affected();
-            let small: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM (SELECT 1 FROM patient_rows LIMIT ?)")
-                    .bind(NAME_INDEX_DEFER_BELOW)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            if small < NAME_INDEX_DEFER_BELOW {
-                sqlx::query("DROP INDEX IF EXISTS patient_rows_by_name")
-                    .execute(&mut *tx)
-                    .await?;
+                .rows_affected());
+            if let Backend::Sqlite(c) = &mut tx {
+                let small: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM (SELECT 1 FROM patient_rows LIMIT ?)")
+                        .bind(NAME_INDEX_DEFER_BELOW)
+                        .fetch_one(&mut **c)
+                        .await?;
+                if small < NAME_INDEX_DEFER_BELOW {
+                    sqlx::query("DROP INDEX IF EXISTS patient_rows_by_name")
+                        .execute(&mut **c)
+                        .await?;
+                }
             }
-            let run_id: i64 = sqlx::query_scalar(
-                "INSERT INTO sync_runs (account, job, full, started_at, outcome) \
+            let run_id: i64 = on!(&mut tx, c, d => d::query_scalar(
+                "INSERT INTO sync_runs (account, job, \"full\", started_at, outcome) \
                  VALUES (?, ?, ?, ?, 'running') RETURNING id",
             )
             .bind(&account)
             .bind(&job)
-            .bind(full)
+            .bind(i64::from(full))
             .bind(started_at)
-            .fetch_one(&mut *tx)
-            .await?;
-            let watermark: Option<String> = sqlx::query_scalar(
+            .fetch_one(&mut **c)
+            .await)?;
+            let watermark: Option<String> = on!(&mut tx, c, d => d::query_scalar(
                 "SELECT watermark FROM sync_state WHERE account = ? AND job = ?",
             )
             .bind(&account)
             .bind(&job)
-            .fetch_optional(&mut *tx)
-            .await?
+            .fetch_optional(&mut **c)
+            .await)?
             .flatten();
             check_fence(&mut tx, &lease).await?;
             tx.commit().await?;
@@ -324,10 +331,8 @@ impl Store {
                 .iter_mut()
                 .map(|r| std::mem::take(&mut r.derived))
                 .collect();
-            // IMMEDIATE: the transaction reads before it writes, and a deferred one could not
-            // upgrade to a writer once another process wrote meanwhile (SQLITE_BUSY at once,
-            // without the busy timeout's wait).
-            let mut tx = s.pool.begin_with("BEGIN IMMEDIATE").await?;
+            // It reads before it writes (see `Db::begin_write`).
+            let mut tx = s.db.begin_write().await?;
             let existing = stored_versions(&mut tx, &account, &resource_type, &rows).await?;
             // Each record to write (its index in `rows`) with the change it makes (None:
             // unchanged, but written to record its hash, for records stored before hashes were
@@ -354,7 +359,8 @@ impl Store {
                 }
             }
             for chunk in writes.chunks(ROWS_PER_STATEMENT) {
-                let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                on!(&mut tx, c, d => {
+                let mut q = d::builder(
                     "INSERT INTO resources (account, resource_type, id, version_id, last_updated, \
                      data, synced_at, content_hash, seen_run, deleted_at) ",
                 );
@@ -378,21 +384,24 @@ impl Store {
                      content_hash = excluded.content_hash, seen_run = excluded.seen_run, \
                      deleted_at = NULL",
                 );
-                q.build().execute(&mut *tx).await?;
+                q.build().execute(&mut **c).await?;
+                });
             }
             for chunk in unchanged.chunks(ROWS_PER_STATEMENT) {
-                let mut q: QueryBuilder<Sqlite> =
-                    QueryBuilder::new("UPDATE resources SET seen_run = ");
+                on!(&mut tx, c, d => {
+                let mut q = d::builder("UPDATE resources SET seen_run = ");
                 q.push_bind(run_id);
                 push_key_filter(&mut q, &account, &resource_type, "id", chunk);
-                q.build().execute(&mut *tx).await?;
+                q.build().execute(&mut **c).await?;
+                });
             }
             let changed: Vec<(usize, ChangeKind)> = writes
                 .iter()
                 .filter_map(|&(i, kind)| kind.map(|k| (i, k)))
                 .collect();
             for chunk in changed.chunks(ROWS_PER_STATEMENT) {
-                let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                on!(&mut tx, c, d => {
+                let mut q = d::builder(
                     "INSERT INTO changes (account, resource_type, id, kind, version_id, \
                      last_updated, run_id, at) ",
                 );
@@ -407,7 +416,8 @@ impl Store {
                         .push_bind(run_id)
                         .push_bind(synced_at);
                 });
-                q.build().execute(&mut *tx).await?;
+                q.build().execute(&mut **c).await?;
+                });
             }
             let derived_of: Vec<(&PageRow, ChangeKind, Derived)> = changed
                 .iter()
@@ -415,20 +425,20 @@ impl Store {
                 .collect();
             write_derived(&mut tx, &views, &account, &resource_type, derived_of).await?;
             let records = i64::try_from(total).unwrap_or(i64::MAX);
-            let run_records: Option<i64> = sqlx::query_scalar(
+            let run_records: Option<i64> = on!(&mut tx, c, d => d::query_scalar(
                 "UPDATE sync_runs SET pages = pages + ?, records = records + ? WHERE id = ? \
                  RETURNING records",
             )
             .bind(i64::from(pages))
             .bind(records)
             .bind(run_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+            .fetch_optional(&mut **c)
+            .await)?;
             check_fence(&mut tx, &lease).await?;
             tx.commit().await?;
             let run_records = run_records.unwrap_or(0);
             if run_records >= NAME_INDEX_BUILD_AT && run_records - records < NAME_INDEX_BUILD_AT {
-                ensure_name_index(&s.pool).await;
+                ensure_name_index(&s.db).await;
             }
             let count = |k| changed.iter().filter(|(_, c)| *c == k).count() as u64;
             Ok(PageChanges {
@@ -454,15 +464,16 @@ impl Store {
         ids.sort_unstable();
         ids.dedup();
         self.shield(|s| async move {
-            let mut tx = s.pool.begin().await?;
+            let mut tx = s.db.begin().await?;
             let mut known = 0u64;
             for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-                let mut q: QueryBuilder<Sqlite> =
-                    QueryBuilder::new("UPDATE resources SET seen_run = ");
-                q.push_bind(run_id);
                 let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
-                push_key_filter(&mut q, &account, &resource_type, "id", &chunk);
-                known += q.build().execute(&mut *tx).await?.rows_affected();
+                known += on!(&mut tx, c, d => {
+                    let mut q = d::builder("UPDATE resources SET seen_run = ");
+                    q.push_bind(run_id);
+                    push_key_filter(&mut q, &account, &resource_type, "id", &chunk);
+                    q.build().execute(&mut **c).await?.rows_affected()
+                });
             }
             check_fence(&mut tx, &lease).await?;
             tx.commit().await?;
@@ -498,17 +509,18 @@ impl Store {
         const GONE: &str = "account = ?1 AND resource_type = ?2 AND deleted_at IS NULL \
                             AND coalesce(seen_run, 0) < ?3";
         self.shield(|s| async move {
-            // IMMEDIATE, as in commit_page: reads first, then writes.
-            let mut tx = s.pool.begin_with("BEGIN IMMEDIATE").await?;
-            let (live, gone): (i64, i64) = sqlx::query_as(
-                "SELECT count(*), coalesce(sum(coalesce(seen_run, 0) < ?3), 0) \
+            // As in commit_page: reads first, then writes.
+            let mut tx = s.db.begin_write().await?;
+            let (live, gone): (i64, i64) = on!(&mut tx, c, d => d::query_as(
+                "SELECT count(*), \
+                        count(CASE WHEN coalesce(seen_run, 0) < ?3 THEN 1 END) \
                  FROM resources WHERE account = ?1 AND resource_type = ?2 AND deleted_at IS NULL",
             )
             .bind(&account)
             .bind(&resource_type)
             .bind(run_id)
-            .fetch_one(&mut *tx)
-            .await?;
+            .fetch_one(&mut **c)
+            .await)?;
             let (live, gone) = (live.max(0) as u64, gone.max(0) as u64);
             if let Some(max) = max_delete
                 && gone as f64 > live as f64 * max
@@ -516,40 +528,36 @@ impl Store {
                 return Ok(Reconciled::Refused { gone, live });
             }
             if gone > 0 {
-                let bind = |sql: String| {
-                    sqlx::query(AssertSqlSafe(sql))
-                        .bind(account.clone())
-                        .bind(resource_type.clone())
-                        .bind(run_id)
-                        .bind(at)
-                };
-                bind(format!(
+                let mut statements = vec![format!(
                     "INSERT INTO changes (account, resource_type, id, kind, version_id, \
                      last_updated, run_id, at) SELECT account, resource_type, id, 'deleted', \
                      version_id, last_updated, ?3, ?4 FROM resources WHERE {GONE}"
-                ))
-                .execute(&mut *tx)
-                .await?;
+                )];
                 if is_patient_type(&resource_type) {
-                    bind(format!(
+                    statements.push(format!(
                         "DELETE FROM patient_rows WHERE account = ?1 AND resource_type = ?2 \
                          AND id IN (SELECT id FROM resources WHERE {GONE})"
-                    ))
-                    .execute(&mut *tx)
-                    .await?;
+                    ));
                 }
                 for view in views.for_type(&resource_type) {
-                    bind(format!(
+                    statements.push(format!(
                         "DELETE FROM {} WHERE account = ?1 AND resource_id IN \
                          (SELECT id FROM resources WHERE {GONE})",
                         quote(&view.table)
-                    ))
-                    .execute(&mut *tx)
-                    .await?;
+                    ));
                 }
-                bind(format!("UPDATE resources SET deleted_at = ?4 WHERE {GONE}"))
-                    .execute(&mut *tx)
-                    .await?;
+                statements.push(format!("UPDATE resources SET deleted_at = ?4 WHERE {GONE}"));
+                for sql in statements {
+                    // Every statement binds the same four values, also those that name only
+                    // some (their types are sent with them, so PostgreSQL accepts unused ones).
+                    on!(&mut tx, c, d => d::query(AssertSqlSafe(sql))
+                        .bind(&account)
+                        .bind(&resource_type)
+                        .bind(run_id)
+                        .bind(at)
+                        .execute(&mut **c)
+                        .await.map(|_| ()))?;
+                }
             }
             check_fence(&mut tx, &lease).await?;
             tx.commit().await?;
@@ -578,18 +586,18 @@ impl Store {
     ) -> Result<(), StoreError> {
         let (account, job, lease) = (account.to_owned(), job.to_owned(), lease.clone());
         self.shield(|s| async move {
-            let mut tx = s.pool.begin().await?;
-            sqlx::query(
+            let mut tx = s.db.begin().await?;
+            on!(&mut tx, c, d => d::query(
                 "UPDATE sync_runs SET outcome = ?, finished_at = ?, error = ? WHERE id = ?",
             )
             .bind(outcome)
             .bind(finished_at)
             .bind(&error)
             .bind(run_id)
-            .execute(&mut *tx)
-            .await?;
+            .execute(&mut **c)
+            .await.map(|_| ()))?;
             if outcome == "success" {
-                sqlx::query(
+                on!(&mut tx, c, d => d::query(
                     "INSERT INTO sync_state (account, job, watermark, updated_at) VALUES (?, ?, ?, ?) \
                      ON CONFLICT (account, job) DO UPDATE SET \
                          watermark = coalesce(excluded.watermark, sync_state.watermark), \
@@ -599,12 +607,12 @@ impl Store {
                 .bind(&job)
                 .bind(&watermark)
                 .bind(finished_at)
-                .execute(&mut *tx)
-                .await?;
+                .execute(&mut **c)
+                .await.map(|_| ()))?;
             }
             check_fence(&mut tx, &lease).await?;
             tx.commit().await?;
-            ensure_name_index(&s.pool).await;
+            ensure_name_index(&s.db).await;
             Ok(())
         })
         .await
@@ -616,7 +624,7 @@ impl Store {
         let (account, job) = (account.to_owned(), job.to_owned());
         self.shield(|s| async move {
             let (last_started, last_success, last_outcome): (_, _, Option<String>) =
-                sqlx::query_as(
+                on!(&s.db, pool, d => d::query_as(
                     "SELECT max(started_at), \
                             max(CASE WHEN outcome = 'success' THEN finished_at END), \
                             (SELECT outcome FROM sync_runs WHERE account = ?1 AND job = ?2 \
@@ -625,8 +633,8 @@ impl Store {
                 )
                 .bind(&account)
                 .bind(&job)
-                .fetch_one(&s.pool)
-                .await?;
+                .fetch_one(pool)
+                .await)?;
             Ok(JobHistory {
                 last_started,
                 last_success,
@@ -644,16 +652,14 @@ impl Store {
     pub async fn watermark(&self, account: &str, job: &str) -> Result<Option<String>, StoreError> {
         let (account, job) = (account.to_owned(), job.to_owned());
         self.shield(|s| async move {
-            Ok(
-                sqlx::query_scalar(
-                    "SELECT watermark FROM sync_state WHERE account = ? AND job = ?",
-                )
-                .bind(&account)
-                .bind(&job)
-                .fetch_optional(&s.pool)
-                .await?
-                .flatten(),
+            Ok(on!(&s.db, pool, d => d::query_scalar(
+                "SELECT watermark FROM sync_state WHERE account = ? AND job = ?",
             )
+            .bind(&account)
+            .bind(&job)
+            .fetch_optional(pool)
+            .await)?
+            .flatten())
         })
         .await
     }
@@ -666,32 +672,33 @@ impl Store {
     ) -> Result<Vec<super::SyncRunRow>, StoreError> {
         let (account, job) = (account.to_owned(), job.to_owned());
         self.shield(|s| async move {
-            Ok(sqlx::query_as(
-                "SELECT account, job, full, started_at, finished_at, outcome, pages, records, error \
+            Ok(on!(&s.db, pool, d => d::query_as(
+                "SELECT account, job, \"full\" <> 0 AS \"full\", started_at, finished_at, outcome, \
+                        pages, records, error \
                  FROM sync_runs WHERE account = ? AND job = ? ORDER BY id",
             )
             .bind(&account)
             .bind(&job)
-            .fetch_all(&s.pool)
-            .await?)
+            .fetch_all(pool)
+            .await)?)
         })
         .await
     }
 }
 
 /// Ends a write transaction under `lease` by checking that the lease still holds. It runs after
-/// the transaction's writes, so this connection already has SQLite's write lock and nobody can
-/// take the lease over between the check and the commit.
-async fn check_fence(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
-    lease: &Lease,
-) -> Result<(), StoreError> {
-    let sql = format!("SELECT {}", lease.key.fence());
-    let holds: bool = lease
-        .bind_fence(sqlx::query(AssertSqlSafe(sql)))
-        .fetch_one(&mut **tx)
-        .await
-        .map(|r| sqlx::Row::get(&r, 0))?;
+/// the transaction's writes, so on SQLite this connection already has the write lock, and on
+/// PostgreSQL the check locks the lease row: either way nobody can take the lease over between
+/// the check and the commit.
+async fn check_fence(tx: &mut Tx, lease: &Lease) -> Result<(), StoreError> {
+    let holds: bool = on!(tx, c, d => {
+        let sql = format!("SELECT {}", lease.key.fence(d::LOCK_SHARED));
+        lease
+            .bind_fence(d::query(AssertSqlSafe(sql)))
+            .fetch_one(&mut **c)
+            .await
+            .and_then(|r| sqlx::Row::try_get(&r, 0))?
+    });
     if holds {
         Ok(())
     } else {
@@ -719,20 +726,23 @@ type StoredRow = (
 
 /// The stored versions of the page's records.
 async fn stored_versions(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    tx: &mut Tx,
     account: &str,
     resource_type: &str,
     rows: &[PageRow],
 ) -> Result<HashMap<String, Stored>, StoreError> {
     let mut found = HashMap::with_capacity(rows.len());
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT id, version_id, content_hash, CASE WHEN content_hash IS NULL THEN data END, \
-             deleted_at IS NOT NULL FROM resources",
-        );
         let ids: Vec<&str> = chunk.iter().map(|r| r.id.as_str()).collect();
-        push_key_filter(&mut q, account, resource_type, "id", &ids);
-        let stored: Vec<StoredRow> = q.build_query_as().fetch_all(&mut **tx).await?;
+        let stored: Vec<StoredRow> = on!(&mut *tx, c, d => {
+            let mut q = d::builder(
+                "SELECT id, version_id, content_hash, \
+                 CASE WHEN content_hash IS NULL THEN data END, deleted_at IS NOT NULL \
+                 FROM resources",
+            );
+            push_key_filter(&mut q, account, resource_type, "id", &ids);
+            q.build_query_as().fetch_all(&mut **c).await?
+        });
         for (id, version_id, hash, data, deleted) in stored {
             found.insert(
                 id,
@@ -749,13 +759,15 @@ async fn stored_versions(
 }
 
 /// ` WHERE account = ? AND resource_type = ? AND {id_column} IN (…)`.
-fn push_key_filter(
-    q: &mut QueryBuilder<Sqlite>,
+fn push_key_filter<DB: Database>(
+    q: &mut QueryBuilder<DB>,
     account: &str,
     resource_type: &str,
     id_column: &'static str,
     ids: &[&str],
-) {
+) where
+    for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+{
     q.push(" WHERE account = ")
         .push_bind(account)
         .push(" AND resource_type = ")
@@ -787,7 +799,7 @@ fn last_of_each_id(rows: Vec<PageRow>) -> Vec<PageRow> {
 /// change, what it derives; the values move into the statements). A created record has none
 /// yet (a deleted one lost them with its deletion): only updated ones have rows to remove first.
 async fn write_derived(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    tx: &mut Tx,
     views: &ViewSet,
     account: &str,
     resource_type: &str,
@@ -803,9 +815,11 @@ async fn write_derived(
         .collect();
     if is_patient_type(resource_type) {
         for ids in updated.chunks(ROWS_PER_STATEMENT) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("DELETE FROM patient_rows");
-            push_key_filter(&mut q, account, resource_type, "id", ids);
-            q.build().execute(&mut **tx).await?;
+            on!(&mut *tx, c, d => {
+                let mut q = d::builder("DELETE FROM patient_rows");
+                push_key_filter(&mut q, account, resource_type, "id", ids);
+                q.build().execute(&mut **c).await?;
+            });
         }
         for chunk in changed.chunks_mut(ROWS_PER_STATEMENT) {
             let rows: Vec<(&PageRow, crate::views::patients::PatientRow)> = chunk
@@ -815,36 +829,39 @@ async fn write_derived(
             if rows.is_empty() {
                 continue;
             }
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO patient_rows (account, resource_type, id, family, given, \
-                 birth_date, gender, last_updated) ",
-            );
-            q.push_values(rows, |mut b, (row, p)| {
-                b.push_bind(account)
-                    .push_bind(resource_type)
-                    .push_bind(&row.id)
-                    .push_bind(p.family)
-                    .push_bind(p.given)
-                    .push_bind(p.birth_date)
-                    .push_bind(p.gender)
-                    .push_bind(&row.last_updated);
+            on!(&mut *tx, c, d => {
+                let mut q = d::builder(
+                    "INSERT INTO patient_rows (account, resource_type, id, family, given, \
+                     birth_date, gender, last_updated) ",
+                );
+                q.push_values(rows, |mut b, (row, p)| {
+                    b.push_bind(account)
+                        .push_bind(resource_type)
+                        .push_bind(&row.id)
+                        .push_bind(p.family)
+                        .push_bind(p.given)
+                        .push_bind(p.birth_date)
+                        .push_bind(p.gender)
+                        .push_bind(&row.last_updated);
+                });
+                q.build().execute(&mut **c).await?;
             });
-            q.build().execute(&mut **tx).await?;
         }
     }
     for (i, view) in views.for_type(resource_type).enumerate() {
         let table = quote(&view.table);
         let width = view.columns.len() + 2;
         for ids in updated.chunks(ROWS_PER_STATEMENT) {
-            let mut q: QueryBuilder<Sqlite> =
-                QueryBuilder::new(format!("DELETE FROM {table} WHERE account = "));
-            q.push_bind(account).push(" AND resource_id IN (");
-            let mut list = q.separated(", ");
-            for id in ids {
-                list.push_bind(*id);
-            }
-            list.push_unseparated(")");
-            q.build().execute(&mut **tx).await?;
+            on!(&mut *tx, c, d => {
+                let mut q = d::builder(format!("DELETE FROM {table} WHERE account = "));
+                q.push_bind(account).push(" AND resource_id IN (");
+                let mut list = q.separated(", ");
+                for id in ids {
+                    list.push_bind(*id);
+                }
+                list.push_unseparated(")");
+                q.build().execute(&mut **c).await?;
+            });
         }
         let rows: Vec<(&str, Vec<SqlValue>)> = changed
             .iter_mut()
@@ -861,9 +878,10 @@ async fn write_derived(
 }
 
 /// Inserts `rows` (resource id, values) into `view`'s table, as many per statement as
-/// SQLite's variable limit allows.
+/// SQLite's variable limit allows. Each NULL binds with its column's type, and on PostgreSQL a
+/// column without a type (SQLite's `ANY`) is text, so its numbers bind as text there.
 pub(super) async fn insert_view_rows(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    tx: &mut Tx,
     view: &crate::views::Materialised,
     account: &str,
     rows: Vec<(&str, Vec<SqlValue>)>,
@@ -880,22 +898,32 @@ pub(super) async fn insert_view_rows(
         quote(&view.table),
         columns.join(", ")
     );
+    let postgres = matches!(tx, Backend::Postgres(_));
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(head.clone());
-        q.push_values(rows.by_ref().take(per_statement), |mut b, (id, values)| {
-            b.push_bind(account).push_bind(id);
-            let values = values.into_iter().chain(std::iter::repeat(SqlValue::Null));
-            for value in values.take(view.columns.len()) {
-                match value {
-                    SqlValue::Null => b.push_bind(None::<String>),
-                    SqlValue::Integer(i) => b.push_bind(i),
-                    SqlValue::Real(f) => b.push_bind(f),
-                    SqlValue::Text(t) => b.push_bind(t),
-                };
-            }
+        on!(&mut *tx, c, d => {
+            let mut q = d::builder(head.clone());
+            q.push_values(rows.by_ref().take(per_statement), |mut b, (id, values)| {
+                b.push_bind(account).push_bind(id);
+                let values = values.into_iter().chain(std::iter::repeat(SqlValue::Null));
+                for (value, column) in values.zip(&view.columns) {
+                    let text = postgres && column.sql_type == "ANY";
+                    match value {
+                        SqlValue::Null if column.sql_type == "INTEGER" => {
+                            b.push_bind(None::<i64>)
+                        }
+                        SqlValue::Null if column.sql_type == "REAL" => b.push_bind(None::<f64>),
+                        SqlValue::Null => b.push_bind(None::<String>),
+                        SqlValue::Integer(i) if text => b.push_bind(i.to_string()),
+                        SqlValue::Real(f) if text => b.push_bind(f.to_string()),
+                        SqlValue::Integer(i) => b.push_bind(i),
+                        SqlValue::Real(f) => b.push_bind(f),
+                        SqlValue::Text(t) => b.push_bind(t),
+                    };
+                }
+            });
+            q.build().execute(&mut **c).await?;
         });
-        q.build().execute(&mut **tx).await?;
     }
     Ok(())
 }

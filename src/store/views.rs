@@ -2,8 +2,9 @@
 //! their definition is new or changed, dropped when no longer configured. Keeping them up to
 //! date page by page is `store::sync`'s part.
 
-use sqlx::{AssertSqlSafe, Sqlite};
+use sqlx::AssertSqlSafe;
 
+use super::backend::on;
 use super::sync::insert_view_rows;
 use super::{Store, StoreError};
 use crate::views::{KEY_COLUMNS, Materialised, ViewSet, quote};
@@ -37,11 +38,11 @@ impl Store {
     ) -> Result<Vec<Prepared>, StoreError> {
         let built: Vec<(String, String)> = self
             .shield(|s| async move {
-                Ok(
-                    sqlx::query_as("SELECT name, definition FROM materialised_views")
-                        .fetch_all(&s.pool)
-                        .await?,
+                Ok(on!(&s.db, pool, d => d::query_as(
+                    "SELECT name, definition FROM materialised_views"
                 )
+                .fetch_all(pool)
+                .await)?)
             })
             .await?;
         let mut done = Vec::new();
@@ -82,30 +83,35 @@ impl Store {
                     "no view named {name} is configured"
                 )));
             };
-            let mut tx = s.pool.begin().await?;
-            for sql in create_statements(view) {
-                sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+            let mut tx = s.db.begin().await?;
+            for sql in create_statements(view, s.db.is_postgres()) {
+                on!(&mut tx, c, d => d::query(AssertSqlSafe(sql)).execute(&mut **c).await.map(|_| ()))?;
             }
-            let (mut records, mut rows, mut after) = (0u64, 0u64, 0i64);
+            let (mut records, mut rows) = (0u64, 0u64);
+            // Where the last batch ended, in key order (the primary key's, so each batch is a
+            // range of its index): (account, id).
+            let mut after = (String::new(), String::new());
             loop {
-                let batch: Vec<(i64, String, String, String)> = sqlx::query_as(
-                    "SELECT rowid, account, id, data FROM resources \
-                     WHERE rowid > ? AND resource_type = ? AND deleted_at IS NULL \
-                     ORDER BY rowid LIMIT ?",
+                let batch: Vec<(String, String, String)> = on!(&mut tx, c, d => d::query_as(
+                    "SELECT account, id, data FROM resources \
+                     WHERE (account, resource_type, id) > (?1, ?2, ?3) AND resource_type = ?2 \
+                       AND deleted_at IS NULL \
+                     ORDER BY account, resource_type, id LIMIT ?4",
                 )
-                .bind(after)
+                .bind(&after.0)
                 .bind(&view.resource_type)
+                .bind(&after.1)
                 .bind(REBUILD_BATCH)
-                .fetch_all(&mut *tx)
-                .await?;
+                .fetch_all(&mut **c)
+                .await)?;
                 let Some(last) = batch.last() else {
                     break;
                 };
-                after = last.0;
+                after = (last.0.clone(), last.1.clone());
                 // Rows per account, so that each insert binds one account.
                 let mut evaluated: Vec<(String, String, Vec<Vec<crate::views::SqlValue>>)> =
                     Vec::with_capacity(batch.len());
-                for (_, account, id, data) in batch {
+                for (account, id, data) in batch {
                     records += 1;
                     let Ok(json) = serde_json::from_str::<serde_json::Value>(&data) else {
                         continue;
@@ -130,7 +136,7 @@ impl Store {
                     insert_view_rows(&mut tx, view, &account, flat, view.columns.len() + 2).await?;
                 }
             }
-            sqlx::query(
+            on!(&mut tx, c, d => d::query(
                 "INSERT INTO materialised_views (name, resource_type, definition, built_at) \
                  VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET \
                  resource_type = excluded.resource_type, definition = excluded.definition, \
@@ -140,8 +146,8 @@ impl Store {
             .bind(&view.resource_type)
             .bind(&view.fingerprint)
             .bind(at)
-            .execute(&mut *tx)
-            .await?;
+            .execute(&mut **c)
+            .await.map(|_| ()))?;
             tx.commit().await?;
             Ok(Prepared::Built {
                 name: view.name.clone(),
@@ -159,9 +165,9 @@ impl Store {
         }
         let sql = format!("SELECT count(*) FROM {}", quote(table));
         self.shield(|s| async move {
-            let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
-                .fetch_one(&s.pool)
-                .await?;
+            let n: i64 = on!(&s.db, pool, d => d::query_scalar(AssertSqlSafe(sql))
+                .fetch_one(pool)
+                .await)?;
             Ok(Some(n.max(0) as u64))
         })
         .await
@@ -170,17 +176,16 @@ impl Store {
     async fn drop_view(&self, name: &str) -> Result<(), StoreError> {
         let name = name.to_owned();
         self.shield(|s| async move {
-            let mut tx = s.pool.begin().await?;
+            let mut tx = s.db.begin().await?;
             if crate::views::valid_name(&name) {
                 let table = quote(&format!("view_{}", name.to_ascii_lowercase()));
-                sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}")))
-                    .execute(&mut *tx)
-                    .await?;
+                let sql = format!("DROP TABLE IF EXISTS {table}");
+                on!(&mut tx, c, d => d::query(AssertSqlSafe(sql)).execute(&mut **c).await.map(|_| ()))?;
             }
-            sqlx::query("DELETE FROM materialised_views WHERE name = ?")
+            on!(&mut tx, c, d => d::query("DELETE FROM materialised_views WHERE name = ?")
                 .bind(&name)
-                .execute(&mut *tx)
-                .await?;
+                .execute(&mut **c)
+                .await.map(|_| ()))?;
             tx.commit().await?;
             Ok(())
         })
@@ -190,34 +195,37 @@ impl Store {
     async fn table_exists(&self, table: &str) -> Result<bool, StoreError> {
         let table = table.to_owned();
         self.shield(|s| async move {
-            Ok(sqlx::query_scalar::<Sqlite, i64>(
-                "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?",
-            )
-            .bind(&table)
-            .fetch_one(&s.pool)
-            .await?
-                > 0)
+            Ok(on!(&s.db, pool, d => d::query_scalar::<bool>(d::HAS_TABLE)
+                .bind(&table)
+                .fetch_one(pool)
+                .await)?)
         })
         .await
     }
 }
 
-/// Drops and creates `view`'s table (STRICT, so a value never silently changes type) and its
-/// index on the key columns.
-fn create_statements(view: &Materialised) -> Vec<String> {
+/// Drops and creates `view`'s table and its index on the key columns. On SQLite the table is
+/// STRICT, so a value never silently changes type; on PostgreSQL every table is, and a column
+/// without a type (SQLite's `ANY`) is text there.
+fn create_statements(view: &Materialised, postgres: bool) -> Vec<String> {
     let table = quote(&view.table);
     let mut columns: Vec<String> = KEY_COLUMNS
         .iter()
         .map(|c| format!("{} TEXT NOT NULL", quote(c)))
         .collect();
-    columns.extend(
-        view.columns
-            .iter()
-            .map(|c| format!("{} {}", quote(&c.name), c.sql_type)),
-    );
+    columns.extend(view.columns.iter().map(|c| {
+        let ty = match (postgres, c.sql_type) {
+            (true, "INTEGER") => "BIGINT",
+            (true, "REAL") => "DOUBLE PRECISION",
+            (true, _) => "TEXT",
+            (false, ty) => ty,
+        };
+        format!("{} {ty}", quote(&c.name))
+    }));
+    let strict = if postgres { "" } else { " STRICT" };
     vec![
         format!("DROP TABLE IF EXISTS {table}"),
-        format!("CREATE TABLE {table} ({}) STRICT", columns.join(", ")),
+        format!("CREATE TABLE {table} ({}){strict}", columns.join(", ")),
         format!(
             "CREATE INDEX {} ON {table} (account, resource_id)",
             quote(&format!("{}_by_resource", view.table))

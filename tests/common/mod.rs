@@ -98,13 +98,175 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     path
 }
 
-/// The token engine's shared parts for a test: a database and a token key in `dir`
-/// (`ehrsync.db`, `ehrsync.key`), a 30 s HTTP client and fresh metrics.
+/// Whether this test run keeps its stores on PostgreSQL: `EHRSYNC_TEST_BACKEND=postgres`
+/// (`.ci/test` runs the suite once on each backend), with the server `EHRSYNC_TEST_POSTGRES`
+/// names. Otherwise SQLite files.
+pub fn on_postgres() -> bool {
+    let wanted = std::env::var("EHRSYNC_TEST_BACKEND").is_ok_and(|b| b == "postgres");
+    if wanted {
+        assert!(
+            std::env::var("EHRSYNC_TEST_POSTGRES").is_ok_and(|u| !u.is_empty()),
+            "EHRSYNC_TEST_BACKEND=postgres needs a server in EHRSYNC_TEST_POSTGRES"
+        );
+    }
+    wanted
+}
+
+/// For tests of what only a SQLite file has (file modes, its WAL, locking it from another
+/// connection): true, after saying so, when this run is on PostgreSQL.
+pub fn sqlite_only() -> bool {
+    let skip = on_postgres();
+    if skip {
+        eprintln!("skipped on PostgreSQL: this test is about the SQLite file");
+    }
+    skip
+}
+
+/// A new, empty database on the test PostgreSQL server, as its URL (the server trusts local
+/// connections, so it holds no password). Created from a thread of its own, so that this can
+/// be called from synchronous code and from inside a runtime alike.
+pub fn new_postgres_database() -> String {
+    let server = std::env::var("EHRSYNC_TEST_POSTGRES").expect("EHRSYNC_TEST_POSTGRES");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async {
+            use sqlx::Connection;
+            let mut admin = sqlx::PgConnection::connect(&server)
+                .await
+                .expect("connect to the test PostgreSQL server");
+            let name = format!(
+                "ehrsync_t{}_{:08x}",
+                std::process::id(),
+                getrandom::u32().expect("random bytes")
+            );
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut admin)
+                .await
+                .expect("create a test database");
+            let mut url = url::Url::parse(&server).expect("EHRSYNC_TEST_POSTGRES is a URL");
+            url.set_path(&name);
+            url.to_string()
+        })
+    })
+    .join()
+    .expect("create a test database")
+}
+
+/// A fresh store location for one test: `dir/ehrsync.db`, or (on PostgreSQL) a new database.
+pub fn fresh_database(dir: &Path) -> ehrsync::config::Database {
+    if on_postgres() {
+        ehrsync::config::Database::Postgres {
+            url: new_postgres_database(),
+            password: None,
+        }
+    } else {
+        ehrsync::config::Database::File(dir.join("ehrsync.db"))
+    }
+}
+
+/// The `[agent]` lines that put an agent's store where this test run keeps stores: `file`
+/// (relative to the config) for SQLite, or a new PostgreSQL database with a token key file
+/// beside `file` (a PostgreSQL store needs one named).
+pub fn database_lines(file: &str) -> String {
+    if on_postgres() {
+        let key = Path::new(file).with_file_name("ehrsync.key");
+        format!(
+            "database = '{}'\ntoken_key = {{ file = '{}' }}\n",
+            new_postgres_database(),
+            key.display()
+        )
+    } else {
+        format!("database = '{file}'\n")
+    }
+}
+
+/// One row read by [`test_row`]: each column's value as text (NULL as `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestRow(pub std::collections::BTreeMap<String, Option<String>>);
+
+impl TestRow {
+    /// Column `name`'s text; panics when it is NULL or missing.
+    pub fn text(&self, name: &str) -> String {
+        self.0
+            .get(name)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| panic!("no value in column {name}: {self:?}"))
+    }
+
+    pub fn int(&self, name: &str) -> i64 {
+        self.text(name).parse().expect("an integer column")
+    }
+}
+
+fn row_values<R: sqlx::Row>(row: &R) -> TestRow
+where
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<f64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    use sqlx::Column;
+    let mut values = std::collections::BTreeMap::new();
+    for (i, column) in row.columns().iter().enumerate() {
+        let value = row
+            .try_get::<Option<String>, _>(i)
+            .or_else(|_| {
+                row.try_get::<Option<i64>, _>(i)
+                    .map(|v| v.map(|n| n.to_string()))
+            })
+            .or_else(|_| {
+                row.try_get::<Option<f64>, _>(i)
+                    .map(|v| v.map(|n| n.to_string()))
+            })
+            .unwrap_or_else(|e| panic!("column {}: {e}", column.name()));
+        values.insert(column.name().to_owned(), value);
+    }
+    TestRow(values)
+}
+
+/// One row of `sql` (SQLite's `?` placeholders; renumbered for PostgreSQL) with `bind`, from
+/// whichever backend `store` is on.
+pub async fn test_row(store: &ehrsync::store::Store, sql: &'static str, bind: &str) -> TestRow {
+    use ehrsync::store::backend::{Backend, postgres};
+    let (db, bind) = (store.db().clone(), bind.to_owned());
+    ehrsync::store::shielded(async move {
+        Ok(match &db {
+            Backend::Sqlite(p) => row_values(&sqlx::query(sql).bind(bind).fetch_one(p).await?),
+            Backend::Postgres(p) => {
+                row_values(&postgres::query(sql).bind(bind).fetch_one(p).await?)
+            }
+        })
+    })
+    .await
+    .unwrap()
+}
+
+/// `sql`'s one integer, from whichever backend `store` is on; the database's error as text.
+pub async fn scalar(store: &ehrsync::store::Store, sql: &'static str) -> Result<i64, String> {
+    use ehrsync::store::backend::{Backend, postgres};
+    let db = store.db().clone();
+    // Shielded like every store call, so paused time does not jump during the query.
+    ehrsync::store::shielded(async move {
+        Ok(match &db {
+            Backend::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await?,
+            Backend::Postgres(p) => postgres::query_scalar(sql).fetch_one(p).await?,
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// The token engine's shared parts for a test: a database (see [`fresh_database`]) and a token
+/// key in `dir` (`ehrsync.key`), a 30 s HTTP client and fresh metrics.
 pub async fn shared_in(
     dir: &Path,
     clock: ehrsync::clock::SharedClock,
 ) -> ehrsync::token::owner::Shared {
-    let store = ehrsync::store::Store::open(&dir.join("ehrsync.db"))
+    let store = ehrsync::store::Store::open(fresh_database(dir))
         .await
         .expect("open the store");
     let cipher = cipher_in(&dir.join("ehrsync.key"));

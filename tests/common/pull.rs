@@ -7,7 +7,6 @@ use std::time::Duration;
 use ehrsync::clock::{SharedClock, TokioClock};
 use ehrsync::config::{self, Account, Env};
 use ehrsync::sandbox::{self, Lifetimes, Sandbox};
-use ehrsync::store::shielded;
 use ehrsync::sync::{JobRunner, RunOptions, RunSummary, SyncShared, api_client};
 use ehrsync::token::Timestamp;
 use ehrsync::token::owner::{Shared, TokenHandle, spawn};
@@ -113,19 +112,13 @@ impl Harness {
     }
 
     pub async fn scalar(&self, sql: &'static str) -> i64 {
-        let pool = self.shared.store.pool().clone();
-        // Shielded like every store call, so paused time does not jump during the query.
-        shielded(async move { Ok(sqlx::query_scalar(sql).fetch_one(&pool).await?) })
-            .await
-            .unwrap()
+        self.try_scalar(sql).await.unwrap()
     }
 
-    /// One row of `sql` with `bind` as its parameter.
-    pub async fn row(&self, sql: &'static str, bind: &str) -> sqlx::sqlite::SqliteRow {
-        let (pool, bind) = (self.shared.store.pool().clone(), bind.to_owned());
-        shielded(async move { Ok(sqlx::query(sql).bind(bind).fetch_one(&pool).await?) })
-            .await
-            .unwrap()
+    /// One row of `sql` (written with SQLite's `?`) with `bind` as its parameter, its columns
+    /// as text (numbers too) by name.
+    pub async fn row(&self, sql: &'static str, bind: &str) -> super::TestRow {
+        super::test_row(&self.shared.store, sql, bind).await
     }
 
     pub async fn rows(&self) -> i64 {
@@ -183,12 +176,9 @@ impl Harness {
         let _ = self.owner.await;
     }
 
-    /// `sql`'s one value, or SQLite's error.
+    /// `sql`'s one value, or the database's error.
     pub async fn try_scalar(&self, sql: &'static str) -> Result<i64, String> {
-        let pool = self.shared.store.pool().clone();
-        shielded(async move { Ok(sqlx::query_scalar(sql).fetch_one(&pool).await?) })
-            .await
-            .map_err(|e| e.to_string())
+        super::scalar(&self.shared.store, sql).await
     }
 
     pub async fn last_run(&self) -> ehrsync::store::SyncRunRow {
