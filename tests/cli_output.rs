@@ -46,8 +46,9 @@ async fn sandbox_config(dir: &std::path::Path) -> (Sandbox, String) {
         .unwrap();
     sandbox.set_patients(120);
     let config = format!(
-        "[agent]\ndatabase = 'state/ehrsync.db'\n{}\
+        "[agent]\n{}{}\
          [[accounts.nx.jobs]]\nname = 'patients'\nkind = 'fhir'\nschedule = '0 0 3 * * *'\npage_size = 50\n",
+        common::database_lines("state/ehrsync.db"),
         sandbox.account_config(Vendor::Nextech, "nx")
     );
     let path = common::write_config(dir, &config);

@@ -3,6 +3,8 @@
 //! again after a day or (at most once a minute) when an endpoint failed, a changed document
 //! taken up, and a stale copy used while the provider cannot be reached.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +25,7 @@ async fn discovery_is_cached_shared_kept_across_restarts_and_refreshed_when_stal
     let issuer = sandbox.issuer();
     let fetches = || sandbox.requests(Vendor::NetHealth, "discovery");
     let dir = tempfile::tempdir().unwrap();
-    let store = ehrsync::store::Store::open(&dir.path().join("ehrsync.db"))
+    let store = ehrsync::store::Store::open(common::fresh_database(dir.path()))
         .await
         .unwrap();
     let http = ehrsync::token::client::http_client(Duration::from_secs(5)).unwrap();

@@ -11,7 +11,10 @@ use ehrsync::vendor::Vendor;
 
 /// A config in `dir` with `accounts` (sections as [`Sandbox::account_config`] writes them).
 fn config(dir: &Path, accounts: &str) -> String {
-    let text = format!("[agent]\ndatabase = 'state/ehrsync.db'\n{accounts}");
+    let text = format!(
+        "[agent]\n{}{accounts}",
+        common::database_lines("state/ehrsync.db")
+    );
     let path = common::write_config(dir, &text);
     path.to_str().unwrap().to_owned()
 }
@@ -279,7 +282,10 @@ async fn doctor_with_private_ca(days: u32, trust_it: bool) -> (common::Run, u16)
     } else {
         String::new()
     };
-    let text = format!("[agent]\ndatabase = 'state/ehrsync.db'\n{agent}{section}");
+    let text = format!(
+        "[agent]\n{}{agent}{section}",
+        common::database_lines("state/ehrsync.db")
+    );
     let config = common::write_config(dir.path(), &text);
     let run = doctor(config.to_str().unwrap(), None, &sandbox::credentials_env());
     drop(server);

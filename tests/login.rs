@@ -160,20 +160,20 @@ fn lone_config(sandbox: &Sandbox) -> (tempfile::TempDir, std::path::PathBuf) {
     let path = common::write_config(
         dir.path(),
         &format!(
-            "[agent]\ndatabase = 'ehrsync.db'\n{}",
+            "[agent]\n{}{}",
+            common::database_lines("ehrsync.db"),
             sandbox.account_config(Vendor::NetHealth, ACCOUNT)
         ),
     );
     (dir, path)
 }
 
-/// Whether `ACCOUNT` has tokens stored in the database at `dir`.
+/// Whether `ACCOUNT` has tokens stored in the database of the config in `dir`.
 async fn tokens_stored(dir: &std::path::Path) -> bool {
-    let db = dir.join("ehrsync.db");
-    if !db.exists() {
+    let db = common::database_of(&dir.join("ehrsync.toml"));
+    let Ok(Some(store)) = ehrsync::store::Store::open_read_only(&db).await else {
         return false;
-    }
-    let store = ehrsync::store::Store::open(&db).await.unwrap();
+    };
     let record = store.load_token(ACCOUNT).await.unwrap();
     store.close().await;
     record.is_some_and(|r| r.access_token.is_some())
@@ -304,9 +304,10 @@ async fn login_and_status_read_no_other_accounts_secrets() {
     let config = common::write_config(
         dir.path(),
         &format!(
-            "[agent]\ndatabase = 'ehrsync.db'\n{}\n\
+            "[agent]\n{}{}\n\
              [accounts.niko]\nvendor = 'nikohealth'\ndomain = 'acme'\nclient_id = 'c'\n\
              client_secret = {{ credential = 'niko-secret' }}\n",
+            common::database_lines("ehrsync.db"),
             sandbox.account_config(Vendor::NetHealth, ACCOUNT)
         ),
     );
@@ -345,7 +346,8 @@ async fn a_password_account_logs_in_once_at_once_and_a_wrong_password_is_reporte
     let config = common::write_config(
         dir.path(),
         &format!(
-            "[agent]\ndatabase = 'ehrsync.db'\n{}",
+            "[agent]\n{}{}",
+            common::database_lines("ehrsync.db"),
             sandbox.account_config(Vendor::Nextech, "nx")
         ),
     );
@@ -368,7 +370,7 @@ async fn a_password_account_logs_in_once_at_once_and_a_wrong_password_is_reporte
     assert!(stdout.contains("Logged in: account nx"), "{stdout}");
     assert!(stdout.contains("refresh token expires"), "{stdout}");
     assert_eq!(sandbox.requests(Vendor::Nextech, "password"), 2);
-    let store = ehrsync::store::Store::open(&dir.path().join("ehrsync.db"))
+    let store = ehrsync::store::Store::open(common::database_of(&config))
         .await
         .unwrap();
     let record = store.load_token("nx").await.unwrap().unwrap();

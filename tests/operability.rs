@@ -241,8 +241,9 @@ fn sync_with(
     assert!(account.contains(token_url), "{account}");
     let ca = ca.map_or_else(String::new, |ca| format!("ca_file = '{}'\n", ca.display()));
     let config = format!(
-        "[agent]\ndatabase = 'ehrsync.db'\n{ca}{account}[[accounts.niko.jobs]]\nname = 'patients'\n\
-         kind = 'nikohealth_patients'\nschedule = '0 0 0 1 1 *'\ntoken_wait = '3s'\n"
+        "[agent]\n{}{ca}{account}[[accounts.niko.jobs]]\nname = 'patients'\n\
+         kind = 'nikohealth_patients'\nschedule = '0 0 0 1 1 *'\ntoken_wait = '3s'\n",
+        common::database_lines("ehrsync.db")
     );
     let path = common::write_config(dir.path(), &config);
     let mut all_env = sandbox::credentials_env();

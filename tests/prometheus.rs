@@ -158,8 +158,10 @@ where
 }
 
 fn agent_config(sandbox: &Sandbox, port: u16) -> String {
-    let mut config =
-        format!("[agent]\ndatabase = 'state/ehrsync.db'\nmetrics_listen = '127.0.0.1:{port}'\n");
+    let mut config = format!(
+        "[agent]\n{}metrics_listen = '127.0.0.1:{port}'\n",
+        common::database_lines("state/ehrsync.db")
+    );
     config.push_str(&sandbox.account_config(Vendor::Nextech, "nx"));
     config.push_str(
         "[[accounts.nx.jobs]]\nname = 'patients'\nkind = 'fhir'\nschedule = '0 0 * * * *'\n",

@@ -19,8 +19,10 @@ async fn run_serves_metrics_and_readiness_and_stops_on_sigterm() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();
-    let mut config =
-        format!("[agent]\ndatabase = 'state/ehrsync.db'\nmetrics_listen = '127.0.0.1:{port}'\n");
+    let mut config = format!(
+        "[agent]\n{}metrics_listen = '127.0.0.1:{port}'\n",
+        common::database_lines("state/ehrsync.db")
+    );
     for (vendor, name) in [
         (Vendor::Nextech, "nx"),
         (Vendor::CareCentric, "cc"),

@@ -6,43 +6,38 @@
 mod common;
 
 use std::os::unix::net::UnixDatagram;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::agent::Agent;
 use ehrsync::clock::SystemClock;
+use ehrsync::config::Database;
 use ehrsync::sandbox::{self, ApiFault, Fault, Lifetimes, Sandbox};
 use ehrsync::vendor::Vendor;
-use sqlx::Connection;
-
-use common::agent::Agent;
-
-async fn connect(db: &Path) -> sqlx::SqliteConnection {
-    sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap()
-}
 
 /// The latest run of `job`: (outcome, pages, records, error).
-async fn latest_run(db: &Path, job: &str) -> Option<(String, i64, i64, Option<String>)> {
-    let mut c = connect(db).await;
-    sqlx::query_as(
+async fn latest_run(db: &Database, job: &str) -> Option<(String, i64, i64, Option<String>)> {
+    let rows = common::db_rows(
+        db,
         "SELECT outcome, pages, records, error FROM sync_runs WHERE job = ? ORDER BY id DESC LIMIT 1",
+        &[job],
     )
-    .bind(job)
-    .fetch_optional(&mut c)
-    .await
-    .ok()
-    .flatten()
+    .await?;
+    let r = rows.first()?;
+    Some((
+        r.text("outcome"),
+        r.int("pages"),
+        r.int("records"),
+        r.0.get("error").cloned().flatten(),
+    ))
 }
 
 /// Waits until the agent's first run of `job` has committed `pages` pages.
 async fn wait_for_pages(agent: &Agent, job: &str, pages: i64) {
     let since = Instant::now();
+    let db = agent.database();
     loop {
-        if agent.db().exists()
-            && let Some((outcome, done, ..)) = latest_run(&agent.db(), job).await
-        {
+        if let Some((outcome, done, ..)) = latest_run(&db, job).await {
             assert_eq!(outcome, "running", "log:\n{}", agent.log());
             if done >= pages {
                 return;
@@ -59,21 +54,17 @@ async fn wait_for_pages(agent: &Agent, job: &str, pages: i64) {
 
 /// An intact database holding exactly the records of the latest run's committed pages (a
 /// page's rows and the run's counts commit together).
-async fn assert_pages_intact(c: &mut sqlx::SqliteConnection) {
-    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
-        .fetch_one(&mut *c)
-        .await
-        .unwrap();
-    assert_eq!(check, "ok");
-    let (pages, records): (i64, i64) =
-        sqlx::query_as("SELECT pages, records FROM sync_runs ORDER BY id DESC LIMIT 1")
-            .fetch_one(&mut *c)
+async fn assert_pages_intact(db: &Database) {
+    if let Database::File(path) = db {
+        let check = common::db_rows(db, "PRAGMA integrity_check", &[])
             .await
-            .unwrap();
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM resources")
-        .fetch_one(&mut *c)
-        .await
-        .unwrap();
+            .unwrap_or_else(|| panic!("cannot read {}", path.display()));
+        assert_eq!(check[0].text("integrity_check"), "ok");
+    }
+    let pages = common::db_int(db, "SELECT pages FROM sync_runs ORDER BY id DESC LIMIT 1").await;
+    let records =
+        common::db_int(db, "SELECT records FROM sync_runs ORDER BY id DESC LIMIT 1").await;
+    let stored = common::db_int(db, "SELECT count(*) FROM resources").await;
     assert!(pages >= 1);
     assert_eq!(
         (stored, records),
@@ -84,16 +75,15 @@ async fn assert_pages_intact(c: &mut sqlx::SqliteConnection) {
 
 /// What a stop must leave: intact pages, the run `interrupted`, no run left `running`, no
 /// lease held, the token kept.
-async fn assert_consistent_after_stop(db: &Path) {
-    let mut c = connect(db).await;
-    assert_pages_intact(&mut c).await;
+async fn assert_consistent_after_stop(db: &Database) {
+    assert_pages_intact(db).await;
     let (outcome, ..) = latest_run(db, "patients").await.unwrap();
     assert_eq!(outcome, "interrupted");
-    let running: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM sync_runs WHERE outcome = 'running'")
-            .fetch_one(&mut c)
-            .await
-            .unwrap();
+    let running = common::db_int(
+        db,
+        "SELECT count(*) FROM sync_runs WHERE outcome = 'running'",
+    )
+    .await;
     assert_eq!(running, 0);
     for (table, sql) in [
         (
@@ -105,14 +95,21 @@ async fn assert_consistent_after_stop(db: &Path) {
             "SELECT count(*) FROM token_leases WHERE holder <> ''",
         ),
     ] {
-        let held: i64 = sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap();
+        let held = common::db_int(db, sql).await;
         assert_eq!(held, 0, "{table} released");
     }
-    let state: String = sqlx::query_scalar("SELECT state FROM token_state WHERE account = 'nx'")
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(state, "valid", "the token is kept for the next start");
+    let state = common::db_rows(
+        db,
+        "SELECT state FROM token_state WHERE account = 'nx'",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        state[0].text("state"),
+        "valid",
+        "the token is kept for the next start"
+    );
 }
 
 const JOB: &str = "[[accounts.nx.jobs]]\nname = 'patients'\nkind = 'fhir'\nresource = 'Patient'\n\
@@ -147,7 +144,7 @@ async fn sigterm_during_a_pull_commits_the_page_and_exits_0_within_the_grace() {
         took < Duration::from_secs(5),
         "took {took:?}, beyond the 5 s grace"
     );
-    assert_consistent_after_stop(&agent.db()).await;
+    assert_consistent_after_stop(&agent.database()).await;
     let log = agent.log();
     assert!(log.contains("stopping") && log.contains("stopped"), "{log}");
     assert!(!log.contains("it was cut off"), "{log}");
@@ -161,7 +158,7 @@ async fn a_page_write_that_outlasts_the_grace_is_cut_off_and_recorded_interrupte
     wait_for_pages(&agent, "patients", 1).await;
     // Another process holds the write lock for 3 s (under SQLite's 5 s busy timeout): the next
     // page's commit waits on it past the 1 s grace.
-    let holder = common::lock_database(agent.db(), Duration::from_secs(3));
+    let holder = common::lock_store(agent.database(), Duration::from_secs(3));
     let locked = Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
     agent.signal("TERM");
@@ -175,7 +172,7 @@ async fn a_page_write_that_outlasts_the_grace_is_cut_off_and_recorded_interrupte
     assert!(log.contains("it was cut off"), "{log}");
     // The row's error is the cut-off's, or none when the run's own `interrupted` outcome (also
     // waiting on the lock, and not cancelled by the cut-off) lands first: both are correct.
-    assert_consistent_after_stop(&agent.db()).await;
+    assert_consistent_after_stop(&agent.database()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -185,7 +182,7 @@ async fn a_second_sigterm_exits_at_once() {
     let mut agent = Agent::start(&config, "20s", &[]);
     wait_for_pages(&agent, "patients", 1).await;
     // The page commit is stuck behind another process's lock, so the first SIGTERM waits.
-    let holder = common::lock_database(agent.db(), Duration::from_secs(4));
+    let holder = common::lock_store(agent.database(), Duration::from_secs(4));
     tokio::time::sleep(Duration::from_millis(500)).await;
     agent.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -197,7 +194,7 @@ async fn a_second_sigterm_exits_at_once() {
     assert_eq!(status.code(), Some(128 + 15), "128 + SIGTERM");
     holder.join().unwrap();
     // Exiting mid-transaction loses nothing committed: SQLite's journal rolls back the rest.
-    assert_pages_intact(&mut connect(&agent.db()).await).await;
+    assert_pages_intact(&agent.database()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -208,8 +205,8 @@ async fn a_run_cut_off_by_a_reload_never_commits_its_page_and_the_reload_keeps_t
     wait_for_pages(&agent, "patients", 1).await;
     // Another process holds the write lock for 6 s, longer than SQLite's 5 s busy timeout:
     // the page being committed waits for it, past the reload's 1 s grace.
-    let holder = common::lock_database(agent.db(), Duration::from_secs(6));
-    let (_, committed, ..) = latest_run(&agent.db(), "patients").await.unwrap();
+    let holder = common::lock_store(agent.database(), Duration::from_secs(6));
+    let (_, committed, ..) = latest_run(&agent.database(), "patients").await.unwrap();
     tokio::time::sleep(Duration::from_millis(3500)).await;
     // The job changes (page size): the reload stops it, cutting the stuck run off.
     agent.rewrite(
@@ -245,23 +242,28 @@ async fn a_run_cut_off_by_a_reload_never_commits_its_page_and_the_reload_keeps_t
     assert_eq!(agent.wait_exit(Duration::from_secs(30)).code(), Some(0));
     let log = agent.log();
     assert!(log.contains("it was cut off"), "{log}");
-    let mut c = connect(&agent.db()).await;
-    let first: (String, i64, i64) = sqlx::query_as(
+    let db = agent.database();
+    let first = common::db_rows(
+        &db,
         "SELECT outcome, pages, records FROM sync_runs WHERE job = 'patients' ORDER BY id LIMIT 1",
+        &[],
     )
-    .fetch_one(&mut c)
     .await
     .unwrap();
     assert_eq!(
-        first,
+        (
+            first[0].text("outcome"),
+            first[0].int("pages"),
+            first[0].int("records")
+        ),
         ("interrupted".to_owned(), committed, committed * 100),
         "the cut-off run's page never committed; log:\n{log}"
     );
-    let running: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM sync_runs WHERE outcome = 'running'")
-            .fetch_one(&mut c)
-            .await
-            .unwrap();
+    let running = common::db_int(
+        &db,
+        "SELECT count(*) FROM sync_runs WHERE outcome = 'running'",
+    )
+    .await;
     assert_eq!(running, 0);
 }
 
@@ -273,7 +275,7 @@ async fn a_run_killed_mid_pull_is_repeated_at_start_up_and_the_count_is_exact() 
     wait_for_pages(&agent, "patients", 3).await;
     agent.signal("KILL");
     agent.wait_exit(Duration::from_secs(5));
-    let (outcome, killed_at, ..) = latest_run(&agent.db(), "patients").await.unwrap();
+    let (outcome, killed_at, ..) = latest_run(&agent.database(), "patients").await.unwrap();
     assert_eq!(
         outcome, "running",
         "nobody recorded the end of the killed run"
@@ -283,7 +285,7 @@ async fn a_run_killed_mid_pull_is_repeated_at_start_up_and_the_count_is_exact() 
     agent.restart();
     let since = Instant::now();
     let finished = loop {
-        if let Some(run) = latest_run(&agent.db(), "patients").await
+        if let Some(run) = latest_run(&agent.database(), "patients").await
             && run.0 != "running"
         {
             break run;
@@ -304,16 +306,16 @@ async fn a_run_killed_mid_pull_is_repeated_at_start_up_and_the_count_is_exact() 
         agent.log()
     );
     assert!(killed_at >= 3);
-    let mut c = connect(&agent.db()).await;
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM resources")
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
+    let db = agent.database();
+    let stored = common::db_int(&db, "SELECT count(*) FROM resources").await;
     assert_eq!(stored, 3_000, "every patient exactly once");
-    let outcomes: Vec<String> = sqlx::query_scalar("SELECT outcome FROM sync_runs ORDER BY id")
-        .fetch_all(&mut c)
-        .await
-        .unwrap();
+    let outcomes: Vec<String> =
+        common::db_rows(&db, "SELECT outcome FROM sync_runs ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.text("outcome"))
+            .collect();
     assert_eq!(outcomes, ["interrupted", "success"]);
     let log = agent.log();
     assert!(log.contains("its last run did not complete"), "{log}");

@@ -88,7 +88,7 @@ async fn three_agents_on_one_database_keep_300_accounts_valid_through_a_kill() {
     sandbox.delay_answers(Some(Duration::from_millis(50)));
 
     let dir = tempfile::tempdir().unwrap();
-    let mut config = String::from("[agent]\ndatabase = 'state/ehrsync.db'\n");
+    let mut config = format!("[agent]\n{}", common::database_lines("state/ehrsync.db"));
     let shared_url = sandbox.token_url(Vendor::Nextech).to_string();
     for i in 0..ACCOUNTS {
         let own_url = sandbox.tenant_token_url(&format!("t{i:04}")).to_string();

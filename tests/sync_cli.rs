@@ -21,7 +21,10 @@ async fn sandbox_with_config(
         .await
         .unwrap();
     sandbox.set_patients(1_050);
-    let mut config = format!("[agent]\ndatabase = 'state/ehrsync.db'\n{extra_agent}");
+    let mut config = format!(
+        "[agent]\n{}{extra_agent}",
+        common::database_lines("state/ehrsync.db")
+    );
     config.push_str(&sandbox.account_config(Vendor::Nextech, "nx"));
     config.push_str(&sandbox.account_config(Vendor::NikoHealth, "niko"));
     config.push_str(

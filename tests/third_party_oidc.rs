@@ -735,7 +735,8 @@ async fn ehrsync_login_device_completes_through_the_providers_device_pages() {
     let config = common::write_config(
         dir.path(),
         &format!(
-            "[agent]\ndatabase = 'ehrsync.db'\n{}",
+            "[agent]\n{}{}",
+            common::database_lines("ehrsync.db"),
             account_config(&provider.issuer)
         ),
     );

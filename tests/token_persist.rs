@@ -56,7 +56,7 @@ fn file_contains(path: &std::path::Path, needle: &str) -> bool {
 #[tokio::test]
 async fn a_valid_stored_token_is_reused_after_restart_and_never_stored_in_clear() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ehrsync.db");
+    let db = common::fresh_database(dir.path());
     let key = dir.path().join("ehrsync.key");
     let store = Store::open(&db).await.unwrap();
     let cipher = common::cipher_in(&key);
@@ -72,13 +72,31 @@ async fn a_valid_stored_token_is_reused_after_restart_and_never_stored_in_clear(
         .await
         .unwrap();
 
-    for file in ["ehrsync.db", "ehrsync.db-wal"] {
-        let path = dir.path().join(file);
-        for secret in [ACCESS, REFRESH] {
-            assert!(
-                !file_contains(&path, secret),
-                "{secret} in {file} as plain text"
-            );
+    match &db {
+        ehrsync::config::Database::File(_) => {
+            for file in ["ehrsync.db", "ehrsync.db-wal"] {
+                let path = dir.path().join(file);
+                for secret in [ACCESS, REFRESH] {
+                    assert!(
+                        !file_contains(&path, secret),
+                        "{secret} in {file} as plain text"
+                    );
+                }
+            }
+        }
+        ehrsync::config::Database::Postgres { .. } => {
+            for secret in [ACCESS, REFRESH] {
+                let found = common::db_rows(
+                    &db,
+                    "SELECT count(*) AS n FROM token_state WHERE strpos(encode(\
+                     coalesce(access_token, ''::bytea) || coalesce(refresh_token, ''::bytea), \
+                     'escape'), ?) > 0",
+                    &[secret],
+                )
+                .await
+                .unwrap();
+                assert_eq!(found[0].int("n"), 0, "{secret} stored as plain text");
+            }
         }
     }
     store.close().await;
@@ -112,7 +130,9 @@ async fn a_valid_stored_token_is_reused_after_restart_and_never_stored_in_clear(
 #[tokio::test]
 async fn a_changed_key_means_a_clean_login_again() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("ehrsync.db")).await.unwrap();
+    let store = Store::open(common::fresh_database(dir.path()))
+        .await
+        .unwrap();
     let first = common::cipher_in(&dir.path().join("a.key"));
     let t0 = now();
     store
@@ -138,7 +158,9 @@ async fn a_changed_key_means_a_clean_login_again() {
 #[tokio::test]
 async fn needs_login_survives_a_restart_without_a_new_attempt() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("ehrsync.db")).await.unwrap();
+    let store = Store::open(common::fresh_database(dir.path()))
+        .await
+        .unwrap();
     let cipher = common::cipher_in(&dir.path().join("k"));
     let t0 = now();
     let mut core = Core::new(policy(), 1);

@@ -102,48 +102,67 @@ fn patient(rng: &mut fastrand::Rng, id: &str, v: u32) -> Value {
 /// Every row of every view table, and every row the views give evaluated from scratch over
 /// the live records: both as sorted text, to compare.
 async fn actual_and_expected(store: &Store, views: &ViewSet) -> (Vec<String>, Vec<String>) {
-    let pool = store.sqlite_pool().unwrap();
+    use ehrsync::store::{ExportEvent, ExportQuery, ExportValue};
     let (mut actual, mut expected) = (Vec::new(), Vec::new());
+    // On PostgreSQL a column without a type holds text (see `store::views`).
+    let postgres = store.is_shared();
     for view in views.all() {
-        let rows: Vec<sqlx::sqlite::SqliteRow> = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT * FROM \"{}\"",
-            view.table
-        )))
-        .fetch_all(pool)
-        .await
-        .unwrap();
-        for r in rows {
-            use sqlx::{Row, TypeInfo, ValueRef};
-            let cells: Vec<String> = (0..r.len())
-                .map(|i| {
-                    let raw = r.try_get_raw(i).unwrap();
-                    match raw.type_info().name() {
-                        _ if raw.is_null() => "NULL".to_owned(),
-                        "INTEGER" => format!("i{}", r.get::<i64, _>(i)),
-                        "REAL" => format!("r{}", r.get::<f64, _>(i)),
-                        _ => format!("t{}", r.get::<String, _>(i)),
-                    }
-                })
-                .collect();
-            actual.push(format!("{} {}", view.name, cells.join("|")));
-        }
-        let records: Vec<(String, String, String)> = sqlx::query_as(
-            "SELECT account, id, data FROM resources WHERE resource_type = ? AND deleted_at IS NULL",
-        )
-        .bind(&view.resource_type)
-        .fetch_all(pool)
-        .await
-        .unwrap();
+        let table = ExportQuery::Table {
+            name: view.table.clone(),
+        };
+        store
+            .export(&table, None, |event| {
+                if let ExportEvent::Row(values) = event {
+                    let cells: Vec<String> = values
+                        .iter()
+                        .map(|v| match v {
+                            ExportValue::Null => "NULL".to_owned(),
+                            ExportValue::Integer(i) => format!("i{i}"),
+                            ExportValue::Real(f) => format!("r{f}"),
+                            ExportValue::Text(t) => format!("t{t}"),
+                        })
+                        .collect();
+                    actual.push(format!("{} {}", view.name, cells.join("|")));
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let mut records: Vec<(String, String, String)> = Vec::new();
+        let resources = ExportQuery::Resources {
+            resource_type: view.resource_type.clone(),
+        };
+        store
+            .export(&resources, None, |event| {
+                if let ExportEvent::Row(
+                    [
+                        ExportValue::Text(account),
+                        ExportValue::Text(id),
+                        ExportValue::Text(data),
+                    ],
+                ) = event
+                {
+                    records.push((account.to_string(), id.to_string(), data.to_string()));
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
         for (account, id, data) in records {
             let json: Value = serde_json::from_str(&data).unwrap();
             for row in view.evaluate(&json).unwrap_or_default() {
                 let cells: Vec<String> = [format!("t{account}"), format!("t{id}")]
                     .into_iter()
-                    .chain(row.into_iter().map(|v| match v {
-                        SqlValue::Null => "NULL".to_owned(),
-                        SqlValue::Integer(i) => format!("i{i}"),
-                        SqlValue::Real(f) => format!("r{f}"),
-                        SqlValue::Text(t) => format!("t{t}"),
+                    .chain(row.into_iter().zip(&view.columns).map(|(v, c)| {
+                        let text = postgres && c.sql_type == "ANY";
+                        match v {
+                            SqlValue::Null => "NULL".to_owned(),
+                            SqlValue::Integer(i) if text => format!("t{i}"),
+                            SqlValue::Real(f) if text => format!("t{f}"),
+                            SqlValue::Integer(i) => format!("i{i}"),
+                            SqlValue::Real(f) => format!("r{f}"),
+                            SqlValue::Text(t) => format!("t{t}"),
+                        }
                     }))
                     .collect();
                 expected.push(format!("{} {}", view.name, cells.join("|")));
@@ -228,7 +247,9 @@ async fn view_tables_equal_a_fresh_evaluation_after_random_changes() {
     let views = views();
     for seed in 1..=12u64 {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("v.db")).await.unwrap();
+        let store = Store::open(common::fresh_database(dir.path()))
+            .await
+            .unwrap();
         store.prepare_views(&views, 1).await.unwrap();
         let mut rng = fastrand::Rng::with_seed(seed);
         // Each account's live patients: id → version.
@@ -299,9 +320,10 @@ async fn view_tables_survive_a_process_killed_mid_page() {
     let views_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/views");
     std::fs::write(dir.path().join("names.json"), NAMES_VIEW).unwrap();
     let config = format!(
-        "[agent]\ndatabase = 'db/e.db'\n\
+        "[agent]\n{}\
          [[views]]\nfile = '{}'\n[[views]]\nfile = '{}'\n[[views]]\nfile = 'names.json'\n{}\
          [[accounts.nx.jobs]]\nname = 'patients'\nkind = 'fhir'\nschedule = '0 0 3 * * *'\npage_size = 500\n",
+        common::database_lines("db/e.db"),
         views_dir.join("patient_demographics.json").display(),
         views_dir.join("patient_contacts.json").display(),
         sandbox.account_config(ehrsync::vendor::Vendor::Nextech, "nx"),
@@ -332,7 +354,7 @@ async fn view_tables_survive_a_process_killed_mid_page() {
         child.wait().unwrap();
         // Changes between rounds, so the next run updates rows as well as adding them.
         sandbox.change_patients((0..50).map(|i| i * 13 + round));
-        let store = Store::open(&dir.path().join("db/e.db")).await.unwrap();
+        let store = Store::open(common::database_of(&path)).await.unwrap();
         let (actual, expected) = actual_and_expected(&store, &views).await;
         assert_eq!(actual.len(), expected.len(), "round {round}");
         assert!(
@@ -350,11 +372,10 @@ async fn view_tables_survive_a_process_killed_mid_page() {
         &env,
     );
     assert_eq!(done.code, Some(0), "{}", done.stderr);
-    let store = Store::open(&dir.path().join("db/e.db")).await.unwrap();
+    let store = Store::open(common::database_of(&path)).await.unwrap();
     let (actual, expected) = actual_and_expected(&store, &views).await;
     assert!(actual == expected);
-    let demographics: i64 = sqlx::query_scalar("SELECT count(*) FROM view_patient_demographics")
-        .fetch_one(store.sqlite_pool().unwrap())
+    let demographics = common::scalar(&store, "SELECT count(*) FROM view_patient_demographics")
         .await
         .unwrap();
     assert_eq!(demographics, 20_000);

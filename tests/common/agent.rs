@@ -15,6 +15,8 @@ pub struct Agent {
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub log: PathBuf,
+    /// The config's store lines (see [`super::database_lines`]), kept across rewrites.
+    database: String,
 }
 
 impl Drop for Agent {
@@ -24,9 +26,20 @@ impl Drop for Agent {
     }
 }
 
+/// An agent's config: a new store (`state/ehrsync.db`, or a new PostgreSQL database), the
+/// metrics port, the stop grace, then `body`.
 pub fn config_text(port: u16, body: &str, grace: &str) -> String {
+    config_with(
+        &super::database_lines("state/ehrsync.db"),
+        port,
+        body,
+        grace,
+    )
+}
+
+fn config_with(database: &str, port: u16, body: &str, grace: &str) -> String {
     format!(
-        "[agent]\ndatabase = 'state/ehrsync.db'\nmetrics_listen = '127.0.0.1:{port}'\nshutdown_grace = '{grace}'\n{body}"
+        "[agent]\n{database}metrics_listen = '127.0.0.1:{port}'\nshutdown_grace = '{grace}'\n{body}"
     )
 }
 
@@ -55,7 +68,8 @@ impl Agent {
     pub fn start(body: &str, grace: &str, extra_env: &[(&str, &str)]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let port = super::free_port();
-        let path = super::write_config(dir.path(), &config_text(port, body, grace));
+        let database = super::database_lines("state/ehrsync.db");
+        let path = super::write_config(dir.path(), &config_with(&database, port, body, grace));
         let log = dir.path().join("ehrsync.log");
         let child = spawn_run(&path, &log, extra_env);
         Agent {
@@ -63,6 +77,7 @@ impl Agent {
             dir,
             port,
             log,
+            database,
         }
     }
 
@@ -77,11 +92,20 @@ impl Agent {
     }
 
     pub fn rewrite(&self, body: &str, grace: &str) {
-        super::write_config(self.dir.path(), &config_text(self.port, body, grace));
+        super::write_config(
+            self.dir.path(),
+            &config_with(&self.database, self.port, body, grace),
+        );
     }
 
+    /// The SQLite file of an agent on SQLite (tests of the file itself).
     pub fn db(&self) -> PathBuf {
         self.dir.path().join("state/ehrsync.db")
+    }
+
+    /// The agent's store, as its config names it.
+    pub fn database(&self) -> ehrsync::config::Database {
+        super::database_of(&self.config_path())
     }
 
     pub fn log(&self) -> String {

@@ -260,6 +260,19 @@ pub async fn scalar(store: &ehrsync::store::Store, sql: &'static str) -> Result<
     .map_err(|e| e.to_string())
 }
 
+/// The store the config at `path` names (`agent.database`).
+pub fn database_of(path: &Path) -> ehrsync::config::Database {
+    ehrsync::config::load_scoped(
+        path,
+        &ehrsync::config::Env::default(),
+        &ehrsync::config::Secrets::None,
+    )
+    .expect("the test's config loads")
+    .config
+    .agent
+    .database
+}
+
 /// The token engine's shared parts for a test: a database (see [`fresh_database`]) and a token
 /// key in `dir` (`ehrsync.key`), a 30 s HTTP client and fresh metrics.
 pub async fn shared_in(
@@ -339,6 +352,17 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
 /// Holds SQLite's write lock on the database at `db` from another connection (as another
 /// process would) for `hold`, on a thread of its own; returns once the lock is taken.
 pub fn lock_database(db: PathBuf, hold: std::time::Duration) -> std::thread::JoinHandle<()> {
+    lock_store(ehrsync::config::Database::File(db), hold)
+}
+
+/// Holds the store's write lock from another connection (as another process would) for
+/// `hold`, on a thread of its own; returns once the lock is taken. SQLite: its one write lock
+/// (`BEGIN IMMEDIATE`). PostgreSQL: the tables every page and run write (`resources`,
+/// `sync_runs`), locked against writers (`EXCLUSIVE`), so that writes wait as on SQLite.
+pub fn lock_store(
+    database: ehrsync::config::Database,
+    hold: std::time::Duration,
+) -> std::thread::JoinHandle<()> {
     let (locked_tx, locked_rx) = std::sync::mpsc::channel();
     let holder = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -347,23 +371,85 @@ pub fn lock_database(db: PathBuf, hold: std::time::Duration) -> std::thread::Joi
             .expect("a runtime");
         rt.block_on(async {
             use sqlx::Connection;
-            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-                .await
-                .expect("connect");
-            sqlx::query("BEGIN IMMEDIATE")
-                .execute(&mut c)
-                .await
-                .expect("take the write lock");
-            locked_tx.send(()).expect("signal the lock");
-            std::thread::sleep(hold);
-            sqlx::query("ROLLBACK")
-                .execute(&mut c)
-                .await
-                .expect("release the lock");
+            match &database {
+                ehrsync::config::Database::File(db) => {
+                    let mut c =
+                        sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+                            .await
+                            .expect("connect");
+                    sqlx::query("BEGIN IMMEDIATE")
+                        .execute(&mut c)
+                        .await
+                        .expect("take the write lock");
+                    locked_tx.send(()).expect("signal the lock");
+                    std::thread::sleep(hold);
+                    sqlx::query("ROLLBACK")
+                        .execute(&mut c)
+                        .await
+                        .expect("release the lock");
+                }
+                ehrsync::config::Database::Postgres { url, .. } => {
+                    let mut c = sqlx::PgConnection::connect(url).await.expect("connect");
+                    let mut tx = c.begin().await.expect("begin");
+                    sqlx::query("LOCK TABLE resources, sync_runs IN EXCLUSIVE MODE")
+                        .execute(&mut *tx)
+                        .await
+                        .expect("lock the tables");
+                    locked_tx.send(()).expect("signal the lock");
+                    std::thread::sleep(hold);
+                    tx.rollback().await.expect("release the lock");
+                }
+            }
         });
     });
     locked_rx.recv().expect("the lock is taken");
     holder
+}
+
+/// Every row of `sql` (SQLite's `?` placeholders, each bound to the next of `binds`), read
+/// over a connection of its own from the store at `database`; `None` when it cannot be read
+/// (no database yet, or no such table).
+pub async fn db_rows(
+    database: &ehrsync::config::Database,
+    sql: &'static str,
+    binds: &[&str],
+) -> Option<Vec<TestRow>> {
+    use sqlx::Connection;
+    match database {
+        ehrsync::config::Database::File(db) => {
+            if !db.exists() {
+                return None;
+            }
+            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+                .await
+                .ok()?;
+            let mut q = sqlx::query(sql);
+            for b in binds {
+                q = q.bind(*b);
+            }
+            let rows = q.fetch_all(&mut c).await.ok()?;
+            Some(rows.iter().map(row_values).collect())
+        }
+        ehrsync::config::Database::Postgres { url, .. } => {
+            let mut c = sqlx::PgConnection::connect(url).await.ok()?;
+            let mut q = ehrsync::store::backend::postgres::query(sql);
+            for b in binds {
+                q = q.bind(*b);
+            }
+            let rows = q.fetch_all(&mut c).await.ok()?;
+            Some(rows.iter().map(row_values).collect())
+        }
+    }
+}
+
+/// The one integer `sql` gives, from the store at `database` (see [`db_rows`]).
+pub async fn db_int(database: &ehrsync::config::Database, sql: &'static str) -> i64 {
+    let rows = db_rows(database, sql, &[])
+        .await
+        .unwrap_or_else(|| panic!("cannot read {sql}"));
+    let row = rows.first().expect("one row");
+    let value = row.0.values().next().cloned().flatten().expect("a value");
+    value.parse().expect("an integer")
 }
 
 /// The PostgreSQL server the tests may use (`EHRSYNC_TEST_POSTGRES`, a URL; `.ci/test` starts
