@@ -203,6 +203,15 @@ fn create_key_file(path: &Path) -> Result<(), KeyError> {
             .map(|b| format!("{b:02x}"))
             .collect::<String>(),
     );
+    // Its directory, if missing, as the database's is made: private to this user. (Beside a
+    // SQLite database it exists already; with PostgreSQL the key may be the only file.)
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(dir).map_err(create_err)?;
+    }
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]

@@ -14,6 +14,8 @@ pub struct Metrics {
     pub refresh_token_expiry: GaugeVec,
     pub token_valid: IntGaugeVec,
     pub needs_login: IntGaugeVec,
+    /// 1 when this agent owns the account (refreshes its tokens and runs its jobs).
+    pub account_owned: IntGaugeVec,
     pub token_requests: IntCounterVec,
     pub token_request_duration: HistogramVec,
     /// How long after its planned moment a proactive refresh set out (all accounts together).
@@ -64,6 +66,11 @@ impl Metrics {
             needs_login: int_gauge(
                 "ehrsync_account_needs_login",
                 "1 when only a person can restore the account's access.",
+                &["account"],
+            )?,
+            account_owned: int_gauge(
+                "ehrsync_account_owned",
+                "1 when this agent owns the account: it refreshes the account's tokens and runs its jobs; agents sharing a database divide the accounts.",
                 &["account"],
             )?,
             token_requests: IntCounterVec::new(
@@ -190,6 +197,7 @@ impl Metrics {
             Box::new(m.refresh_token_expiry.clone()),
             Box::new(m.token_valid.clone()),
             Box::new(m.needs_login.clone()),
+            Box::new(m.account_owned.clone()),
             Box::new(m.token_requests.clone()),
             Box::new(m.token_request_duration.clone()),
             Box::new(m.token_refresh_lateness.clone()),
@@ -276,7 +284,7 @@ impl Metrics {
         for g in [&self.token_expiry, &self.refresh_token_expiry] {
             let _ = g.remove_label_values(&[account]);
         }
-        for g in [&self.token_valid, &self.needs_login] {
+        for g in [&self.token_valid, &self.needs_login, &self.account_owned] {
             let _ = g.remove_label_values(&[account]);
         }
     }

@@ -13,6 +13,7 @@
 //!   accounts keep their owners and tokens.
 
 mod plan;
+pub mod share;
 mod web;
 
 pub use plan::{Change, plan};
@@ -152,6 +153,29 @@ pub async fn run(
         clock.clone(),
         version,
     ));
+    // The division of accounts between agents sharing the database: looked at once before
+    // the accounts start, so that each starts knowing whether it is this agent's.
+    let configured: Vec<String> = config.accounts.iter().map(|a| a.name.to_string()).collect();
+    let (names_tx, names_rx) = watch::channel(configured.clone());
+    let mut claimer = share::Claimer::new(
+        store.clone(),
+        holder.clone(),
+        clock.clone(),
+        shared.metrics.clone(),
+        shared.ownership.clone(),
+    );
+    match claimer.round(&configured).await {
+        Ok(round) => tracing::info!(
+            owned = round.owned,
+            live_agents = round.live_agents,
+            "this agent owns {} of {} accounts",
+            round.owned,
+            configured.len()
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot claim account ownership yet; every account may be refreshed by this agent until the database answers"),
+    }
+    let (claimer_stop_tx, claimer_stop) = watch::channel(false);
+    let claimer = tokio::spawn(claimer.run(names_rx, claimer_stop));
     let (handles_tx, handles_rx) = watch::channel(Arc::new(Vec::new()));
     let (served_tx, served_rx) = watch::channel(crate::broker::ServedAccounts::default());
     let (clients_tx, clients_rx) = watch::channel(Arc::new(
@@ -184,11 +208,13 @@ pub async fn run(
         env,
         settings: config.agent.clone(),
         cleanup: JoinSet::new(),
+        names: names_tx,
     };
     for account in config.accounts {
         if let Err(e) = agent.start_account(account).await {
             agent.shutdown().await;
             heartbeat.abort();
+            claimer.abort();
             let _ = store.unregister_agent(&holder).await;
             store.close().await;
             return Err(e.into());
@@ -217,6 +243,7 @@ pub async fn run(
                 Err(e) => {
                     agent.shutdown().await;
                     heartbeat.abort();
+                    claimer.abort();
                     let _ = store.unregister_agent(&holder).await;
                     store.close().await;
                     return Err(e.into());
@@ -279,6 +306,11 @@ pub async fn run(
         tracing::warn!(
             "could not record every cut-off run in time; the next run of each job marks it interrupted"
         );
+    }
+    // The accounts given up, for the other agents to take over at once.
+    let _ = claimer_stop_tx.send(true);
+    if tokio::time::timeout(CLOSE_TIMEOUT, claimer).await.is_err() {
+        tracing::warn!("could not give the accounts up in time; their ownership expires on its own");
     }
     let _ = server_stop_tx.send(true);
     let _ = server.await;
@@ -349,6 +381,8 @@ struct Agent {
     /// waits for them (bounded) instead of leaving them detached, and a reload does not wait
     /// for them past its grace (the database may be what held the run up).
     cleanup: JoinSet<()>,
+    /// The accounts that run, for the claimer dividing them between agents (`share`).
+    names: watch::Sender<Vec<String>>,
 }
 
 struct AccountRun {
@@ -501,6 +535,8 @@ impl Agent {
             })
             .collect();
         self.served.send_replace(Arc::new(served));
+        self.names
+            .send_replace(self.accounts.keys().cloned().collect());
     }
 
     /// One line for logs and `systemctl status`.

@@ -110,6 +110,9 @@ pub struct AgentReport {
     pub heartbeat_at: Option<String>,
     /// A heartbeat within the last 45 s, and (on this host) a process that still exists.
     pub running: bool,
+    /// The accounts it owns (its unexpired ownership leases): agents sharing a database
+    /// divide the accounts.
+    pub owns: usize,
     #[serde(skip)]
     times: [Option<DateTime<Utc>>; 2],
 }
@@ -141,6 +144,9 @@ pub struct AccountReport {
     pub login_command: Option<String>,
     /// What to do about the account's state, when something is to be done.
     pub advice: Option<String>,
+    /// The agent that owns the account (refreshes its tokens, runs its jobs): its id, while its
+    /// ownership lease holds.
+    pub owner: Option<String>,
     pub jobs: Vec<JobReport>,
     #[serde(skip)]
     times: [Option<DateTime<Utc>>; 3],
@@ -199,7 +205,7 @@ pub async fn build_from(
         (Some(s), Some(_)) => s.broker_clients().await?,
         _ => Vec::new(),
     };
-    let (schema_version, mut tokens, mut runs, agents) = match store {
+    let (schema_version, mut tokens, mut runs, agents, owners) = match store {
         Some(s) => {
             let tokens: BTreeMap<String, TokenStateRow> = s
                 .token_states()
@@ -214,15 +220,29 @@ pub async fn build_from(
                 .map(|r| ((r.account.clone(), r.job.clone()), r))
                 .collect();
             let agents = s.agents().await?;
-            (Some(s.schema_version().await?), tokens, runs, agents)
+            let owners: BTreeMap<String, String> = s
+                .owners()
+                .await?
+                .into_iter()
+                .filter(|(_, l)| !l.holder.is_empty() && l.expires_at > now.timestamp())
+                .map(|(account, l)| (account, l.holder))
+                .collect();
+            (Some(s.schema_version().await?), tokens, runs, agents, owners)
         }
-        None => (None, BTreeMap::new(), BTreeMap::new(), Vec::new()),
+        None => (
+            None,
+            BTreeMap::new(),
+            BTreeMap::new(),
+            Vec::new(),
+            BTreeMap::new(),
+        ),
     };
     let stale = i64::try_from(crate::agent::HEARTBEAT_STALE.as_secs()).unwrap_or(45);
     let agents = agents
         .into_iter()
         .map(|a: AgentRow| AgentReport {
             running: a.alive(now.timestamp(), stale),
+            owns: owners.values().filter(|h| **h == a.id).count(),
             id: a.id,
             host: a.host,
             pid: a.pid,
@@ -286,6 +306,9 @@ pub async fn build_from(
             })
             .collect(),
     });
+    for a in &mut accounts {
+        a.owner = owners.get(&a.name).cloned();
+    }
     Ok(Report {
         database: config.agent.database.to_string(),
         database_exists: exists,
@@ -380,6 +403,7 @@ fn account_report(
         updated_at: rfc3339(row.as_ref().and_then(|r| at(Some(r.updated_at)))),
         note,
         login_command,
+        owner: None,
         jobs,
         times,
     }
@@ -557,8 +581,11 @@ impl fmt::Display for Report {
             let beat = a.times[1].map_or_else(|| "-".to_owned(), |t| relative(t, self.now));
             writeln!(
                 f,
-                "agent: running (pid {}, host {}, up {up}, heartbeat {beat})",
-                a.pid, a.host
+                "agent: running (pid {}, host {}, up {up}, heartbeat {beat}, owns {} account{})",
+                a.pid,
+                a.host,
+                a.owns,
+                if a.owns == 1 { "" } else { "s" }
             )?;
         }
         if !alive {

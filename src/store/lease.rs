@@ -96,11 +96,20 @@ pub enum LeaseKey {
     Token { account: String },
     /// Running a job (`job_leases`).
     Job { account: String, job: String },
+    /// Owning an account: refreshing its tokens and running its jobs while several agents
+    /// share the database (`account_owners`, see `agent::share`).
+    Owner { account: String },
 }
 
 impl LeaseKey {
     pub fn token(account: &str) -> LeaseKey {
         LeaseKey::Token {
+            account: account.to_owned(),
+        }
+    }
+
+    pub fn owner(account: &str) -> LeaseKey {
+        LeaseKey::Owner {
             account: account.to_owned(),
         }
     }
@@ -116,12 +125,13 @@ impl LeaseKey {
         match self {
             LeaseKey::Token { .. } => "token_leases",
             LeaseKey::Job { .. } => "job_leases",
+            LeaseKey::Owner { .. } => "account_owners",
         }
     }
 
     fn columns(&self) -> &'static str {
         match self {
-            LeaseKey::Token { .. } => "account",
+            LeaseKey::Token { .. } | LeaseKey::Owner { .. } => "account",
             LeaseKey::Job { .. } => "account, job",
         }
     }
@@ -129,14 +139,14 @@ impl LeaseKey {
     /// As many `?` as [`LeaseKey::columns`] names.
     fn placeholders(&self) -> &'static str {
         match self {
-            LeaseKey::Token { .. } => "?",
+            LeaseKey::Token { .. } | LeaseKey::Owner { .. } => "?",
             LeaseKey::Job { .. } => "?, ?",
         }
     }
 
     fn matches(&self) -> &'static str {
         match self {
-            LeaseKey::Token { .. } => "account = ?",
+            LeaseKey::Token { .. } | LeaseKey::Owner { .. } => "account = ?",
             LeaseKey::Job { .. } => "account = ? AND job = ?",
         }
     }
@@ -149,7 +159,7 @@ impl LeaseKey {
         for<'a> &'a str: Encode<'a, DB> + Type<DB>,
     {
         match self {
-            LeaseKey::Token { account } => q.bind(account.as_str()),
+            LeaseKey::Token { account } | LeaseKey::Owner { account } => q.bind(account.as_str()),
             LeaseKey::Job { account, job } => q.bind(account.as_str()).bind(job.as_str()),
         }
     }
@@ -371,6 +381,60 @@ impl Store {
                     pid_started: r.get(5),
                 }
             })))
+        })
+        .await
+    }
+}
+
+impl Store {
+    /// Every account's ownership lease as stored (`account_owners`), by account.
+    pub async fn owners(&self) -> Result<Vec<(String, LeaseRow)>, StoreError> {
+        self.shield(|s| async move {
+            let rows: Vec<(String, String, i64, i64, String, i64, i64)> =
+                on!(&s.db, pool, d => d::query_as(
+                    "SELECT account, holder, expires_at, generation, host, pid, pid_started \
+                     FROM account_owners ORDER BY account",
+                )
+                .fetch_all(pool)
+                .await)?;
+            Ok(rows
+                .into_iter()
+                .map(|(account, holder, expires_at, generation, host, pid, pid_started)| {
+                    let row = LeaseRow {
+                        holder,
+                        expires_at,
+                        generation,
+                        host,
+                        pid,
+                        pid_started,
+                    };
+                    (account, row)
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Extends every ownership lease `holder` still holds until `now + ttl`, in one
+    /// statement; returns those accounts with their generations. An account missing from the
+    /// answer was lost (taken over after this holder let it expire).
+    pub async fn renew_owned(
+        &self,
+        holder: &Holder,
+        now: i64,
+        ttl: Duration,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let id = holder.id.clone();
+        let until = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+        self.shield(|s| async move {
+            Ok(on!(&s.lease_db, pool, d => d::query_as(
+                "UPDATE account_owners SET expires_at = ? WHERE holder = ? \
+                 RETURNING account, generation",
+            )
+            .bind(until)
+            .bind(&id)
+            .fetch_all(pool)
+            .await)?)
         })
         .await
     }

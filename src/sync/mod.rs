@@ -232,6 +232,9 @@ pub struct SyncShared {
     pub views: ViewSet,
     /// How long `changes` rows are kept.
     pub changes_retention: Duration,
+    /// Which accounts this agent owns among agents sharing the database: the jobs of an account
+    /// another agent owns are that agent's to run.
+    pub ownership: Arc<crate::token::ownership::Ownership>,
 }
 
 impl SyncShared {
@@ -245,6 +248,7 @@ impl SyncShared {
             holder: shared.holder.clone(),
             views: ViewSet::default(),
             changes_retention: crate::config::DEFAULT_CHANGES_RETENTION,
+            ownership: shared.ownership.clone(),
         }
     }
 }
@@ -441,6 +445,13 @@ impl JobRunner {
         };
         let store = &self.shared.store;
         let now = self.shared.clock.now().unix_seconds();
+        if self.shared.ownership.owned_elsewhere(account) {
+            // Another agent sharing the database owns the account and runs its jobs.
+            tracing::debug!(account, job, "the account's owner is another agent; it runs the job");
+            summary.outcome = Outcome::Skipped;
+            summary.error = Some("the account is owned by another agent".to_owned());
+            return summary;
+        }
         let lease = match store
             .acquire(
                 &LeaseKey::job(account, job),

@@ -7,6 +7,7 @@
 pub mod client;
 pub mod core;
 pub mod owner;
+pub mod ownership;
 pub mod persist;
 pub mod pkce;
 pub mod response;

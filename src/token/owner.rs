@@ -24,9 +24,9 @@ use crate::oidc::Discovery;
 use crate::store::{Holder, Lease, LeaseKey, Store, TokenRecord};
 
 /// How long a token lease lasts: longer than any token request (30 s timeout) plus storing it.
-/// A holder on this host whose process is gone is taken over at once; one elsewhere delays
-/// others by at most this.
-pub const LEASE_TTL: Duration = Duration::from_secs(120);
+/// A holder on this host whose process is gone is taken over at once; one elsewhere (paused,
+/// cut off, powered off) delays others by at most this.
+pub const LEASE_TTL: Duration = Duration::from_secs(45);
 /// How often a process waiting for another's lease looks for the tokens it stores.
 const LEASE_POLL: Duration = Duration::from_millis(500);
 /// How often an account in `needs_login` looks for tokens stored by `ehrsync login` (or by another
@@ -48,6 +48,9 @@ pub struct Shared {
     /// The command line an operator runs to log in again, up to the account name
     /// (`ehrsync --config /etc/ehrsync/ehrsync.toml login`): logged when an account needs it.
     pub login_command: Arc<str>,
+    /// Which accounts this process owns among agents sharing the database (off unless an
+    /// agent divides the work: see [`super::ownership`]).
+    pub ownership: Arc<super::ownership::Ownership>,
 }
 
 impl Shared {
@@ -68,6 +71,7 @@ impl Shared {
             holder: Arc::new(Holder::this_process()),
             discovery: Arc::new(discovery),
             login_command: "ehrsync login".into(),
+            ownership: Arc::default(),
         }
     }
 
@@ -559,12 +563,35 @@ impl Owner {
     }
 
     /// Waits until this process holds the account's token lease, unless another process
-    /// stores newer tokens first (then those are adopted and no request is made).
+    /// stores newer tokens first (then those are adopted and no request is made). While
+    /// another agent owns the account, this one only follows what that owner stores.
     async fn take_lease(&mut self) -> Taken {
         let name = self.account.name.to_string();
         let key = LeaseKey::token(&name);
+        let mut ownership = self.shared.ownership.subscribe();
         loop {
             let now = self.shared.clock.now().unix_seconds();
+            if !self.shared.ownership.may_request(&name, now) {
+                // Another agent owns the account (or this one's ownership lapsed, say while
+                // it was paused, and is being looked at again): it refreshes and stores.
+                let record = self.stored_record().await;
+                let plan = record.as_ref().and_then(|r| r.next_refresh_at);
+                if let Some(saved) = record.and_then(|r| self.newer(r)) {
+                    return Taken::Adopted(saved);
+                }
+                // Until the owner's plan, then as often as while waiting for a lease.
+                let wait = match plan {
+                    Some(at) if at > now => {
+                        Duration::from_secs(u64::try_from(at - now).unwrap_or(0) + 1)
+                    }
+                    _ => LEASE_POLL,
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = ownership.changed() => {}
+                }
+                continue;
+            }
             match self
                 .shared
                 .store
@@ -858,7 +885,7 @@ pub async fn store_login(
             }
             Ok(None) => {
                 return Err(
-                    "another ehrsync process held the account's token lease for over two minutes"
+                    "another ehrsync process held the account's token lease longer than the lease lasts"
                         .to_owned(),
                 );
             }
