@@ -205,7 +205,10 @@ fn create_key_file(path: &Path) -> Result<(), KeyError> {
     );
     // Its directory, if missing, as the database's is made: private to this user. (Beside a
     // SQLite database it exists already; with PostgreSQL the key may be the only file.)
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
         let mut builder = std::fs::DirBuilder::new();
         builder.recursive(true);
         #[cfg(unix)]

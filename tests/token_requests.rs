@@ -258,7 +258,7 @@ async fn a_sync_killed_mid_run_does_not_block_the_next_one() {
     .await;
     first.kill().unwrap();
     first.wait().unwrap();
-    // At once, not after the dead process's 120 s lease: its process is gone.
+    // At once, not after the dead process's 45 s lease: its process is gone.
     let run = sync_once(&path);
     assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("success"), "{}", run.stdout);

@@ -172,7 +172,9 @@ pub async fn run(
             round.owned,
             configured.len()
         ),
-        Err(e) => tracing::warn!(error = %e, "cannot claim account ownership yet; every account may be refreshed by this agent until the database answers"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot claim account ownership yet; every account may be refreshed by this agent until the database answers")
+        }
     }
     let (claimer_stop_tx, claimer_stop) = watch::channel(false);
     let claimer = tokio::spawn(claimer.run(names_rx, claimer_stop));
@@ -310,7 +312,9 @@ pub async fn run(
     // The accounts given up, for the other agents to take over at once.
     let _ = claimer_stop_tx.send(true);
     if tokio::time::timeout(CLOSE_TIMEOUT, claimer).await.is_err() {
-        tracing::warn!("could not give the accounts up in time; their ownership expires on its own");
+        tracing::warn!(
+            "could not give the accounts up in time; their ownership expires on its own"
+        );
     }
     let _ = server_stop_tx.send(true);
     let _ = server.await;

@@ -32,6 +32,8 @@ use crate::token::ownership::Ownership;
 pub const OWNER_TTL: Duration = Duration::from_secs(30);
 /// How often an agent renews its leases and looks at the division.
 pub const CLAIM_EVERY: Duration = Duration::from_secs(10);
+/// The shortest time between two rounds when owners ask for one early (an owner is late).
+const KICK_SPACING: Duration = Duration::from_secs(1);
 
 /// This agent's side of the division.
 pub struct Claimer {
@@ -256,10 +258,17 @@ impl Claimer {
         accounts: watch::Receiver<Vec<String>>,
         mut stop: watch::Receiver<bool>,
     ) {
+        let ownership = self.ownership.clone();
         loop {
             let jitter = Duration::from_millis(self.rng.u64(..1000));
+            let since = tokio::time::Instant::now();
             tokio::select! {
                 _ = tokio::time::sleep(CLAIM_EVERY - Duration::from_millis(500) + jitter) => {}
+                // An owner late with a refresh: look now, at most every KICK_SPACING.
+                _ = async {
+                    ownership.kicked().await;
+                    tokio::time::sleep_until(since + KICK_SPACING).await;
+                } => {}
                 _ = stop.wait_for(|s| *s) => break,
             }
             let list = accounts.borrow().clone();

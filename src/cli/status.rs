@@ -227,7 +227,13 @@ pub async fn build_from(
                 .filter(|(_, l)| !l.holder.is_empty() && l.expires_at > now.timestamp())
                 .map(|(account, l)| (account, l.holder))
                 .collect();
-            (Some(s.schema_version().await?), tokens, runs, agents, owners)
+            (
+                Some(s.schema_version().await?),
+                tokens,
+                runs,
+                agents,
+                owners,
+            )
         }
         None => (
             None,

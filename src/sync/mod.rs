@@ -33,10 +33,11 @@ use crate::views::ViewSet;
 use fetch::Fetcher;
 
 /// How long a job lease lasts without renewal. A run whose process is gone is taken over at
-/// once on its own host; elsewhere a crashed run blocks its job at most this long.
-pub const JOB_LEASE_TTL: Duration = Duration::from_secs(120);
+/// once on its own host; elsewhere (a crash, a pause, a cut-off) it blocks its job at most
+/// this long.
+pub const JOB_LEASE_TTL: Duration = Duration::from_secs(60);
 /// How often a running job renews its lease.
-const JOB_LEASE_RENEW: Duration = Duration::from_secs(30);
+const JOB_LEASE_RENEW: Duration = Duration::from_secs(20);
 /// Pages read ahead of the writer. When writing is the slower side they are committed
 /// together: fewer commits, and an index page touched by several pages is written once.
 const WAITING_PAGES: usize = 3;
@@ -447,7 +448,11 @@ impl JobRunner {
         let now = self.shared.clock.now().unix_seconds();
         if self.shared.ownership.owned_elsewhere(account) {
             // Another agent sharing the database owns the account and runs its jobs.
-            tracing::debug!(account, job, "the account's owner is another agent; it runs the job");
+            tracing::debug!(
+                account,
+                job,
+                "the account's owner is another agent; it runs the job"
+            );
             summary.outcome = Outcome::Skipped;
             summary.error = Some("the account is owned by another agent".to_owned());
             return summary;

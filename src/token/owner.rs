@@ -579,12 +579,16 @@ impl Owner {
                 if let Some(saved) = record.and_then(|r| self.newer(r)) {
                     return Taken::Adopted(saved);
                 }
-                // Until the owner's plan, then as often as while waiting for a lease.
+                // Until the owner's plan, then as often as while waiting for a lease. An owner
+                // late with its refresh may be gone: the claimer looks now, not at its round.
                 let wait = match plan {
                     Some(at) if at > now => {
                         Duration::from_secs(u64::try_from(at - now).unwrap_or(0) + 1)
                     }
-                    _ => LEASE_POLL,
+                    _ => {
+                        self.shared.ownership.kick();
+                        LEASE_POLL
+                    }
                 };
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}

@@ -22,6 +22,9 @@ pub struct Ownership {
     view: Mutex<View>,
     /// Bumped at every change of the view, so that waiting owners look again.
     changed: watch::Sender<u64>,
+    /// Asks the claimer to look at the division now: an owner is late with a refresh (it may
+    /// be gone), so this agent should not wait for the next round to find out.
+    kick: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -40,6 +43,7 @@ impl Default for Ownership {
         Ownership {
             view: Mutex::new(View::default()),
             changed: watch::Sender::new(0),
+            kick: tokio::sync::Notify::new(),
         }
     }
 }
@@ -75,6 +79,16 @@ impl Ownership {
     /// How many accounts this process owns.
     pub fn owned(&self) -> usize {
         self.lock().ours.len()
+    }
+
+    /// Asks for a look at the division before the next round is due.
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    /// Resolves once [`Ownership::kick`] was called (since the last time this resolved).
+    pub async fn kicked(&self) {
+        self.kick.notified().await;
     }
 
     /// Wakes when the view changes.
