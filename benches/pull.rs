@@ -11,8 +11,11 @@
 //! peak RSS (from `wait4`), at each size (default 100,000 and 1,000,000), so flat memory shows
 //! as equal RSS.
 //!
-//! Run: `cargo bench --bench pull [-- --runs 3 [--baseline PATH] 100000 1000000]`.
+//! Run: `cargo bench --bench pull [-- --runs 3 [--baseline PATH] [--postgres URL] 100000 1000000]`.
 //! `--baseline` also pulls with another ehrsync binary (an earlier build) for comparison.
+//! `--postgres` also pulls into PostgreSQL: a new database on that server (a URL of a role
+//! that may create databases, e.g. `postgres://postgres@127.0.0.1:5432/postgres`) per pull,
+//! with and without the views, beside the SQLite figures.
 
 #[cfg(target_os = "linux")]
 mod common;
@@ -45,7 +48,8 @@ mod bench {
     pub fn main() {
         let runs: usize = common::arg("--runs").unwrap_or(3);
         let baseline: Option<String> = common::arg("--baseline");
-        let sizes: Vec<u64> = common::positional(&["--runs", "--baseline"]);
+        let postgres: Option<String> = common::arg("--postgres");
+        let sizes: Vec<u64> = common::positional(&["--runs", "--baseline", "--postgres"]);
         let sizes = if sizes.is_empty() {
             vec![100_000, 1_000_000]
         } else {
@@ -101,6 +105,24 @@ mod bench {
             println!("    with two views:    {} patients/s", spread(&viewed, 0));
             println!("    views / no views:  {} %", spread(&view_share, 1));
             println!("    peak RSS (views):  {} MB", spread(&view_rss, 1));
+            if let Some(server) = &postgres {
+                let (mut pg, mut pg_rss, mut pg_views, mut pg_views_rss) =
+                    (vec![], vec![], vec![], vec![]);
+                for _ in 0..runs {
+                    common::flush_disks();
+                    let (rate, mb) = pg_pipeline(&runtime, &sandbox, n, false, server);
+                    pg.push(rate);
+                    pg_rss.push(mb);
+                    common::flush_disks();
+                    let (rate, mb) = pg_pipeline(&runtime, &sandbox, n, true, server);
+                    pg_views.push(rate);
+                    pg_views_rss.push(mb);
+                }
+                println!("    PostgreSQL pull:   {} patients/s", spread(&pg, 0));
+                println!("    its peak RSS:      {} MB", spread(&pg_rss, 1));
+                println!("    PostgreSQL, views: {} patients/s", spread(&pg_views, 0));
+                println!("    its peak RSS:      {} MB", spread(&pg_views_rss, 1));
+            }
             if let Some(dir) = last {
                 exports(&dir, n, runs);
                 lookups(&dir);
@@ -245,6 +267,75 @@ mod bench {
             .expect("count the stored patients");
         assert_eq!(stored, n as i64, "the pull stored every patient once");
         (n as f64 / secs, peak_kb as f64 / 1024.0, dir)
+    }
+
+    /// `ehrsync sync` of `n` patients into a new database on the PostgreSQL server `server`:
+    /// patients per second and the pull's peak RSS (MB).
+    fn pg_pipeline(
+        runtime: &tokio::runtime::Runtime,
+        sandbox: &Sandbox,
+        n: u64,
+        views: bool,
+        server: &str,
+    ) -> (f64, f64) {
+        use sqlx::Connection;
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let name = format!("ehrsync_bench_{}", std::process::id());
+        let url = runtime.block_on(async {
+            let mut admin = sqlx::PgConnection::connect(server)
+                .await
+                .expect("connect to --postgres");
+            for sql in [
+                format!("DROP DATABASE IF EXISTS {name}"),
+                format!("CREATE DATABASE {name}"),
+            ] {
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut admin)
+                    .await
+                    .expect("create the bench database");
+            }
+            let mut url = url::Url::parse(server).expect("--postgres is a URL");
+            url.set_path(&name);
+            url.to_string()
+        });
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/views");
+        let views = if views {
+            format!(
+                "[[views]]\nfile = '{}'\n[[views]]\nfile = '{}'\n",
+                shipped.join("patient_demographics.json").display(),
+                shipped.join("patient_contacts.json").display()
+            )
+        } else {
+            String::new()
+        };
+        let config = format!(
+            "[agent]\ndatabase = '{url}'\ntoken_key = {{ file = 'ehrsync.key' }}\n{views}{}\n[[accounts.nx.jobs]]\nname = 'patients'\nkind = 'fhir'\nschedule = '0 0 3 * * *'\npage_size = {PAGE}\n",
+            sandbox.account_config(Vendor::Nextech, "nx")
+        );
+        let path = dir.path().join("ehrsync.toml");
+        std::fs::write(&path, config).expect("write the config");
+        let started = Instant::now();
+        let child = Command::new(common::EHRSYNC)
+            .args(["sync", "nx", "patients", "--full", "--config"])
+            .arg(&path)
+            .env_clear()
+            .envs(sandbox::credentials_env())
+            .env("EHRSYNC_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("run ehrsync sync");
+        let (code, peak_kb) = common::wait_with_peak_rss(child);
+        let secs = started.elapsed().as_secs_f64();
+        assert_eq!(code, Some(0), "ehrsync sync into PostgreSQL failed");
+        let stored: i64 = runtime.block_on(async {
+            let mut c = sqlx::PgConnection::connect(&url).await.expect("connect");
+            sqlx::query_scalar("SELECT count(*) FROM resources")
+                .fetch_one(&mut c)
+                .await
+                .expect("count the stored patients")
+        });
+        assert_eq!(stored, n as i64, "the pull stored every patient once");
+        (n as f64 / secs, peak_kb as f64 / 1024.0)
     }
 
     /// Rows per second upserting the sandbox's `n` patients straight into SQLite. Only the
