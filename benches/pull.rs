@@ -233,6 +233,24 @@ mod bench {
         binary: &str,
     ) -> (f64, f64, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("a temporary directory");
+        let (secs, peak_kb) = timed_sync(sandbox, &dir, "database = 'ehrsync.db'\n", views, binary);
+        let stored: i64 = rusqlite::Connection::open(dir.path().join("ehrsync.db"))
+            .and_then(|c| c.query_row("SELECT count(*) FROM resources", [], |r| r.get(0)))
+            .expect("count the stored patients");
+        assert_eq!(stored, n as i64, "the pull stored every patient once");
+        (n as f64 / secs, peak_kb as f64 / 1024.0, dir)
+    }
+
+    /// `ehrsync sync --full` of the sandbox's patients by `binary`, with a config in `dir` whose
+    /// `[agent]` holds `database` (its lines) and, with `views`, the two shipped views: its
+    /// wall time (s) and peak RSS (KB).
+    fn timed_sync(
+        sandbox: &Sandbox,
+        dir: &tempfile::TempDir,
+        database: &str,
+        views: bool,
+        binary: &str,
+    ) -> (f64, u64) {
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/views");
         let views = if views {
             format!(
@@ -244,7 +262,7 @@ mod bench {
             String::new()
         };
         let config = format!(
-            "[agent]\ndatabase = 'ehrsync.db'\n{views}{}\n[[accounts.nx.jobs]]\nname = 'patients'\nkind = 'fhir'\nschedule = '0 0 3 * * *'\npage_size = {PAGE}\n",
+            "[agent]\n{database}{views}{}\n[[accounts.nx.jobs]]\nname = 'patients'\nkind = 'fhir'\nschedule = '0 0 3 * * *'\npage_size = {PAGE}\n",
             sandbox.account_config(Vendor::Nextech, "nx")
         );
         let path = dir.path().join("ehrsync.toml");
@@ -260,13 +278,8 @@ mod bench {
             .spawn()
             .expect("run ehrsync sync");
         let (code, peak_kb) = common::wait_with_peak_rss(child);
-        let secs = started.elapsed().as_secs_f64();
         assert_eq!(code, Some(0), "ehrsync sync failed");
-        let stored: i64 = rusqlite::Connection::open(dir.path().join("ehrsync.db"))
-            .and_then(|c| c.query_row("SELECT count(*) FROM resources", [], |r| r.get(0)))
-            .expect("count the stored patients");
-        assert_eq!(stored, n as i64, "the pull stored every patient once");
-        (n as f64 / secs, peak_kb as f64 / 1024.0, dir)
+        (started.elapsed().as_secs_f64(), peak_kb)
     }
 
     /// `ehrsync sync` of `n` patients into a new database on the PostgreSQL server `server`:
@@ -298,35 +311,8 @@ mod bench {
             url.set_path(&name);
             url.to_string()
         });
-        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/views");
-        let views = if views {
-            format!(
-                "[[views]]\nfile = '{}'\n[[views]]\nfile = '{}'\n",
-                shipped.join("patient_demographics.json").display(),
-                shipped.join("patient_contacts.json").display()
-            )
-        } else {
-            String::new()
-        };
-        let config = format!(
-            "[agent]\ndatabase = '{url}'\ntoken_key = {{ file = 'ehrsync.key' }}\n{views}{}\n[[accounts.nx.jobs]]\nname = 'patients'\nkind = 'fhir'\nschedule = '0 0 3 * * *'\npage_size = {PAGE}\n",
-            sandbox.account_config(Vendor::Nextech, "nx")
-        );
-        let path = dir.path().join("ehrsync.toml");
-        std::fs::write(&path, config).expect("write the config");
-        let started = Instant::now();
-        let child = Command::new(common::EHRSYNC)
-            .args(["sync", "nx", "patients", "--full", "--config"])
-            .arg(&path)
-            .env_clear()
-            .envs(sandbox::credentials_env())
-            .env("EHRSYNC_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("run ehrsync sync");
-        let (code, peak_kb) = common::wait_with_peak_rss(child);
-        let secs = started.elapsed().as_secs_f64();
-        assert_eq!(code, Some(0), "ehrsync sync into PostgreSQL failed");
+        let database = format!("database = '{url}'\ntoken_key = {{ file = 'ehrsync.key' }}\n");
+        let (secs, peak_kb) = timed_sync(sandbox, &dir, &database, views, common::EHRSYNC);
         let stored: i64 = runtime.block_on(async {
             let mut c = sqlx::PgConnection::connect(&url).await.expect("connect");
             sqlx::query_scalar("SELECT count(*) FROM resources")

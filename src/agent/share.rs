@@ -1,15 +1,16 @@
 //! Dividing the accounts between agents that share a database.
 //!
 //! Every [`CLAIM_EVERY`] this agent renews the ownership leases it holds (`account_owners`,
-//! one statement), looks at the live agents (the `agents` table: a fresh heartbeat, and on this
-//! host a process that exists) and takes its fair share of the accounts, `ceil(accounts /
-//! live agents)`:
+//! one statement) and its heartbeat, looks at the live agents (the `agents` table: a heartbeat
+//! younger than [`OWNER_TTL`], and on this host a process that exists) and takes its fair share
+//! of the accounts, `ceil(accounts / live agents)`:
 //!
 //! - an account whose owner is gone (its lease expired, or its process provably dead on this
 //!   host) is claimed at once, whatever the share: a survivor owns it before its next refresh;
 //! - an account nobody owns (never owned, or given up) is claimed while this agent holds
 //!   fewer than its share;
-//! - beyond its share, this agent gives accounts up, for the agents below theirs to claim.
+//! - beyond its share at two rounds running, this agent gives accounts up, for the agents below
+//!   theirs to claim.
 //!
 //! Claims are leases ([`Store::acquire`]): taking one is a single conditional upsert, so of two
 //! agents claiming the same account one wins, on SQLite and PostgreSQL alike; each new holder
@@ -44,6 +45,8 @@ pub struct Claimer {
     ownership: Arc<Ownership>,
     /// The ownership leases held, by account.
     ours: HashMap<String, Lease>,
+    /// This agent held more than its share at the last round.
+    over_share: bool,
     rng: fastrand::Rng,
 }
 
@@ -74,6 +77,7 @@ impl Claimer {
             metrics,
             ownership,
             ours: HashMap::new(),
+            over_share: false,
             rng: fastrand::Rng::new(),
         }
     }
@@ -125,11 +129,15 @@ impl Claimer {
             self.give_up(&account).await;
         }
 
-        let stale = i64::try_from(super::HEARTBEAT_STALE.as_secs()).unwrap_or(45);
+        // The agents sharing the work: each round renews its agent's heartbeat with its leases,
+        // so an agent whose heartbeat is older than a lease's lifetime has let its leases
+        // lapse too (paused, cut off, dead) and no longer counts, though `status` still calls
+        // it running for a while (45 s).
+        self.store.heartbeat(&self.holder, started).await?;
         let agents = self.store.agents().await?;
         let live: HashSet<&str> = agents
             .iter()
-            .filter(|a| a.alive(started, stale))
+            .filter(|a| a.alive(started, ttl))
             .map(|a| a.id.as_str())
             .chain(std::iter::once(self.holder.id()))
             .collect();
@@ -158,8 +166,10 @@ impl Claimer {
             }
         }
 
-        // Beyond the share: give some up (the ones claimed last go first, in no useful order).
-        if self.ours.len() > round.share {
+        // Beyond the share two rounds running (not for a moment, as when this agent has just
+        // taken a dead owner's accounts and that owner still counts): give some up.
+        let over = self.ours.len() > round.share;
+        if over && self.over_share {
             let mut extra: Vec<String> = self.ours.keys().cloned().collect();
             extra.sort();
             self.rng.shuffle(&mut extra);
@@ -168,6 +178,7 @@ impl Claimer {
                 round.released += 1;
             }
         }
+        self.over_share = over;
         // An owner that is gone: its accounts are taken now, whatever the share.
         for account in orphaned {
             if self.claim(&account).await? {
