@@ -27,6 +27,13 @@ const MAX_SLEEP: Duration = Duration::from_secs(300);
 pub trait Hooks: Send + 'static {
     /// A due occurrence found the previous run still going.
     fn skipped(&mut self, due: DateTime<Utc>);
+
+    /// Resolves when a run should start now, between occurrences (an agent sharing a database
+    /// took the account over from one that left a run unfinished). Dropped and called again
+    /// whenever an occurrence comes first. Never, by default.
+    fn due_now(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 impl<F: FnMut(DateTime<Utc>) + Send + 'static> Hooks for F {
@@ -165,6 +172,14 @@ pub async fn drive<S, Fut>(
         tokio::select! {
             _ = sleep_until(&clock, due) => {}
             _ = stop.wait_for(|s| *s) => break,
+            _ = hooks.due_now() => {
+                // Unless this process is running the job already.
+                if running.as_ref().is_none_or(|run| run.0.is_finished()) {
+                    running = Some(AbortOnDrop(tokio::spawn(start(reconcile_pending))));
+                    reconcile_pending = false;
+                }
+                continue;
+            }
         }
         last_due = Some(due);
         reconcile_pending |= sweep;

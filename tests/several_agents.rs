@@ -111,6 +111,45 @@ fn signal(child: &Child, signal: libc::c_int) {
     assert_eq!(sent, 0, "signal {signal} to {}", child.id());
 }
 
+/// Stops `child` (SIGSTOP) outside a write. A process stopped inside a write transaction on
+/// a SQLite file keeps the file's one write lock until it resumes, so every other agent's
+/// writes fail "busy" meanwhile: SQLite's nature, and why failover wants PostgreSQL, whose
+/// server ends a stalled session (`a_stalled_postgres_session_…` in `tests/store.rs`). On a
+/// file the test resumes such a process and stops it again a moment later.
+async fn stop_outside_a_write(child: &Child, database: &ehrsync::config::Database) {
+    use sqlx::{Connection, sqlite::SqliteConnectOptions};
+    for attempt in 1..=40 {
+        signal(child, libc::SIGSTOP);
+        let ehrsync::config::Database::File(path) = database else {
+            return;
+        };
+        // Another agent's own writes are short: wait for those, not for a stopped one's.
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .busy_timeout(Duration::from_millis(500));
+        let mut c = sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .unwrap();
+        if sqlx::query("BEGIN IMMEDIATE").execute(&mut c).await.is_ok() {
+            sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+            if attempt > 1 {
+                eprintln!("stopped outside a write at attempt {attempt}");
+            }
+            return;
+        }
+        signal(child, libc::SIGCONT);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the agent was inside a write at each of 40 tries to stop it");
+}
+
+/// The last lines of an agent's log, for a failure's message.
+fn log_tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
 /// Patients each account's job stores.
 const PATIENTS: u64 = 20;
 
@@ -222,7 +261,7 @@ async fn three_agents_divide_300_accounts_and_survive_a_kill_and_a_pause() {
         ),
     );
     tokio::time::sleep(Duration::from_millis(2_000)).await;
-    signal(&agents[1], libc::SIGSTOP);
+    stop_outside_a_write(&agents[1], &database).await;
     let paused = SystemClock.now();
     // What the paused agent was running: its job leases, and those runs' rows as they stand.
     let paused_id = common::db_rows(
@@ -263,8 +302,10 @@ async fn three_agents_divide_300_accounts_and_survive_a_kill_and_a_pause() {
     let (survivor, took) =
         owned_until(&ports[2..], Duration::from_secs(60), |c| c[0] == ACCOUNTS).await;
     assert_eq!(
-        survivor[0], ACCOUNTS,
-        "the last agent owns every account after {took:?}"
+        survivor[0],
+        ACCOUNTS,
+        "the last agent owns every account after {took:?}; its log ends:\n{}",
+        log_tail(&log(2))
     );
     // Paused until the other agent holds every job lease the paused one held (each expired,
     // and the job's next occurrence took it over): only then is there anything to fence.
@@ -440,4 +481,129 @@ async fn the_sandbox_counts_overlapping_token_requests_per_account() {
     let (a, b) = tokio::join!(post("t1"), post("t1"));
     assert!(a.is_ok() && b.is_ok());
     assert_eq!(sandbox.overlapping_token_requests(), 1);
+}
+
+/// A run cut short by its agent's death is repeated by the agent that takes the account over
+/// as soon as it does, from the last watermark: for a daily job, the next occurrence would be
+/// a day away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_new_owner_repeats_a_dead_owners_unfinished_run_at_once() {
+    const RECORDS: u64 = 40;
+    let sandbox = common::sandbox().await;
+    sandbox.set_patients(RECORDS);
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[agent]\n{}{}[[accounts.clinic.jobs]]\nname = 'patients'\nkind = 'fhir'\n\
+         resource = 'Patient'\nschedule = '0 0 3 * * *'\npage_size = 5\n",
+        common::database_lines("state/ehrsync.db"),
+        sandbox.account_config(Vendor::Nextech, "clinic"),
+    );
+    let path = common::write_config(dir.path(), &config);
+    let database = common::database_of(&path);
+    let log = |i: usize| dir.path().join(format!("agent{i}.log"));
+    // The first agent's run (it never ran: at once) reads its eight pages slowly.
+    sandbox.inject_api(
+        Vendor::Nextech,
+        std::iter::repeat_n(
+            ehrsync::sandbox::ApiFault::Http(ehrsync::sandbox::Fault::Slow(Duration::from_secs(2))),
+            8,
+        ),
+    );
+    let ports = [common::free_port(), common::free_port()];
+    let mut first = start_agent(&path, ports[0], &log(0));
+    let run_rows = || {
+        common::db_rows(
+            &database,
+            "SELECT id, outcome, records FROM sync_runs ORDER BY id",
+            &[],
+        )
+    };
+    let since = Instant::now();
+    let cut = loop {
+        let rows = run_rows().await.unwrap_or_default();
+        if let Some(run) = rows.iter().find(|r| r.int("records") > 0) {
+            break run.clone();
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(60),
+            "the first agent's run never stored a page:\n{}",
+            log_tail(&log(0))
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // A second agent joins while it runs; the account is the first one's.
+    let mut second = start_agent(&path, ports[1], &log(1));
+    let since = Instant::now();
+    while !ready(ports[1]).await {
+        assert!(
+            since.elapsed() < Duration::from_secs(60),
+            "the second agent never got ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        owned(ports[1]).await,
+        Some(0),
+        "the account was the first agent's"
+    );
+    assert_eq!(run_rows().await.unwrap()[0].text("outcome"), "running");
+
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let killed = Instant::now();
+    // The survivor sees the dead owner at its next round (at most `CLAIM_EVERY`) and repeats
+    // the run then; the remaining slow pages are its to read.
+    let started = loop {
+        let rows = run_rows().await.unwrap_or_default();
+        if rows.iter().any(|r| r.int("id") > cut.int("id")) {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < ehrsync::agent::share::OWNER_TTL,
+            "the run was not repeated after the takeover: {rows:?}\n{}",
+            log_tail(&log(1))
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let repeated = loop {
+        let rows = run_rows().await.unwrap_or_default();
+        if let Some(run) = rows.iter().find(|r| r.text("outcome") == "success") {
+            break run.clone();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(90),
+            "the repeated run did not succeed: {rows:?}\n{}",
+            log_tail(&log(1))
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "repeated {started:?} after the kill, done after {:?} ({} records were stored before it)",
+        killed.elapsed(),
+        cut.int("records")
+    );
+    assert!(repeated.int("id") > cut.int("id"));
+    let cut_now = common::db_rows(
+        &database,
+        "SELECT outcome FROM sync_runs WHERE CAST(id AS TEXT) = ?",
+        &[&cut.text("id")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(cut_now[0].text("outcome"), "interrupted");
+    assert_eq!(
+        common::db_rows(&database, "SELECT count(*) AS n FROM resources", &[])
+            .await
+            .unwrap()[0]
+            .int("n"),
+        RECORDS as i64,
+        "every record stored once"
+    );
+    assert!(
+        std::fs::read_to_string(log(1))
+            .unwrap()
+            .contains("took the account over")
+    );
+    signal(&second, libc::SIGTERM);
+    assert_eq!(second.wait().unwrap().code(), Some(0));
 }

@@ -569,3 +569,75 @@ async fn the_change_log_is_pruned_by_age() {
     .unwrap();
     assert_eq!(store.read_changes(&filter, 0, 100).await.unwrap()[0].seq, 6);
 }
+
+/// PostgreSQL's form of the busy timeout, and what ends a stopped agent's hold: a session
+/// left inside a transaction with a row locked (an agent stopped or cut off mid-write) makes
+/// another agent's write to that row fail after `BUSY_TIMEOUT` instead of waiting, and the
+/// server ends the stalled session after `IDLE_IN_TRANSACTION`, freeing the row.
+#[tokio::test]
+async fn a_stalled_postgres_session_holds_a_row_only_until_the_server_ends_it() {
+    use ehrsync::store::Holder;
+    use ehrsync::store::backend::{Backend, postgres};
+    if !common::on_postgres() {
+        eprintln!("skipped on SQLite: the file's own busy timeout is tested above");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let database = common::fresh_database(dir.path());
+    let stalled = Store::open(&database).await.unwrap();
+    let other = Store::open(&database).await.unwrap();
+    let holder = Holder::elsewhere("agent-b");
+    let Backend::Postgres(pool) = stalled.db() else {
+        panic!("a PostgreSQL store");
+    };
+    postgres::query(
+        "INSERT INTO account_owners (account, holder, expires_at, generation, host, pid, \
+         pid_started) VALUES ('a', 'agent-b', 0, 1, '', 0, 0)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    postgres::query("UPDATE account_owners SET generation = generation WHERE account = 'a'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let idle_from = std::time::Instant::now();
+
+    // The other agent's write waits for the lock only so long, then fails as "busy" would.
+    let waited = std::time::Instant::now();
+    let first = tokio::time::timeout(
+        store::BUSY_TIMEOUT * 3,
+        other.renew_owned(&holder, 100, Duration::from_secs(30)),
+    )
+    .await
+    .expect("the write gave up waiting for the lock");
+    assert!(first.is_err(), "the row was locked: {first:?}");
+    assert!(
+        waited.elapsed() >= store::BUSY_TIMEOUT,
+        "{:?}",
+        waited.elapsed()
+    );
+
+    // Once the server has ended the stalled session, the row is free again.
+    tokio::time::sleep(
+        (store::IDLE_IN_TRANSACTION + Duration::from_secs(1)).saturating_sub(idle_from.elapsed()),
+    )
+    .await;
+    let renewed = other
+        .renew_owned(&holder, 100, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(renewed, vec![("a".to_owned(), 1)]);
+    // The stalled agent, woken, finds its transaction gone: nothing it wrote is kept.
+    assert!(tx.commit().await.is_err(), "the stalled session was ended");
+    assert_eq!(
+        common::scalar(
+            &other,
+            "SELECT expires_at FROM account_owners WHERE account = 'a'"
+        )
+        .await
+        .unwrap(),
+        130
+    );
+}

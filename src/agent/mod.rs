@@ -865,8 +865,96 @@ pub async fn schedule_job(
             runner.run_once(options, &stop).await;
         }
     };
-    let skipped = move |due| skipping.skipped(due);
+    let hooks = JobHooks {
+        ownership: skipping.shared.ownership.subscribe(),
+        held: skipping.shared.ownership.holds(&account),
+        runner: skipping,
+    };
     Ok(tokio::spawn(scheduler::drive(
-        schedule, reconcile, clock, stop, due, start, skipped,
+        schedule, reconcile, clock, stop, due, start, hooks,
     )))
+}
+
+/// What a job's schedule hears besides its occurrences. Among agents sharing a database,
+/// the moment this agent takes the account over: a run the previous owner left unfinished
+/// (it died or was cut off mid-run), or an occurrence it missed, is repeated then, from the
+/// last completed run's watermark — not at the job's next occurrence, which for a daily job
+/// is a day away.
+struct JobHooks {
+    runner: Arc<JobRunner>,
+    /// Changes of the division of accounts.
+    ownership: watch::Receiver<u64>,
+    /// Whether this agent held the account at the last look.
+    held: bool,
+}
+
+impl scheduler::Hooks for JobHooks {
+    fn skipped(&mut self, due: chrono::DateTime<chrono::Utc>) {
+        self.runner.skipped(due);
+    }
+
+    async fn due_now(&mut self) {
+        loop {
+            let account = self.runner.account.name.as_str();
+            let holds = self.runner.shared.ownership.holds(account);
+            let gained = holds && !self.held;
+            self.held = holds;
+            if gained && let Some(reason) = self.due_after_takeover().await {
+                tracing::info!(account, job = %self.runner.job.name, reason = reason.as_str(),
+                    "took the account over; running the job now: {}", reason.explain());
+                return;
+            }
+            if self.ownership.changed().await.is_err() {
+                // The agent is going away; its stop ends the schedule.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+impl JobHooks {
+    /// Why the job runs now that this agent owns the account, if it does: as at an agent's
+    /// start (`scheduler::run_at_start`). A run still leased to the previous owner is waited
+    /// for until the lease ends (or its holder is seen dead), so that this run is not turned
+    /// away as "already running".
+    async fn due_after_takeover(&self) -> Option<scheduler::StartRun> {
+        let (account, job) = (
+            self.runner.account.name.as_str(),
+            self.runner.job.name.as_str(),
+        );
+        let (store, clock) = (&self.runner.shared.store, &self.runner.shared.clock);
+        loop {
+            let history = match store.job_history(account, job).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(account, job, error = %e,
+                        "cannot read the job's runs after taking the account over; it runs at its next occurrence");
+                    return None;
+                }
+            };
+            let now = clock.now();
+            let reason = scheduler::run_at_start(
+                &self.runner.job.schedule,
+                history.last_started,
+                history.last_outcome,
+                now,
+            )?;
+            let lease = store
+                .lease_row(&crate::store::LeaseKey::job(account, job))
+                .await
+                .ok()
+                .flatten();
+            let held_elsewhere = lease.filter(|l| {
+                !l.holder.is_empty()
+                    && l.holder != self.runner.shared.holder.id()
+                    && l.expires_at > now.unix_seconds()
+                    && !l.holder_is_dead()
+            });
+            let Some(lease) = held_elsewhere else {
+                return Some(reason);
+            };
+            let left = lease.expires_at.saturating_sub(now.unix_seconds());
+            tokio::time::sleep(Duration::from_secs(u64::try_from(left).unwrap_or(0) + 1)).await;
+        }
+    }
 }

@@ -212,6 +212,7 @@ impl Claimer {
             self.ours.keys().cloned().collect(),
             started.saturating_add(ttl),
             others,
+            started,
         );
         if round.claimed + round.taken_over + round.released > 0 {
             tracing::info!(
@@ -259,7 +260,8 @@ impl Claimer {
         for account in accounts {
             self.give_up(&account).await;
         }
-        self.ownership.set(HashSet::new(), 0, HashSet::new());
+        let now = self.clock.now().unix_seconds();
+        self.ownership.set(HashSet::new(), 0, HashSet::new(), now);
     }
 
     /// Runs rounds every [`CLAIM_EVERY`] (a little jittered) for the accounts `accounts` holds

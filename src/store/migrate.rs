@@ -147,6 +147,11 @@ pub async fn copy_to_postgres(
         return Err(MigrateError::InUse { agents, leases });
     }
     let mut write = target.begin().await?;
+    // The copy reads SQLite between its inserts; a large table must not look like a stalled
+    // agent to the server (`store::IDLE_IN_TRANSACTION`).
+    sqlx::query("SET LOCAL idle_in_transaction_session_timeout = 0")
+        .execute(&mut *write)
+        .await?;
     let mut copied = Vec::new();
     let mut samples: Vec<(usize, Vec<Value>)> = Vec::new();
     for (t, table) in tables.iter().enumerate() {

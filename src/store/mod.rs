@@ -53,6 +53,13 @@ pub static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres")
 /// How long a statement waits for another process's write lock before failing with "busy".
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a PostgreSQL session may sit inside a transaction without a statement before the
+/// server ends it. Every transaction the agent opens is a few statements with no network wait
+/// between them, so only a stopped or cut-off agent reaches this: the server then drops its
+/// session and the row locks it held, which would otherwise stall every other agent's writes
+/// to those rows until the process resumed or its TCP connection timed out.
+pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(15);
+
 /// SQLite allows one writer; a few readers beside it are all the agent needs.
 const MAX_CONNECTIONS: u32 = 4;
 /// Connections to a PostgreSQL store, per process: writers do not wait for each other there,
@@ -249,6 +256,15 @@ impl Store {
         options = options
             .application_name("ehrsync")
             .log_slow_statements(log::LevelFilter::Warn, BUSY_TIMEOUT);
+        // As SQLite's busy timeout: a statement waits this long for another session's lock,
+        // then fails ("busy"), and the caller retries as after any store error.
+        options = options.options([
+            ("lock_timeout", format!("{}ms", BUSY_TIMEOUT.as_millis())),
+            (
+                "idle_in_transaction_session_timeout",
+                format!("{}ms", IDLE_IN_TRANSACTION.as_millis()),
+            ),
+        ]);
         if read_only {
             options = options.options([("default_transaction_read_only", "on")]);
         }

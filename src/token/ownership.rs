@@ -96,18 +96,35 @@ impl Ownership {
         self.changed.subscribe()
     }
 
-    /// A new view: `ours` held until `valid_until`, `others` owned by live agents.
-    pub fn set(&self, ours: HashSet<String>, valid_until: i64, others: HashSet<String>) {
-        {
+    /// A new view at `now`: `ours` held until `valid_until`, `others` owned by live agents.
+    /// Waiters wake only when it means something new to them: a different division, or this
+    /// process's ownership renewed after it had lapsed (a woken agent may request again). A
+    /// round that only renews the leases wakes nobody.
+    pub fn set(&self, ours: HashSet<String>, valid_until: i64, others: HashSet<String>, now: i64) {
+        let news = {
             let mut view = self.lock();
+            let news = !view.on
+                || view.ours != ours
+                || view.others != others
+                || (view.valid_until <= now && valid_until > now);
             *view = View {
                 on: true,
                 ours,
                 valid_until,
                 others,
             };
+            news
+        };
+        if news {
+            self.changed.send_modify(|n| *n = n.wrapping_add(1));
         }
-        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Whether this process holds `account`'s ownership lease as last seen (however long ago
+    /// it was renewed); false with the view off.
+    pub fn holds(&self, account: &str) -> bool {
+        let view = self.lock();
+        view.on && view.ours.contains(account)
     }
 
     /// The division cannot be read (the database is unwell): every account may be requested
@@ -142,9 +159,20 @@ mod tests {
         let o = Ownership::default();
         assert!(o.may_request("a", 0) && o.owns("a", 0) && !o.owned_elsewhere("a"));
         let mut changes = o.subscribe();
-        o.set(set(&["a"]), 100, set(&["b"]));
+        o.set(set(&["a"]), 100, set(&["b"]), 50);
         assert!(changes.has_changed().unwrap());
         changes.mark_unchanged();
+        // A renewal that changes nothing wakes nobody; one after a lapse does.
+        o.set(set(&["a"]), 110, set(&["b"]), 60);
+        assert!(!changes.has_changed().unwrap());
+        o.set(set(&["a"]), 100, set(&["b"]), 60);
+        assert!(!changes.has_changed().unwrap());
+        o.set(set(&["a"]), 150, set(&["b"]), 120);
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        o.set(set(&["a"]), 100, set(&["b"]), 50);
+        assert!(!changes.has_changed().unwrap());
+        assert!(o.holds("a") && !o.holds("b"));
         assert!(o.may_request("a", 99) && o.owns("a", 99));
         // Past the lease: not until the claimer has renewed it.
         assert!(!o.may_request("a", 100) && !o.owns("a", 100));
