@@ -293,24 +293,11 @@ mod bench {
     ) -> (f64, f64) {
         use sqlx::Connection;
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let name = format!("ehrsync_bench_{}", std::process::id());
-        let url = runtime.block_on(async {
-            let mut admin = sqlx::PgConnection::connect(server)
-                .await
-                .expect("connect to --postgres");
-            for sql in [
-                format!("DROP DATABASE IF EXISTS {name}"),
-                format!("CREATE DATABASE {name}"),
-            ] {
-                sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .execute(&mut admin)
-                    .await
-                    .expect("create the bench database");
-            }
-            let mut url = url::Url::parse(server).expect("--postgres is a URL");
-            url.set_path(&name);
-            url.to_string()
-        });
+        let url = common::new_postgres_database(
+            runtime,
+            server,
+            &format!("ehrsync_bench_{}", std::process::id()),
+        );
         let database = format!("database = '{url}'\ntoken_key = {{ file = 'ehrsync.key' }}\n");
         let (secs, peak_kb) = timed_sync(sandbox, &dir, &database, views, common::EHRSYNC);
         let stored: i64 = runtime.block_on(async {

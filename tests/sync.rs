@@ -38,6 +38,32 @@ async fn a_full_pull_then_an_incremental_one_fetches_only_the_changes() {
         "every row is visible in the patients view"
     );
     assert_eq!(h.watermark().await, Some(newest_generated(&h, 20_000)));
+    if common::on_postgres() {
+        // A page's lookup of its records probes the primary key, even for an account the
+        // planner's statistics do not know yet (a new account's first pull): an index led by
+        // (account, resource_type) would be judged cheaper and scan all the account's rows.
+        let database = h.shared.store.database().clone();
+        common::db_rows(&database, "ANALYZE resources", &[])
+            .await
+            .unwrap();
+        let ids: Vec<String> = (0..500).map(|k| format!("'{k}'")).collect();
+        let sql = format!(
+            "EXPLAIN SELECT id, version_id FROM resources WHERE account = 'a-new-account' \
+             AND resource_type = 'Patient' AND id IN ({})",
+            ids.join(", ")
+        );
+        let plan: Vec<String> = common::db_rows(&database, sql.leak(), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.text("QUERY PLAN"))
+            .collect();
+        assert!(
+            plan.iter().any(|l| l.contains("resources_pkey")),
+            "{}",
+            plan.join("\n")
+        );
+    }
 
     tokio::time::sleep(Duration::from_secs(60)).await;
     let changed = h.sandbox.change_patients((0..37).map(|k| k * 531));

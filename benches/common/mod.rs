@@ -143,6 +143,45 @@ pub fn http_status(port: u16, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// One HTTP/1.0 GET on loopback: the body of a 200 answer, or `None`.
+pub fn http_body(port: u16, path: &str) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    (head.split_whitespace().nth(1)? == "200").then(|| body.to_owned())
+}
+
+/// A new, empty database `name` on the PostgreSQL server `server` (the URL of a role that may
+/// create databases), dropped first if a run before left it; returns its URL.
+pub fn new_postgres_database(
+    runtime: &tokio::runtime::Runtime,
+    server: &str,
+    name: &str,
+) -> String {
+    use sqlx::Connection;
+    runtime.block_on(async {
+        let mut admin = sqlx::PgConnection::connect(server)
+            .await
+            .expect("connect to --postgres");
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name}"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut admin)
+                .await
+                .expect("create the bench database");
+        }
+        let mut url = url::Url::parse(server).expect("--postgres is a URL");
+        url.set_path(name);
+        url.to_string()
+    })
+}
+
 /// The value at quantile `q` (0–1) of `sorted` (nearest rank).
 pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
