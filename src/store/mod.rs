@@ -24,7 +24,9 @@ pub use broker::BrokerClientRow;
 pub use changes::{ChangeFilter, ChangeRow};
 pub use export::{ExportError, ExportEvent, ExportQuery, ExportValue};
 pub use lease::{Holder, Lease, LeaseKey, LeaseRow, process_started, this_host};
-pub use sync::{ChangeKind, JobHistory, PageChanges, PageRow, Reconciled, RunStart};
+pub use sync::{
+    ChangeKind, JobHistory, PageChanges, PageRow, Reconciled, RunStart, STORED_ON_POSTGRES,
+};
 pub use views::Prepared;
 
 use std::path::{Path, PathBuf};

@@ -775,6 +775,14 @@ type StoredRow = (
 );
 
 /// The stored versions of the page's records.
+/// [`stored_versions`]' statement on PostgreSQL: the ids, the account, the resource type.
+#[doc(hidden)] // public for the test of its plan
+pub const STORED_ON_POSTGRES: &str = "SELECT r.id, r.version_id, r.content_hash, \
+     CASE WHEN r.content_hash IS NULL THEN r.data END, r.deleted_at IS NOT NULL \
+     FROM UNNEST(?::text[]) AS k(id) CROSS JOIN LATERAL ( \
+       SELECT * FROM resources \
+       WHERE account = ? AND resource_type = ? AND id = k.id LIMIT 1) AS r";
+
 async fn stored_versions(
     tx: &mut Tx,
     account: &str,
@@ -784,15 +792,30 @@ async fn stored_versions(
     let mut found = HashMap::with_capacity(rows.len());
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let ids: Vec<&str> = chunk.iter().map(|r| r.id.as_str()).collect();
-        let stored: Vec<StoredRow> = on!(&mut *tx, c, d => {
-            let mut q = d::builder(
-                "SELECT id, version_id, content_hash, \
-                 CASE WHEN content_hash IS NULL THEN data END, deleted_at IS NOT NULL \
-                 FROM resources",
-            );
-            push_key_filter(&mut q, account, resource_type, "id", &ids);
-            q.build_query_as().fetch_all(&mut **c).await?
-        });
+        let stored: Vec<StoredRow> = match &mut *tx {
+            Backend::Sqlite(c) => {
+                let mut q = sqlite::builder(
+                    "SELECT id, version_id, content_hash, \
+                     CASE WHEN content_hash IS NULL THEN data END, deleted_at IS NOT NULL \
+                     FROM resources",
+                );
+                push_key_filter(&mut q, account, resource_type, "id", &ids);
+                q.build_query_as().fetch_all(&mut **c).await?
+            }
+            // One primary-key probe per id. Not `id IN (…)`: for an account its statistics
+            // do not know yet (a new account's first pull) the planner expects one row for
+            // `account = ? AND resource_type = ?`, probes the key with those two only, and
+            // filters `id` over every row the account has, page after page. A lateral
+            // subquery with `LIMIT 1` cannot be flattened, so each id is its own probe.
+            Backend::Postgres(c) => {
+                postgres::query_as(STORED_ON_POSTGRES)
+                    .bind(&ids)
+                    .bind(account)
+                    .bind(resource_type)
+                    .fetch_all(&mut **c)
+                    .await?
+            }
+        };
         for (id, version_id, hash, data, deleted) in stored {
             found.insert(
                 id,
