@@ -897,12 +897,18 @@ impl scheduler::Hooks for JobHooks {
         loop {
             let account = self.runner.account.name.as_str();
             let holds = self.runner.shared.ownership.holds(account);
-            let gained = holds && !self.held;
-            self.held = holds;
-            if gained && let Some(reason) = self.due_after_takeover().await {
-                tracing::info!(account, job = %self.runner.job.name, reason = reason.as_str(),
-                    "took the account over; running the job now: {}", reason.explain());
-                return;
+            if !holds {
+                self.held = false;
+            } else if !self.held {
+                // Marked held only once looked at: when an occurrence comes first and drops
+                // this future mid-look, the next call looks again.
+                let reason = self.due_after_takeover().await;
+                self.held = true;
+                if let Some(reason) = reason {
+                    tracing::info!(account, job = %self.runner.job.name, reason = reason.as_str(),
+                        "took the account over; running the job now: {}", reason.explain());
+                    return;
+                }
             }
             if self.ownership.changed().await.is_err() {
                 // The agent is going away; its stop ends the schedule.

@@ -774,7 +774,6 @@ type StoredRow = (
     bool,
 );
 
-/// The stored versions of the page's records.
 /// [`stored_versions`]' statement on PostgreSQL: the ids, the account, the resource type.
 #[doc(hidden)] // public for the test of its plan
 pub const STORED_ON_POSTGRES: &str = "SELECT r.id, r.version_id, r.content_hash, \
@@ -783,6 +782,7 @@ pub const STORED_ON_POSTGRES: &str = "SELECT r.id, r.version_id, r.content_hash,
        SELECT * FROM resources \
        WHERE account = ? AND resource_type = ? AND id = k.id LIMIT 1) AS r";
 
+/// The stored versions of the page's records.
 async fn stored_versions(
     tx: &mut Tx,
     account: &str,
