@@ -150,6 +150,40 @@ fn log_tail(path: &std::path::Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
+/// The store's runs, oldest first.
+async fn runs(database: &ehrsync::config::Database) -> Vec<common::TestRow> {
+    common::db_rows(
+        database,
+        "SELECT id, outcome, records FROM sync_runs ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap_or_default()
+}
+
+/// Polls the store's runs until one satisfies `found`, for at most `limit`; on failure shows
+/// the runs and the end of the agent's `log`.
+async fn first_run(
+    database: &ehrsync::config::Database,
+    limit: Duration,
+    log: &std::path::Path,
+    found: impl Fn(&common::TestRow) -> bool,
+) -> common::TestRow {
+    let since = Instant::now();
+    loop {
+        let rows = runs(database).await;
+        if let Some(run) = rows.iter().find(|r| found(r)) {
+            return run.clone();
+        }
+        assert!(
+            since.elapsed() < limit,
+            "no such run within {limit:?}: {rows:?}\n{}",
+            log_tail(log)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Patients each account's job stores.
 const PATIENTS: u64 = 20;
 
@@ -511,26 +545,10 @@ async fn the_new_owner_repeats_a_dead_owners_unfinished_run_at_once() {
     );
     let ports = [common::free_port(), common::free_port()];
     let mut first = start_agent(&path, ports[0], &log(0));
-    let run_rows = || {
-        common::db_rows(
-            &database,
-            "SELECT id, outcome, records FROM sync_runs ORDER BY id",
-            &[],
-        )
-    };
-    let since = Instant::now();
-    let cut = loop {
-        let rows = run_rows().await.unwrap_or_default();
-        if let Some(run) = rows.iter().find(|r| r.int("records") > 0) {
-            break run.clone();
-        }
-        assert!(
-            since.elapsed() < Duration::from_secs(60),
-            "the first agent's run never stored a page:\n{}",
-            log_tail(&log(0))
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let cut = first_run(&database, Duration::from_secs(60), &log(0), |r| {
+        r.int("records") > 0
+    })
+    .await;
     // A second agent joins while it runs; the account is the first one's.
     let mut second = start_agent(&path, ports[1], &log(1));
     let since = Instant::now();
@@ -546,37 +564,25 @@ async fn the_new_owner_repeats_a_dead_owners_unfinished_run_at_once() {
         Some(0),
         "the account was the first agent's"
     );
-    assert_eq!(run_rows().await.unwrap()[0].text("outcome"), "running");
+    assert_eq!(runs(&database).await[0].text("outcome"), "running");
 
     first.kill().unwrap();
     first.wait().unwrap();
     let killed = Instant::now();
     // The survivor sees the dead owner at its next round (at most `CLAIM_EVERY`) and repeats
     // the run then; the remaining slow pages are its to read.
-    let started = loop {
-        let rows = run_rows().await.unwrap_or_default();
-        if rows.iter().any(|r| r.int("id") > cut.int("id")) {
-            break killed.elapsed();
-        }
-        assert!(
-            killed.elapsed() < ehrsync::agent::share::OWNER_TTL,
-            "the run was not repeated after the takeover: {rows:?}\n{}",
-            log_tail(&log(1))
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let repeated = loop {
-        let rows = run_rows().await.unwrap_or_default();
-        if let Some(run) = rows.iter().find(|r| r.text("outcome") == "success") {
-            break run.clone();
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(90),
-            "the repeated run did not succeed: {rows:?}\n{}",
-            log_tail(&log(1))
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    first_run(&database, ehrsync::agent::share::OWNER_TTL, &log(1), |r| {
+        r.int("id") > cut.int("id")
+    })
+    .await;
+    let started = killed.elapsed();
+    let repeated = first_run(
+        &database,
+        Duration::from_secs(90).saturating_sub(started),
+        &log(1),
+        |r| r.text("outcome") == "success",
+    )
+    .await;
     eprintln!(
         "repeated {started:?} after the kill, done after {:?} ({} records were stored before it)",
         killed.elapsed(),

@@ -951,10 +951,7 @@ impl JobHooks {
                 .ok()
                 .flatten();
             let held_elsewhere = lease.filter(|l| {
-                !l.holder.is_empty()
-                    && l.holder != self.runner.shared.holder.id()
-                    && l.expires_at > now.unix_seconds()
-                    && !l.holder_is_dead()
+                l.live(now.unix_seconds()) && l.holder != self.runner.shared.holder.id()
             });
             let Some(lease) = held_elsewhere else {
                 return Some(reason);

@@ -157,9 +157,7 @@ impl Claimer {
                 None => free.push(account.clone()),
                 Some(r) if r.holder.is_empty() => free.push(account.clone()),
                 Some(r) if r.holder == self.holder.id() => free.push(account.clone()),
-                Some(r) if r.expires_at <= started || r.holder_is_dead() => {
-                    orphaned.push(account.clone())
-                }
+                Some(r) if !r.live(started) => orphaned.push(account.clone()),
                 Some(_) => {
                     others.insert(account.clone());
                 }

@@ -214,6 +214,12 @@ pub struct LeaseRow {
 }
 
 impl LeaseRow {
+    /// Whether someone holds this lease at `now` (Unix seconds): not released, not expired,
+    /// and its holder not provably dead. Such a lease is not `acquire`d by anyone else.
+    pub fn live(&self, now: i64) -> bool {
+        !self.holder.is_empty() && self.expires_at > now && !self.holder_is_dead()
+    }
+
     /// Whether this row's holder is provably dead: it ran on this host (same boot and PID
     /// namespace) and its process is gone, or its PID now belongs to a process that started at
     /// another time. Holders elsewhere, and hosts without `/proc`, are never judged: their
